@@ -7,6 +7,8 @@ returns ``(normed, new_residual)``: the pre-norm block's add and norm in one pas
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 
 def rms_norm_ref(
@@ -20,3 +22,175 @@ def rms_norm_ref(
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
     y = y.to(x.dtype)
     return (y, x) if residual is not None else y
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Triton kernels. Forward: a tile of BLOCK_M rows x next_pow2(d) columns per program, fp32 statistics, saves
+# 1/rms per row (4 bytes a row) so the backward needs no second reduction over x^2. Backward: a fixed number of
+# programs (a few per SM) each walk a contiguous band of rows, write dx and keep their own fp32 partial sum of
+# dy * x_hat for dweight; the partials are summed afterwards in torch: deterministic, no atomics.
+#   x_hat = h * rstd,  y = x_hat * w,  dh = rstd * (dy*w - x_hat * mean(dy*w * x_hat)),  dw = sum_rows dy*x_hat
+# where h = x (+ residual). With residual, d(residual) = d(x) = dh + grad of the returned new residual.
+# Limits: rows up to 65536 wide (one row lives in registers); x is viewed as (rows, d) and copied if its rows
+# are not contiguous.
+# --------------------------------------------------------------------------------------------------------------
+
+_MAX_WIDTH = 65536
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    X, R, Y, H, W, RSTD, M, N, eps,
+    HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    mask = row_ok[:, None] & (cols < N)[None, :]
+    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        # round the sum to the storage dtype first: the returned residual and the normed value see the same h
+        h = (x + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
+        tl.store(H + offs, h, mask=mask)
+        x = h.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
+    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
+    y = x * rstd[:, None] * w[None, :]
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    DY, DRES, H, W, RSTD, DX, DW_PARTIAL, M, N, rows_per_program,
+    HAS_DRES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    start = pid * rows_per_program
+    end = tl.minimum(start + rows_per_program, M)
+    for row0 in range(start, end, BLOCK_M):
+        rows = row0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < end
+        mask = row_ok[:, None] & col_ok[None, :]
+        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        xhat = h * rstd[:, None]
+        wdy = dy * w[None, :]
+        c = tl.sum(xhat * wdy, axis=1) / N
+        dx = (wdy - xhat * c[:, None]) * rstd[:, None]
+        if HAS_DRES:
+            dx += tl.load(DRES + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        dw += dy * xhat
+    tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, tl.sum(dw, axis=0), mask=col_ok)
+
+
+def _tile(n: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): about 4096 elements a tile, so narrow rows are batched per program."""
+    block_n = triton.next_power_of_2(n)
+    block_m = max(1, min(16, 4096 // block_n))
+    num_warps = min(16, max(4, block_m * block_n // 512))
+    return block_m, block_n, num_warps
+
+
+def _num_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the CPU interpreter runs programs one by one: few and long is fastest
+
+
+@torch.library.custom_op("fat5::rms_norm_fwd", mutates_args=())
+def _rms_norm_fwd(
+    x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, residual: (M, N) contiguous. Returns (y, h, rstd); h is x + residual, or empty without residual."""
+    m, n = x.shape
+    y = torch.empty_like(x)
+    h = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m:
+        block_m, block_n, warps = _tile(n)
+        _rms_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
+            x, residual if residual is not None else x, y, h if residual is not None else y, weight, rstd,
+            m, n, eps, HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        )  # fmt: skip
+    return y, h, rstd
+
+
+@_rms_norm_fwd.register_fake
+def _(x, weight, residual, eps):
+    h = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    return torch.empty_like(x), h, x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("fat5::rms_norm_bwd", mutates_args=())
+def _rms_norm_bwd(
+    dy: torch.Tensor, dres: torch.Tensor | None, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dy, dres (grad of the returned residual, or None), h: (M, N) contiguous. Returns (dh, dweight)."""
+    m, n = h.shape
+    dx = torch.empty_like(h)
+    block_m, block_n, warps = _tile(n)
+    # each program's band of rows is a whole number of tiles, so tiles never straddle two programs
+    rows_per_program = triton.cdiv(triton.cdiv(max(m, 1), _num_programs(h.device)), block_m) * block_m
+    programs = triton.cdiv(m, rows_per_program)
+    partial = torch.empty(programs, n, dtype=torch.float32, device=h.device)
+    if m:
+        _rms_norm_bwd_kernel[(programs,)](
+            dy, dres if dres is not None else dy, h, weight, rstd, dx, partial, m, n, rows_per_program,
+            HAS_DRES=dres is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+        )  # fmt: skip
+    return dx, partial.sum(0).to(weight.dtype)
+
+
+@_rms_norm_bwd.register_fake
+def _(dy, dres, h, weight, rstd):
+    return torch.empty_like(h), torch.empty_like(weight)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, residual, eps = inputs
+    y, h, rstd = output
+    ctx.has_res = residual is not None
+    ctx.save_for_backward(h if residual is not None else x, weight, rstd)
+
+
+def _rms_norm_backward(ctx, dy, dh_out, drstd):
+    h, weight, rstd = ctx.saved_tensors
+    dres = dh_out if ctx.has_res else None
+    dx, dw = _rms_norm_bwd(dy.contiguous(), dres.contiguous() if dres is not None else None, h, weight, rstd)
+    return dx, dw, (dx if ctx.has_res else None), None
+
+
+_rms_norm_fwd.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
+
+
+def rms_norm_triton(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """rms_norm_ref with Triton forward and backward kernels (same arguments, dtypes and return values)."""
+    n = x.shape[-1]
+    if n != weight.shape[0] or weight.dim() != 1:
+        raise ValueError(f"rms_norm: last dim of x ({n}) != weight size ({tuple(weight.shape)})")
+    if n > _MAX_WIDTH:
+        raise ValueError(f"rms_norm_triton: rows of {n} > {_MAX_WIDTH} elements; use rms_norm_ref")
+    shape = x.shape
+    if residual is not None:
+        if residual.shape != shape:
+            raise ValueError(f"rms_norm: residual shape {tuple(residual.shape)} != x shape {tuple(shape)}")
+        # x + residual promotes like torch does (e.g. bf16 x onto an fp32 residual stream)
+        dtype = torch.result_type(x, residual)
+        x, residual = x.to(dtype), residual.to(dtype)
+        residual = residual.reshape(-1, n).contiguous()
+    x2 = x.reshape(-1, n).contiguous()  # (M, N) view; copies only if rows are not contiguous
+    y, h, _ = _rms_norm_fwd(x2, weight.contiguous(), residual, eps)
+    if residual is None:
+        return y.view(shape)
+    return y.view(shape), h.view(shape)
