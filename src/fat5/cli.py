@@ -30,6 +30,12 @@ def _convert(args) -> None:
         print(f"exported {args.to_hf} -> {args.out} (loads in transformers.T5ForConditionalGeneration)")
 
 
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="training-step throughput vs transformers T5 on this GPU", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda args: __import__("fat5.bench", fromlist=["main"]).main(args.rest))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .data.commands import add_commands as add_data_commands
     from .generation import add_generate_command
@@ -41,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_command(sub)
     _add_convert(sub)
     add_data_commands(sub)
+    _add_bench(sub)
     return parser
 
 

@@ -1,0 +1,173 @@
+"""Training-step throughput of fat5 against transformers' T5 on the same GPU, weights and batch.
+
+Model FLOPs per training step (the MFU numerator; matmul FLOPs only, as in PaLM's MFU):
+  forward = 2 * (encoder matmul params) * B * L_enc
+          + 2 * (decoder matmul params + output embedding) * B * L_dec
+          + per layer attention: 4 * B * H * D * (L_enc^2 [enc self] + L_dec^2 / 2 [dec causal] + L_dec * L_enc [cross])
+  training step = 3 * forward (backward is twice the forward).
+MFU = FLOPs / step time / the bf16 matmul rate measured in the same run (8192^3 product), so the figure is
+relative to what this GPU actually reaches, not to a datasheet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .config import FAT5Config
+from .model import FAT5ForConditionalGeneration
+
+
+def step_flops(c: FAT5Config, batch: int, l_enc: int, l_dec: int) -> float:
+    d, f, h, dk = c.d_model, c.d_ff, c.num_heads, c.d_kv
+    inner = h * dk
+    ff = d * f * (3 if c.is_gated_act else 2)
+    enc_layer = 4 * d * inner + ff
+    dec_layer = 8 * d * inner + ff
+    fwd = 2 * enc_layer * c.num_layers * batch * l_enc
+    fwd += 2 * (dec_layer * c.num_decoder_layers + d * c.vocab_size) * batch * l_dec
+    attn = 4 * batch * h * dk
+    fwd += attn * c.num_layers * l_enc * l_enc
+    fwd += attn * c.num_decoder_layers * (l_dec * l_dec / 2 + l_dec * l_enc)
+    return 3.0 * fwd
+
+
+def matmul_tflops(n: int = 8192) -> float:
+    import triton.testing
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=100, rep=500, return_mode="median")
+    return 2 * n**3 / ms / 1e9
+
+
+@dataclass
+class Result:
+    impl: str
+    preset: str
+    l_enc: int
+    l_dec: int
+    batch: int
+    tokens_per_s: float | None
+    step_ms: float | None
+    mfu: float | None
+    peak_gib: float | None
+    note: str = ""
+
+
+def _hf_twin(model: FAT5ForConditionalGeneration):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from .hf import hf_config_dict, hf_state_dict
+
+    hf = T5ForConditionalGeneration(T5Config(**hf_config_dict(model.config)))
+    sd = hf_state_dict(model)
+    if "lm_head.weight" in sd:  # transformers >= 5 ties lm_head at init; keep the weights untied as in fat5
+        hf.lm_head.weight = torch.nn.Parameter(sd["lm_head.weight"].clone())
+    hf.load_state_dict(sd, strict=False)
+    return hf
+
+
+def run_one(impl: str, preset: str, l_enc: int, l_dec: int, batch: int, steps: int, peak: float) -> Result:
+    cfg = FAT5Config.from_preset(preset)
+    torch.manual_seed(0)
+    model = FAT5ForConditionalGeneration(cfg)
+    if impl.startswith("hf"):
+        model = _hf_twin(model)
+    model = model.cuda().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    fwd = torch.compile(model) if impl.endswith("compile") or impl == "fat5" else model
+    ids = torch.randint(2, cfg.vocab_size, (batch, l_enc), device="cuda")
+    labels = torch.randint(2, cfg.vocab_size, (batch, l_dec), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = fwd(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        dt = (time.perf_counter() - t0) / steps
+    except torch.OutOfMemoryError:
+        return Result(impl, preset, l_enc, l_dec, batch, None, None, None, None, "out of memory")
+    finally:
+        del model, opt, fwd
+        gc.collect()
+    tokens = batch * (l_enc + l_dec)
+    mfu = step_flops(cfg, batch, l_enc, l_dec) / dt / (peak * 1e12)
+    res = Result(impl, preset, l_enc, l_dec, batch, tokens / dt, dt * 1e3, mfu,
+                 torch.cuda.max_memory_allocated() / 2**30)
+    torch.cuda.empty_cache()
+    return res
+
+
+SHAPES = [
+    ("base", 512, 114, 64), ("base", 512, 114, 128), ("base", 1024, 1024, 16), ("base", 2048, 2048, 8),
+    ("base", 4096, 4096, 4), ("base", 8192, 8192, 2), ("base", 16384, 16384, 1), ("fat5-small", 512, 512, 128),
+]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--impls", default="fat5,hf,hf-compile")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--shapes", default="all", help="comma list of indices into SHAPES, or all")
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+    peak = matmul_tflops()
+    shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    results = []
+    for preset, le, ld, b in shapes:
+        for impl in args.impls.split(","):
+            r = run_one(impl, preset, le, ld, b, args.steps, peak)
+            results.append(r)
+            print(json.dumps(asdict(r)), flush=True)
+    write_report(results, peak, Path(args.out))
+
+
+def write_report(results: list[Result], peak: float, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    day = time.strftime("%Y-%m-%d")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    import triton
+    import transformers
+
+    lines = [
+        f"# Training step: fat5 vs transformers T5 ({day})", "",
+        f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
+        f"transformers {transformers.__version__}, commit {commit or 'n/a'}; bf16 autocast + fused AdamW; "
+        f"measured bf16 matmul rate {peak:.0f} TFLOP/s (MFU denominator). Command: "
+        "`python3 benchmarks/bench_model.py`.", "",
+        "| model | enc/dec len | batch | impl | tokens/s | step ms | MFU | peak GiB |", "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if r.tokens_per_s is None:
+            lines.append(f"| {r.preset} | {r.l_enc}/{r.l_dec} | {r.batch} | {r.impl} | {r.note} | | | |")
+        else:
+            lines.append(
+                f"| {r.preset} | {r.l_enc}/{r.l_dec} | {r.batch} | {r.impl} | {r.tokens_per_s:,.0f} | "
+                f"{r.step_ms:.1f} | {r.mfu:.1%} | {r.peak_gib:.1f} |"
+            )
+    (out / f"{day}-model.md").write_text("\n".join(lines) + "\n")
+    (out / f"{day}-model.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
