@@ -12,13 +12,26 @@ from fat5.hf import convert_from_hf, convert_to_hf, load_hf_t5, read_state_dict
 
 VARIANTS = {
     # T5 v1.0: ReLU, tied embeddings with the d_model**-0.5 output rescaling
-    "t5-v1.0": (T5Config, T5ForConditionalGeneration, dict(feed_forward_proj="relu", tie_word_embeddings=True)),
+    "t5-v1.0": (
+        T5Config,
+        T5ForConditionalGeneration,
+        dict(feed_forward_proj="relu", tie_word_embeddings=True),
+    ),
     # T5 v1.1 / FLAN-T5: gated-gelu, untied
-    "t5-v1.1": (T5Config, T5ForConditionalGeneration, dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
-    "mt5": (MT5Config, MT5ForConditionalGeneration, dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False)),
+    "t5-v1.1": (
+        T5Config,
+        T5ForConditionalGeneration,
+        dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+    ),
+    "mt5": (
+        MT5Config,
+        MT5ForConditionalGeneration,
+        dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+    ),
     # encoder and decoder of different depths
     "t5-deep-enc": (
-        T5Config, T5ForConditionalGeneration,
+        T5Config,
+        T5ForConditionalGeneration,
         dict(feed_forward_proj="gated-silu", tie_word_embeddings=False, num_layers=3, num_decoder_layers=1),
     ),
 }
@@ -27,9 +40,19 @@ VARIANTS = {
 def make_hf(variant: str):
     cfg_cls, model_cls, extra = VARIANTS[variant]
     kw = dict(
-        vocab_size=101, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, relative_attention_max_distance=20, dropout_rate=0.0,
-        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+        vocab_size=101,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
     )
     kw.update(extra)
     torch.manual_seed(0)
@@ -102,8 +125,11 @@ def test_round_trip_is_exact(tmp_path, variant):
     back = T5ForConditionalGeneration.from_pretrained(tmp_path / "back").eval()
     ids, mask, labels, dmask = batch()
     with torch.no_grad():
-        assert torch.allclose(back(input_ids=ids, attention_mask=mask, labels=labels).logits,
-                              hf(input_ids=ids, attention_mask=mask, labels=labels).logits, atol=1e-6)
+        assert torch.allclose(
+            back(input_ids=ids, attention_mask=mask, labels=labels).logits,
+            hf(input_ids=ids, attention_mask=mask, labels=labels).logits,
+            atol=1e-6,
+        )
 
 
 def test_sharded_and_bin_checkpoints(tmp_path):
@@ -134,11 +160,18 @@ def test_fat5_save_pretrained_round_trip(tmp_path):
 def test_foreign_checkpoint_names_weights(tmp_path):
     from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(ValueError, match=r"Unexpected weights: .*transformer\.h\.0.*Missing weights: .*shared\.weight"):
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(
+        tmp_path / "gpt2"
+    )
+    with pytest.raises(
+        ValueError, match=r"Unexpected weights: .*transformer\.h\.0.*Missing weights: .*shared\.weight"
+    ):
         load_hf_t5(tmp_path / "gpt2")
-    BertModel(BertConfig(num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32,
-                         vocab_size=50)).save_pretrained(tmp_path / "bert")
+    BertModel(
+        BertConfig(
+            num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32, vocab_size=50
+        )
+    ).save_pretrained(tmp_path / "bert")
     with pytest.raises(ValueError, match=r"Unexpected weights: .*embeddings.*Missing weights"):
         load_hf_t5(tmp_path / "bert")
 

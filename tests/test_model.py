@@ -12,8 +12,16 @@ ENCODINGS = ["t5", "rope", "alibi", "fire", "none"]
 
 def tiny(pe="t5", **kw):
     cfg = FAT5Config.from_preset(
-        "tiny", vocab_size=97, d_model=32, d_kv=8, d_ff=48, num_heads=4, position_encoding=pe,
-        relative_attention_num_buckets=8, relative_attention_max_distance=16, **kw,
+        "tiny",
+        vocab_size=97,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_heads=4,
+        position_encoding=pe,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        **kw,
     )
     torch.manual_seed(0)
     return FAT5ForConditionalGeneration(cfg).eval()
@@ -24,7 +32,13 @@ def test_presets_build_configs():
         c = FAT5Config.from_preset(name)
         assert c.d_model % c.num_heads == 0 or c.d_kv * c.num_heads > 0
     small = FAT5Config.from_preset("fat5-small")
-    assert (small.num_layers, small.d_model, small.d_ff, small.num_heads, small.vocab_size) == (12, 512, 2048, 8, 32768)
+    assert (small.num_layers, small.d_model, small.d_ff, small.num_heads, small.vocab_size) == (
+        12,
+        512,
+        2048,
+        8,
+        32768,
+    )
 
 
 def test_bad_config_names_choices():
@@ -45,11 +59,15 @@ def test_padding_content_never_leaks(pe):
     dec = torch.randint(2, 97, (2, 7))
     dmask = torch.ones_like(dec)
     dmask[1, 5:] = 0
-    out1 = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dmask).logits
+    out1 = model(
+        input_ids=ids, attention_mask=mask, decoder_input_ids=dec, decoder_attention_mask=dmask
+    ).logits
     ids2, dec2 = ids.clone(), dec.clone()
     ids2[0, 6:] = torch.randint(2, 97, (3,))
     dec2[1, 5:] = torch.randint(2, 97, (2,))
-    out2 = model(input_ids=ids2, attention_mask=mask, decoder_input_ids=dec2, decoder_attention_mask=dmask).logits
+    out2 = model(
+        input_ids=ids2, attention_mask=mask, decoder_input_ids=dec2, decoder_attention_mask=dmask
+    ).logits
     # encoder padding reaches nothing (cross-attention masked); decoder padding reaches no real position
     assert torch.allclose(out1[0], out2[0], atol=1e-6)
     assert torch.allclose(out1[1, :5], out2[1, :5], atol=1e-6)
@@ -94,7 +112,12 @@ def test_decoder_step_at_offset_equals_full_pass(pe):
     steps = []
     # a prefix of 2 tokens, then one token at a time
     for lo, hi in [(0, 2), (2, 3), (3, 4), (4, 5), (5, 6)]:
-        out = model(encoder_outputs=(enc,), attention_mask=mask, decoder_input_ids=dec[:, lo:hi], past_key_values=cache)
+        out = model(
+            encoder_outputs=(enc,),
+            attention_mask=mask,
+            decoder_input_ids=dec[:, lo:hi],
+            past_key_values=cache,
+        )
         steps.append(out.logits)
     inc = torch.cat(steps, dim=1)
     assert (inc - full).abs().max() < 1e-5

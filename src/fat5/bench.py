@@ -107,19 +107,34 @@ def run_one(impl: str, preset: str, l_enc: int, l_dec: int, batch: int, steps: i
     except torch.OutOfMemoryError:
         return Result(impl, preset, l_enc, l_dec, batch, None, None, None, None, "out of memory")
     finally:
-        del model, opt, fwd
+        opt.zero_grad(set_to_none=True)
         gc.collect()
     tokens = batch * (l_enc + l_dec)
     mfu = step_flops(cfg, batch, l_enc, l_dec) / dt / (peak * 1e12)
-    res = Result(impl, preset, l_enc, l_dec, batch, tokens / dt, dt * 1e3, mfu,
-                 torch.cuda.max_memory_allocated() / 2**30)
+    res = Result(
+        impl,
+        preset,
+        l_enc,
+        l_dec,
+        batch,
+        tokens / dt,
+        dt * 1e3,
+        mfu,
+        torch.cuda.max_memory_allocated() / 2**30,
+    )
     torch.cuda.empty_cache()
     return res
 
 
 SHAPES = [
-    ("base", 512, 114, 64), ("base", 512, 114, 128), ("base", 1024, 1024, 16), ("base", 2048, 2048, 8),
-    ("base", 4096, 4096, 4), ("base", 8192, 8192, 2), ("base", 16384, 16384, 1), ("fat5-small", 512, 512, 128),
+    ("base", 512, 114, 64),
+    ("base", 512, 114, 128),
+    ("base", 1024, 1024, 16),
+    ("base", 2048, 2048, 8),
+    ("base", 4096, 4096, 4),
+    ("base", 8192, 8192, 2),
+    ("base", 16384, 16384, 1),
+    ("fat5-small", 512, 512, 128),
 ]
 
 
@@ -144,17 +159,22 @@ def main(argv: list[str] | None = None) -> None:
 def write_report(results: list[Result], peak: float, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     day = time.strftime("%Y-%m-%d")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    import triton
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     import transformers
+    import triton
 
     lines = [
-        f"# Training step: fat5 vs transformers T5 ({day})", "",
+        f"# Training step: fat5 vs transformers T5 ({day})",
+        "",
         f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
         f"transformers {transformers.__version__}, commit {commit or 'n/a'}; bf16 autocast + fused AdamW; "
         f"measured bf16 matmul rate {peak:.0f} TFLOP/s (MFU denominator). Command: "
-        "`python3 benchmarks/bench_model.py`.", "",
-        "| model | enc/dec len | batch | impl | tokens/s | step ms | MFU | peak GiB |", "|---|---|---|---|---|---|---|---|",
+        "`python3 benchmarks/bench_model.py`.",
+        "",
+        "| model | enc/dec len | batch | impl | tokens/s | step ms | MFU | peak GiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if r.tokens_per_s is None:

@@ -31,7 +31,9 @@ def _convert(args) -> None:
 
 
 def _add_bench(sub) -> None:
-    p = sub.add_parser("bench", help="training-step throughput vs transformers T5 on this GPU", add_help=False)
+    p = sub.add_parser(
+        "bench", help="training-step throughput vs transformers T5 on this GPU", add_help=False
+    )
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=lambda args: __import__("fat5.bench", fromlist=["main"]).main(args.rest))
 

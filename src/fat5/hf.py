@@ -31,7 +31,10 @@ HF_T5_TYPES = ("t5", "mt5")
 _RULES = [
     ("shared.weight", "shared.weight"),
     ("lm_head.weight", "lm_head.weight"),
-    ("{s}.relative_attention_bias.weight", "{s}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
+    (
+        "{s}.relative_attention_bias.weight",
+        "{s}.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+    ),
     ("{s}.final_norm.weight", "{s}.final_layer_norm.weight"),
     ("{s}.layers.{i}.attn_norm.weight", "{s}.block.{i}.layer.0.layer_norm.weight"),
     ("{s}.layers.{i}.attn.{p}.weight", "{s}.block.{i}.layer.0.SelfAttention.{p}.weight"),
@@ -80,7 +83,10 @@ def read_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
-    for index_name, loader in (("model.safetensors.index.json", load_file), ("pytorch_model.bin.index.json", _load_bin)):
+    for index_name, loader in (
+        ("model.safetensors.index.json", load_file),
+        ("pytorch_model.bin.index.json", _load_bin),
+    ):
         index = folder / index_name
         if index.exists():
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -170,7 +176,11 @@ def load_checked(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str
             f"weights of {where} do not fit the model. Missing: {_describe(missing) or 'none'}. "
             f"Unexpected: {_describe(unexpected) or 'none'}."
         )
-    bad = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in own if sd[k].shape != own[k].shape]
+    bad = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if sd[k].shape != own[k].shape
+    ]
     if bad:
         hint = ""
         if any(k in ("shared.weight", "lm_head.weight") for k in own if sd[k].shape != own[k].shape):
@@ -213,16 +223,28 @@ def hf_state_dict(model: FAT5ForConditionalGeneration) -> dict[str, torch.Tensor
 def hf_config_dict(config: FAT5Config) -> dict:
     c = config
     return dict(
-        architectures=["T5ForConditionalGeneration"], model_type="t5", vocab_size=c.vocab_size,
-        d_model=c.d_model, d_kv=c.d_kv, d_ff=c.d_ff, num_layers=c.num_layers,
-        num_decoder_layers=c.num_decoder_layers, num_heads=c.num_heads,
+        architectures=["T5ForConditionalGeneration"],
+        model_type="t5",
+        vocab_size=c.vocab_size,
+        d_model=c.d_model,
+        d_kv=c.d_kv,
+        d_ff=c.d_ff,
+        num_layers=c.num_layers,
+        num_decoder_layers=c.num_decoder_layers,
+        num_heads=c.num_heads,
         relative_attention_num_buckets=c.relative_attention_num_buckets,
-        relative_attention_max_distance=c.relative_attention_max_distance, dropout_rate=c.dropout_rate,
-        layer_norm_epsilon=c.layer_norm_epsilon, initializer_factor=c.initializer_factor,
-        feed_forward_proj=c.feed_forward_proj, is_encoder_decoder=True,
-        tie_word_embeddings=c.tie_word_embeddings, scale_decoder_outputs=c.tie_word_embeddings,
-        pad_token_id=c.pad_token_id, eos_token_id=c.eos_token_id,
-        decoder_start_token_id=c.decoder_start_token_id, use_cache=True,
+        relative_attention_max_distance=c.relative_attention_max_distance,
+        dropout_rate=c.dropout_rate,
+        layer_norm_epsilon=c.layer_norm_epsilon,
+        initializer_factor=c.initializer_factor,
+        feed_forward_proj=c.feed_forward_proj,
+        is_encoder_decoder=True,
+        tie_word_embeddings=c.tie_word_embeddings,
+        scale_decoder_outputs=c.tie_word_embeddings,
+        pad_token_id=c.pad_token_id,
+        eos_token_id=c.eos_token_id,
+        decoder_start_token_id=c.decoder_start_token_id,
+        use_cache=True,
     )
 
 

@@ -81,7 +81,11 @@ class Attention(nn.Module):
             else:
                 k, v = kv
             out = ops.attention(
-                q, k, v, scale=self.scale, key_padding_mask=ctx.enc_key_padding_mask,
+                q,
+                k,
+                v,
+                scale=self.scale,
+                key_padding_mask=ctx.enc_key_padding_mask,
                 q_segment_ids=ctx.segment_ids if ctx.enc_segment_ids is not None else None,
                 kv_segment_ids=ctx.enc_segment_ids,
                 dropout_p=self.dropout if self.training else 0.0,
@@ -96,9 +100,17 @@ class Attention(nn.Module):
             if cache is not None:
                 k, v, key_padding_mask = cache.update(layer_idx, k, v, key_padding_mask)
             out = ops.attention(
-                q, k, v, scale=self.scale, causal=self.causal, q_offset=ctx.q_offset,
-                bias=ctx.bias, rel_table=ctx.rel_table, rel_bidirectional=not self.causal,
-                rel_max_distance=self.max_distance, alibi_slopes=ctx.alibi_slopes,
+                q,
+                k,
+                v,
+                scale=self.scale,
+                causal=self.causal,
+                q_offset=ctx.q_offset,
+                bias=ctx.bias,
+                rel_table=ctx.rel_table,
+                rel_bidirectional=not self.causal,
+                rel_max_distance=self.max_distance,
+                alibi_slopes=ctx.alibi_slopes,
                 key_padding_mask=key_padding_mask,
                 q_segment_ids=ctx.segment_ids if cache is None else None,
                 kv_segment_ids=ctx.segment_ids if cache is None else None,
@@ -169,7 +181,11 @@ class Stack(nn.Module):
             nn.Embedding(config.relative_attention_num_buckets, config.num_heads) if pe == "t5" else None
         )
         self.rope = RotaryEmbedding(config.d_kv, config.rope_theta) if pe == "rope" else None
-        self.fire = FIRE(config.num_heads, config.fire_hidden_size, config.fire_init_threshold) if pe == "fire" else None
+        self.fire = (
+            FIRE(config.num_heads, config.fire_hidden_size, config.fire_init_threshold)
+            if pe == "fire"
+            else None
+        )
         if pe == "alibi":
             self.register_buffer("alibi_slopes", alibi_slopes(config.num_heads), persistent=False)
         else:
@@ -194,7 +210,9 @@ class Stack(nn.Module):
             key_padding_mask=None if attention_mask is None else attention_mask.bool(),
             segment_ids=segment_ids,
             q_offset=q_offset,
-            rel_table=self.relative_attention_bias.weight if self.relative_attention_bias is not None else None,
+            rel_table=self.relative_attention_bias.weight
+            if self.relative_attention_bias is not None
+            else None,
             alibi_slopes=self.alibi_slopes,
             rope=self.rope,
             enc_key_padding_mask=None if encoder_attention_mask is None else encoder_attention_mask.bool(),
@@ -206,7 +224,9 @@ class Stack(nn.Module):
         x = self.dropout(x)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(layer, x, ctx, encoder_hidden_states, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(
+                    layer, x, ctx, encoder_hidden_states, use_reentrant=False
+                )
             else:
                 x = layer(x, ctx, encoder_hidden_states, cache, i)
         if cache is not None:
@@ -299,7 +319,9 @@ class FAT5ForConditionalGeneration(FAT5PreTrainedModel, GenerationMixin):
         self.shared = nn.Embedding(config.vocab_size, config.d_model)
         self.encoder = Stack(config, is_decoder=False)
         self.decoder = Stack(config, is_decoder=True)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = (
+            None if config.tie_word_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        )
         self.post_init()
 
     def get_input_embeddings(self):
@@ -328,7 +350,9 @@ class FAT5ForConditionalGeneration(FAT5PreTrainedModel, GenerationMixin):
         # T5 v1.0 (tied embeddings) rescales before the shared projection
         return h * self.config.d_model**-0.5 if self.config.tie_word_embeddings else h
 
-    def encode(self, input_ids=None, attention_mask=None, segment_ids=None, inputs_embeds=None) -> torch.Tensor:
+    def encode(
+        self, input_ids=None, attention_mask=None, segment_ids=None, inputs_embeds=None
+    ) -> torch.Tensor:
         return self.encoder(_embed(self.shared, input_ids, inputs_embeds), attention_mask, segment_ids)
 
     def forward(
@@ -351,14 +375,23 @@ class FAT5ForConditionalGeneration(FAT5PreTrainedModel, GenerationMixin):
         if encoder_outputs is None:
             enc = self.encode(input_ids, attention_mask, segment_ids, inputs_embeds)
         else:
-            enc = encoder_outputs[0] if isinstance(encoder_outputs, (tuple, list)) else encoder_outputs.last_hidden_state
+            enc = (
+                encoder_outputs[0]
+                if isinstance(encoder_outputs, (tuple, list))
+                else encoder_outputs.last_hidden_state
+            )
         if decoder_input_ids is None and decoder_inputs_embeds is None:
             if labels is None:
                 raise ValueError("give decoder_input_ids (or labels, which are shifted right into them)")
-            decoder_input_ids = shift_right(labels, self.config.decoder_start_token_id, self.config.pad_token_id)
+            decoder_input_ids = shift_right(
+                labels, self.config.decoder_start_token_id, self.config.pad_token_id
+            )
         h = self.decoder(
-            _embed(self.shared, decoder_input_ids, decoder_inputs_embeds), decoder_attention_mask, decoder_segment_ids,
-            encoder_hidden_states=enc, encoder_attention_mask=attention_mask,
+            _embed(self.shared, decoder_input_ids, decoder_inputs_embeds),
+            decoder_attention_mask,
+            decoder_segment_ids,
+            encoder_hidden_states=enc,
+            encoder_attention_mask=attention_mask,
             encoder_segment_ids=segment_ids if decoder_segment_ids is not None else None,
             cache=past_key_values,
         )
@@ -378,6 +411,13 @@ class FAT5ForConditionalGeneration(FAT5PreTrainedModel, GenerationMixin):
                 )
             else:
                 loss, _ = ops.linear_cross_entropy(
-                    h.reshape(-1, h.shape[-1]), self._output_weight(), flat_labels, -100, c.z_loss, c.label_smoothing
+                    h.reshape(-1, h.shape[-1]),
+                    self._output_weight(),
+                    flat_labels,
+                    -100,
+                    c.z_loss,
+                    c.label_smoothing,
                 )
-        return Seq2SeqLMOutput(loss=loss, logits=logits, past_key_values=past_key_values, encoder_last_hidden_state=enc)
+        return Seq2SeqLMOutput(
+            loss=loss, logits=logits, past_key_values=past_key_values, encoder_last_hidden_state=enc
+        )

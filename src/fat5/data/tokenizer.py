@@ -88,7 +88,7 @@ def train_tokenizer(
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.train_from_iterator(_counted(texts), trainer)
         tok = _add_byte_tokens(tok)
-        tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse(), decoders.Metaspace()])
+        tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace()])
     if count[0] == 0:
         raise ValueError("cannot train a tokenizer on an empty corpus (no non-empty text was given)")
     for i, t in enumerate(specials):

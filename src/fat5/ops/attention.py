@@ -28,7 +28,9 @@ def segment_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, length: in
     """(B, L) segment ids from per-row cumulative document lengths (B, S+1); positions past the last
     boundary get id -1 (padding). Runs on the device: no host synchronisation."""
     pos = torch.arange(length, device=cu_seqlens.device)
-    seg = torch.searchsorted(cu_seqlens[:, 1:].contiguous(), pos.expand(batch, length).contiguous(), right=True)
+    seg = torch.searchsorted(
+        cu_seqlens[:, 1:].contiguous(), pos.expand(batch, length).contiguous(), right=True
+    )
     return torch.where(pos[None, :] < cu_seqlens[:, -1:], seg, torch.full_like(seg, -1))
 
 
@@ -50,7 +52,9 @@ def build_mask(
         mask = (torch.arange(n, device=device)[None, :] <= qpos[:, None])[None, None]
     if key_padding_mask is not None:
         if key_padding_mask.shape != (b, n):
-            raise ValueError(f"key_padding_mask must be (batch, keys) = {(b, n)}, got {tuple(key_padding_mask.shape)}")
+            raise ValueError(
+                f"key_padding_mask must be (batch, keys) = {(b, n)}, got {tuple(key_padding_mask.shape)}"
+            )
         kp = key_padding_mask.bool()[:, None, None, :]
         mask = kp if mask is None else mask & kp
     if (q_segment_ids is None) != (kv_segment_ids is None):
@@ -106,7 +110,9 @@ def attention_ref(
     b, h, m, d = q.shape
     n = k.shape[2]
     if k.shape != (b, h, n, d) or v.shape[:3] != (b, h, n):
-        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected (B, H, M|N, D)")
+        raise ValueError(
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected (B, H, M|N, D)"
+        )
     if sum(x is not None for x in (bias, rel_table, alibi_slopes)) > 1:
         raise ValueError("give at most one of bias, rel_table, alibi_slopes")
     off = resolve_q_offset(m, n, q_offset)

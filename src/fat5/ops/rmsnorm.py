@@ -63,19 +63,18 @@ def _rms_norm_fwd_kernel(
 
 @triton.jit
 def _rms_norm_bwd_kernel(
-    DY, DRES, H, W, RSTD, DX, DW_PARTIAL, M, N, rows_per_program,
-    HAS_DRES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DY, DRES, H, W, RSTD, DX, DW_PARTIAL, M, N,
+    ROWS_PER_PROGRAM: tl.constexpr, HAS_DRES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    start = pid * rows_per_program
-    end = tl.minimum(start + rows_per_program, M)
-    for row0 in range(start, end, BLOCK_M):
-        rows = row0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < end
+    start = pid * ROWS_PER_PROGRAM
+    for i in range(0, ROWS_PER_PROGRAM, BLOCK_M):
+        rows = start + i + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
         mask = row_ok[:, None] & col_ok[None, :]
         offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
         h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
@@ -138,14 +137,15 @@ def _rms_norm_bwd(
     m, n = h.shape
     dx = torch.empty_like(h)
     block_m, block_n, warps = _tile(n)
-    # each program's band of rows is a whole number of tiles, so tiles never straddle two programs
-    rows_per_program = triton.cdiv(triton.cdiv(max(m, 1), _num_programs(h.device)), block_m) * block_m
+    # Each program's band is a power of two >= BLOCK_M rows: whole tiles, and a compile-time loop count (few
+    # recompiles across batch sizes; the interpreter with numpy >= 2.4 also fails on runtime loop bounds).
+    rows_per_program = max(block_m, triton.next_power_of_2(triton.cdiv(max(m, 1), _num_programs(h.device))))
     programs = triton.cdiv(m, rows_per_program)
     partial = torch.empty(programs, n, dtype=torch.float32, device=h.device)
     if m:
         _rms_norm_bwd_kernel[(programs,)](
-            dy, dres if dres is not None else dy, h, weight, rstd, dx, partial, m, n, rows_per_program,
-            HAS_DRES=dres is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+            dy, dres if dres is not None else dy, h, weight, rstd, dx, partial, m, n,
+            ROWS_PER_PROGRAM=rows_per_program, HAS_DRES=dres is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         )  # fmt: skip
     return dx, partial.sum(0).to(weight.dtype)
 
