@@ -32,8 +32,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """norm(x), or with ``residual``: (norm(x + residual), x + residual) in one fused pass."""
+        return ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 @dataclass
@@ -71,11 +72,13 @@ class Attention(nn.Module):
         return x.view(b, l, self.n_heads, self.d_kv).transpose(1, 2)  # (B, H, L, D), a view
 
     def forward(self, x, ctx: AttentionContext, kv_input=None, cache=None, layer_idx: int = 0):
-        q = self._heads(self.q(x))
         if self.cross:
+            q = self._heads(self.q(x))
             kv = cache.get_cross(layer_idx) if cache is not None else None
             if kv is None:
-                k, v = self._heads(self.k(kv_input)), self._heads(self.v(kv_input))
+                b, n, _ = kv_input.shape
+                kv = F.linear(kv_input, torch.cat([self.k.weight, self.v.weight])).view(b, n, 2, self.n_heads, self.d_kv)
+                k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
                 if cache is not None:
                     cache.set_cross(layer_idx, k, v)
             else:
@@ -91,7 +94,11 @@ class Attention(nn.Module):
                 dropout_p=self.dropout if self.training else 0.0,
             )
         else:
-            k, v = self._heads(self.k(x)), self._heads(self.v(x))
+            # one GEMM for q, k and v (the weights stay separate parameters, as in T5 checkpoints)
+            w = torch.cat([self.q.weight, self.k.weight, self.v.weight])
+            b, m, _ = x.shape
+            qkv = F.linear(x, w).view(b, m, 3, self.n_heads, self.d_kv)
+            q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, M, D) strided views
             if ctx.rope is not None:
                 m = x.shape[1]
                 q = ctx.rope(q, torch.arange(m, device=x.device) + ctx.q_offset)
@@ -160,10 +167,13 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout_rate)
 
     def forward(self, x, ctx: AttentionContext, enc=None, cache=None, layer_idx: int = 0):
-        x = x + self.dropout(self.attn(self.attn_norm(x), ctx, cache=cache, layer_idx=layer_idx))
+        # residual adds before a norm are fused into it: h = norm(x + out), x = x + out
+        out = self.dropout(self.attn(self.attn_norm(x), ctx, cache=cache, layer_idx=layer_idx))
         if self.is_decoder:
-            x = x + self.dropout(self.cross_attn(self.cross_norm(x), ctx, enc, cache, layer_idx))
-        return x + self.dropout(self.ff(self.ff_norm(x)))
+            h, x = self.cross_norm(out, x)
+            out = self.dropout(self.cross_attn(h, ctx, enc, cache, layer_idx))
+        h, x = self.ff_norm(out, x)
+        return x + self.dropout(self.ff(h))
 
 
 class Stack(nn.Module):
