@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 
 from . import ops
@@ -67,6 +68,10 @@ class Attention(nn.Module):
         self.max_distance = config.relative_attention_max_distance
         self.dropout = config.dropout_rate
 
+    def _fused(self, *names: str) -> bool:
+        # PEFT (LoRA) or quantisation wrappers replace the projections: call them so their extra paths run
+        return all(type(getattr(self, n)) is nn.Linear for n in names)
+
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, l, _ = x.shape
         return x.view(b, l, self.n_heads, self.d_kv).transpose(1, 2)  # (B, H, L, D), a view
@@ -75,9 +80,15 @@ class Attention(nn.Module):
         if self.cross:
             q = self._heads(self.q(x))
             kv = cache.get_cross(layer_idx) if cache is not None else None
-            if kv is None:
+            if kv is None and not self._fused("k", "v"):
+                k, v = self._heads(self.k(kv_input)), self._heads(self.v(kv_input))
+                if cache is not None:
+                    cache.set_cross(layer_idx, k, v)
+            elif kv is None:
                 b, n, _ = kv_input.shape
-                kv = F.linear(kv_input, torch.cat([self.k.weight, self.v.weight])).view(b, n, 2, self.n_heads, self.d_kv)
+                kv = F.linear(kv_input, torch.cat([self.k.weight, self.v.weight])).view(
+                    b, n, 2, self.n_heads, self.d_kv
+                )
                 k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
                 if cache is not None:
                     cache.set_cross(layer_idx, k, v)
@@ -95,10 +106,13 @@ class Attention(nn.Module):
             )
         else:
             # one GEMM for q, k and v (the weights stay separate parameters, as in T5 checkpoints)
-            w = torch.cat([self.q.weight, self.k.weight, self.v.weight])
-            b, m, _ = x.shape
-            qkv = F.linear(x, w).view(b, m, 3, self.n_heads, self.d_kv)
-            q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, M, D) strided views
+            if self._fused("q", "k", "v"):
+                w = torch.cat([self.q.weight, self.k.weight, self.v.weight])
+                b, m, _ = x.shape
+                qkv = F.linear(x, w).view(b, m, 3, self.n_heads, self.d_kv)
+                q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, M, D) strided views
+            else:
+                q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
             if ctx.rope is not None:
                 m = x.shape[1]
                 q = ctx.rope(q, torch.arange(m, device=x.device) + ctx.q_offset)
@@ -201,6 +215,7 @@ class Stack(nn.Module):
         else:
             self.alibi_slopes = None
         self.gradient_checkpointing = False
+        self._gradient_checkpointing_func = None  # gradient_checkpointing_enable's (kwargs applied)
 
     def forward(
         self,
@@ -234,14 +249,16 @@ class Stack(nn.Module):
         x = self.dropout(x)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and cache is None:
-                x = torch.utils.checkpoint.checkpoint(
-                    layer, x, ctx, encoder_hidden_states, use_reentrant=False
-                )
+                x = (self._gradient_checkpointing_func or _checkpoint)(layer, x, ctx, encoder_hidden_states)
             else:
                 x = layer(x, ctx, encoder_hidden_states, cache, i)
         if cache is not None:
             cache.advance(m)
         return self.dropout(self.final_norm(x))
+
+
+def _checkpoint(*args):
+    return torch.utils.checkpoint.checkpoint(*args, use_reentrant=False)
 
 
 class FAT5PreTrainedModel(PreTrainedModel):
@@ -256,39 +273,49 @@ class FAT5PreTrainedModel(PreTrainedModel):
         """HF T5's initialisation (Mesh TensorFlow's), so converted and fresh models start alike."""
         c, f = self.config, self.config.initializer_factor
         if isinstance(module, RMSNorm):
-            module.weight.fill_(f)
+            init.constant_(module.weight, f)
         elif isinstance(module, Attention):
-            module.q.weight.normal_(0.0, f * (c.d_model * c.d_kv) ** -0.5)
-            module.k.weight.normal_(0.0, f * c.d_model**-0.5)
-            module.v.weight.normal_(0.0, f * c.d_model**-0.5)
-            module.o.weight.normal_(0.0, f * (c.num_heads * c.d_kv) ** -0.5)
+            init.normal_(module.q.weight, 0.0, f * (c.d_model * c.d_kv) ** -0.5)
+            init.normal_(module.k.weight, 0.0, f * c.d_model**-0.5)
+            init.normal_(module.v.weight, 0.0, f * c.d_model**-0.5)
+            init.normal_(module.o.weight, 0.0, f * (c.num_heads * c.d_kv) ** -0.5)
         elif isinstance(module, FeedForward):
             for name in ("wi", "wi_0", "wi_1"):
                 if hasattr(module, name):
-                    getattr(module, name).weight.normal_(0.0, f * c.d_model**-0.5)
-            module.wo.weight.normal_(0.0, f * c.d_ff**-0.5)
+                    init.normal_(getattr(module, name).weight, 0.0, f * c.d_model**-0.5)
+            init.normal_(module.wo.weight, 0.0, f * c.d_ff**-0.5)
         elif isinstance(module, Stack):
             if module.relative_attention_bias is not None:
-                module.relative_attention_bias.weight.normal_(0.0, f * c.d_model**-0.5)
+                init.normal_(module.relative_attention_bias.weight, 0.0, f * c.d_model**-0.5)
+            if module.alibi_slopes is not None:
+                # non-persistent buffers are not in checkpoints: from_pretrained leaves them uninitialised
+                init.copy_(module.alibi_slopes, alibi_slopes(c.num_heads))
+        elif isinstance(module, RotaryEmbedding):
+            inv_freq = 1.0 / c.rope_theta ** (torch.arange(0, c.d_kv, 2, dtype=torch.float32) / c.d_kv)
+            init.copy_(module.inv_freq, inv_freq)
         elif isinstance(module, FIRE):
             for lin in (module.mlp[0], module.mlp[2]):
-                nn.init.kaiming_uniform_(lin.weight, a=5**0.5)
-                lin.bias.zero_()
-            module.log_c.zero_()
-            module.threshold.fill_(c.fire_init_threshold)
+                init.kaiming_uniform_(lin.weight, a=5**0.5)
+                init.zeros_(lin.bias)
+            init.zeros_(module.log_c)
+            init.constant_(module.threshold, c.fire_init_threshold)
         elif isinstance(module, nn.Linear) and getattr(module, "_fat5_head", False):
-            module.weight.normal_(0.0, f * c.d_model**-0.5)
+            init.normal_(module.weight, 0.0, f * c.d_model**-0.5)
             if module.bias is not None:
-                module.bias.zero_()
+                init.zeros_(module.bias)
         elif isinstance(module, FAT5PreTrainedModel) and hasattr(module, "shared"):
-            module.shared.weight.normal_(0.0, f)
+            init.normal_(module.shared.weight, 0.0, f)
             if getattr(module, "lm_head", None) is not None and not c.tie_word_embeddings:
-                module.lm_head.weight.normal_(0.0, f)
+                init.normal_(module.lm_head.weight, 0.0, f)
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func=None, **kwargs
+    ) -> None:
+        # transformers >= 5 also passes every_n_layers; fat5 checkpoints every block
         for m in self.modules():
             if isinstance(m, Stack):
                 m.gradient_checkpointing = enable
+                m._gradient_checkpointing_func = gradient_checkpointing_func
 
 
 def _embed(table: nn.Embedding, ids, embeds) -> torch.Tensor:
@@ -351,6 +378,12 @@ class FAT5ForConditionalGeneration(FAT5PreTrainedModel, GenerationMixin):
         """Greedy / sampling / beam search with a KV cache; Hugging Face keyword names (fat5.generation)."""
         from .generation import generate
 
+        # Seq2SeqTrainer(predict_with_generate) passes the batch's labels and synced_gpus, as HF generate takes them
+        kwargs.pop("labels", None)
+        if kwargs.pop("synced_gpus", False):
+            raise ValueError(
+                "synced_gpus (DeepSpeed ZeRO-3 / FSDP generation) is not supported by fat5's generate"
+            )
         return generate(self, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def _output_weight(self) -> torch.Tensor:
