@@ -84,7 +84,9 @@ def train_tokenizer(
         tok.train_from_iterator(_counted(texts), trainer)
     else:
         tok = Tokenizer(models.BPE(unk_token=UNK, byte_fallback=True))
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size - 256, special_tokens=specials, show_progress=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size - 256, special_tokens=specials, show_progress=False
+        )
         tok.pre_tokenizer = pre_tokenizers.Metaspace()
         tok.train_from_iterator(_counted(texts), trainer)
         tok = _add_byte_tokens(tok)
@@ -144,7 +146,7 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
     # A bare spiece.model without a config: the T5 convention (100 sentinels appended by transformers).
     from transformers import T5Tokenizer
 
-    return T5Tokenizer(vocab_file=str(p / "spiece.model"))
+    return T5Tokenizer.from_pretrained(str(p))
 
 
 def sentinel_ids(tok: PreTrainedTokenizerBase, needed: int | None = None) -> list[int]:
