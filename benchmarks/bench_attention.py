@@ -1,0 +1,288 @@
+"""Attention with a T5 relative-position bias: our Triton kernel vs the strongest alternatives, one process.
+
+Setting of shared/ANCHORS.md: bf16, 12 heads, head dim 64 (and 128 rows), batch*length = 32768 tokens, scale 1.0,
+T5 buckets 32 / max distance 128. Methods:
+  sdpa        F.scaled_dot_product_attention without bias (the ceiling: flash backend)
+  sdpa_bias   SDPA with the (1, H, L, L) bias materialized from the table in each call (gradient to the table)
+  flex        torch.compile(flex_attention), score_mod gathering a 1-D per-distance table (block mask if causal)
+  ours        fat5.ops.attention_triton.flash_attention(rel_table=...)
+TFLOP/s: forward 4*B*H*L*L*D (halved if causal), forward+backward 3.5x that; median of triton.testing.do_bench.
+Memory: peak allocated during one forward+backward minus what was allocated before (inputs excluded).
+Packed row: 8 documents totalling L=4096 (segment ids) vs one document of 4096, our kernel.
+
+    python benchmarks/bench_attention.py --out benchmarks/results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from fat5.ops.attention_triton import flash_attention  # noqa: E402
+from fat5.positions import relative_position_bucket  # noqa: E402
+
+H, BUCKETS, MAXDIST, TOKENS = 12, 32, 128, 32768
+
+
+def make_inputs(b, length, d, causal, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(0)
+    mk = lambda: torch.randn(
+        b, H, length, d, device=device, dtype=torch.bfloat16, generator=g
+    ).requires_grad_(True)
+    q, k, v = mk(), mk(), mk()
+    with torch.no_grad():
+        q.mul_(0.1)  # scale 1.0 (T5): keep scores of order one
+    table = (torch.randn(BUCKETS, H, device=device, generator=g) * 0.5).requires_grad_(True)
+    return q, k, v, table
+
+
+def fn_sdpa(q, k, v, table, causal, **_):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=1.0)
+
+
+def fn_sdpa_bias(q, k, v, table, causal, **_):
+    length = q.shape[2]
+    pos = torch.arange(length, device=q.device)
+    rel = pos[None, :] - pos[:, None]
+    buckets = relative_position_bucket(rel, not causal, BUCKETS, MAXDIST)
+    # as HF T5: an embedding lookup (its backward is a dense scatter, far faster than index_put)
+    bias = F.embedding(buckets, table).permute(2, 0, 1).unsqueeze(0).to(q.dtype)  # (1, H, L, L) every call
+    if causal:
+        bias = bias.masked_fill(rel[None, None] > 0, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=1.0)
+
+
+_FLEX = {}
+
+
+def _flex_call(q, k, v, rb, block_mask):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def score_mod(score, b, h, qi, ki):
+        return score + rb[h, (ki - qi).clamp(-MAXDIST, MAXDIST) + MAXDIST]
+
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0)
+
+
+def fn_flex(q, k, v, table, causal, **_):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    length = q.shape[2]
+    key = (length, causal)
+    if key not in _FLEX:
+        bm = None
+        if causal:
+            bm = create_block_mask(lambda b, h, qi, ki: ki <= qi, None, None, length, length, device=q.device)
+        _FLEX[key] = bm
+    if "fn" not in _FLEX:
+        _FLEX["fn"] = torch.compile(_flex_call, dynamic=False)
+    dist = torch.arange(-MAXDIST, MAXDIST + 1, device=q.device)
+    rb = table[relative_position_bucket(dist, not causal, BUCKETS, MAXDIST)].t().contiguous()  # (H, 2W+1)
+    return _FLEX["fn"](q, k, v, rb, _FLEX[key])
+
+
+def fn_ours(q, k, v, table, causal, seg=None, **_):
+    return flash_attention(
+        q,
+        k,
+        v,
+        causal=causal,
+        rel_table=table,
+        rel_bidirectional=not causal,
+        rel_max_distance=MAXDIST,
+        q_segment_ids=seg,
+        kv_segment_ids=seg,
+    )
+
+
+METHODS = {"sdpa": fn_sdpa, "sdpa_bias": fn_sdpa_bias, "flex": fn_flex, "ours": fn_ours}
+
+
+def bench(fn, q, k, v, table, causal, warmup, rep, **kw):
+    """(fwd ms, fwd+bwd ms, peak extra GiB) or 'OOM' strings."""
+    res = {}
+    try:
+        with torch.no_grad():
+            fn(q, k, v, table, causal, **kw)
+        res["fwd_ms"] = triton.testing.do_bench(
+            lambda: fn(q, k, v, table, causal, **kw), warmup=warmup, rep=rep, return_mode="median"
+        )
+        grad = torch.randn_like(q)
+
+        def step():
+            fn(q, k, v, table, causal, **kw).backward(grad)
+
+        step()
+        res["fwdbwd_ms"] = triton.testing.do_bench(
+            step, warmup=warmup, rep=rep, grad_to_none=[q, k, v, table], return_mode="median"
+        )
+        for t in (q, k, v, table):
+            t.grad = None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        res["mem_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
+        for t in (q, k, v, table):
+            t.grad = None
+    except torch.cuda.OutOfMemoryError:
+        res = {"fwd_ms": "OOM", "fwdbwd_ms": "OOM", "mem_gib": "OOM"}
+    torch.cuda.empty_cache()
+    return res
+
+
+def tflops(ms, flops):
+    return "OOM" if ms == "OOM" else flops / (ms * 1e-3) / 1e12
+
+
+def fmt(x, nd=1):
+    return x if isinstance(x, str) else f"{x:.{nd}f}"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--lengths", default="512,1024,2048,4096,8192,16384")
+    ap.add_argument("--d128-lengths", default="1024,4096")
+    ap.add_argument("--flex-lengths", default="512,1024,2048,4096", help="flex compiles per shape: keep few")
+    ap.add_argument("--methods", default="sdpa,sdpa_bias,flex,ours")
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--rep", type=int, default=40)
+    ap.add_argument("--commit", default=None)
+    args = ap.parse_args()
+    methods = args.methods.split(",")
+    flex_lengths = {int(x) for x in args.flex_lengths.split(",") if x}
+    rows = []
+    cells = [(64, int(x), c) for c in (False, True) for x in args.lengths.split(",")]
+    cells += [(128, int(x), c) for c in (False, True) for x in args.d128_lengths.split(",") if x]
+    t_start = time.time()
+    for d, length, causal in cells:
+        b = max(TOKENS // length, 1)
+        q, k, v, table = make_inputs(b, length, d, causal)
+        flops = 4 * b * H * length * length * d / (2 if causal else 1)
+        row = {"d": d, "L": length, "B": b, "causal": causal}
+        for name in methods:
+            if name == "flex" and (length not in flex_lengths or d != 64):
+                row.update({f"{name}_fwd": "-", f"{name}_fwdbwd": "-", f"{name}_mem": "-"})
+                continue
+            r = bench(METHODS[name], q, k, v, table, causal, args.warmup, args.rep)
+            row[f"{name}_fwd"] = tflops(r["fwd_ms"], flops)
+            row[f"{name}_fwdbwd"] = tflops(r["fwdbwd_ms"], 3.5 * flops)
+            row[f"{name}_mem"] = r["mem_gib"]
+            row[f"{name}_fwd_ms"], row[f"{name}_fwdbwd_ms"] = r["fwd_ms"], r["fwdbwd_ms"]
+        rows.append(row)
+        print(
+            json.dumps({k_: (round(v_, 3) if isinstance(v_, float) else v_) for k_, v_ in row.items()}),
+            flush=True,
+        )
+        del q, k, v, table
+        torch.cuda.empty_cache()
+
+    # packed documents: 8 docs of random lengths totalling 4096 vs one document
+    packed = {}
+    if "ours" in methods:
+        length, b = 4096, 8
+        q, k, v, table = make_inputs(b, length, 64, False)
+        g = torch.Generator().manual_seed(3)
+        cuts = torch.sort(torch.randperm(length - 1, generator=g)[:7] + 1).values
+        seg = torch.bucketize(torch.arange(length), cuts, right=True).to(torch.int32)
+        seg = seg[None].expand(b, length).contiguous().cuda()
+        one = bench(fn_ours, q, k, v, table, False, args.warmup, args.rep)
+        pk = bench(fn_ours, q, k, v, table, False, args.warmup, args.rep, seg=seg)
+        packed = {
+            "one_doc": one,
+            "eight_docs": pk,
+            "doc_lengths": torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([length])])).tolist(),
+        }
+        if isinstance(one["fwd_ms"], float) and isinstance(pk["fwd_ms"], float):
+            packed["speedup_fwd"] = one["fwd_ms"] / pk["fwd_ms"]
+            packed["speedup_fwdbwd"] = one["fwdbwd_ms"] / pk["fwdbwd_ms"]
+        print(json.dumps(packed), flush=True)
+
+    commit = args.commit
+    if commit is None:
+        try:
+            commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+        except Exception:
+            commit = "unknown"
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "commit": commit,
+        "setting": f"bf16, H={H}, B*L={TOKENS}, scale 1.0, T5 buckets {BUCKETS} / max distance {MAXDIST}",
+        "seconds": round(time.time() - t_start, 1),
+    }
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"attention_{meta['date']}")
+    with open(stem + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": rows, "packed": packed}, f, indent=1)
+    keys = sorted({k_ for r in rows for k_ in r}, key=lambda s: (s not in ("d", "L", "B", "causal"), s))
+    with open(stem + ".csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    lines = [
+        f"# Attention with T5 relative bias: {meta['date']}",
+        "",
+        f"{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}.",
+        f"Setting: {meta['setting']}. TFLOP/s fwd / fwd+bwd (median of do_bench); memory = peak extra "
+        "GiB during one fwd+bwd.",
+        "",
+        "| D | causal | L | "
+        + " | ".join(methods)
+        + " | ours / sdpa (fwd, fwd+bwd) | ours / flex fwd+bwd | mem "
+        + " / ".join(methods)
+        + " |",
+        "|" + "---|" * (3 + len(methods) + 3),
+    ]
+    for r in rows:
+        cells_ = [f"{fmt(r[m + '_fwd'], 0)} / {fmt(r[m + '_fwdbwd'], 0)}" for m in methods]
+        ratio, ratio_flex = "-", "-"
+        if (
+            "sdpa" in methods
+            and "ours" in methods
+            and all(isinstance(r[x], float) for x in ("ours_fwd", "sdpa_fwd", "ours_fwdbwd", "sdpa_fwdbwd"))
+        ):
+            ratio = f"{r['ours_fwd'] / r['sdpa_fwd']:.0%} / {r['ours_fwdbwd'] / r['sdpa_fwdbwd']:.0%}"
+        if (
+            "flex" in methods
+            and isinstance(r.get("flex_fwdbwd"), float)
+            and isinstance(r.get("ours_fwdbwd"), float)
+        ):
+            ratio_flex = f"{r['ours_fwdbwd'] / r['flex_fwdbwd']:.1f}x"
+        mem = " / ".join(fmt(r[m + "_mem"], 2) for m in methods)
+        lines.append(
+            f"| {r['d']} | {'yes' if r['causal'] else 'no'} | {r['L']} | "
+            + " | ".join(cells_)
+            + f" | {ratio} | {ratio_flex} | {mem} |"
+        )
+    if packed:
+        o, p = packed["one_doc"], packed["eight_docs"]
+        lines += [
+            "",
+            f"Packed (ours, B=8, L=4096, D=64, non-causal): one document {fmt(o['fwd_ms'], 3)} ms fwd / "
+            f"{fmt(o['fwdbwd_ms'], 3)} ms fwd+bwd; 8 documents {packed['doc_lengths']} {fmt(p['fwd_ms'], 3)} "
+            f"ms / {fmt(p['fwdbwd_ms'], 3)} ms; speedup {fmt(packed.get('speedup_fwd', '-'), 2)}x fwd, "
+            f"{fmt(packed.get('speedup_fwdbwd', '-'), 2)}x fwd+bwd.",
+        ]
+    with open(stem + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1874 @@
+"""FlashAttention-2 forward and backward in Triton with the additive position bias computed in-kernel.
+
+Semantics are exactly those of ``attention_ref`` (``ops/attention.py``): scores = scale * q k^T + bias, masked,
+softmax over keys, times v; a query row with no visible key outputs zeros and gets zero gradients.
+
+Algorithm (Dao 2023, FlashAttention-2):
+- forward: one program per (query block, batch*head); online softmax over key blocks in fp32, in base 2
+  (scores are pre-multiplied by log2(e) so ``exp2`` is used); stores the row logsumexp (base 2; +inf for an
+  empty row so the backward's probabilities are exactly 0 there).
+- backward: ``delta = rowsum(dO * O)``; a key-block kernel (dk, dv, and the position-bias gradient) that walks
+  query blocks, and a query-block kernel (dq, and the dense bias gradient) that walks key blocks. Both
+  recompute P from the saved logsumexp. No atomics anywhere: every output element has one writer.
+
+Position bias kinds (constexpr ``BIAS_KIND``):
+  0 none; 1 T5 relative buckets; 2 ALiBi (-slope * |j - i|); 3 an arbitrary tensor broadcastable to
+  (B, H, M, N) (read through its strides, stride 0 for broadcast dims; its gradient is stored dense in fp32
+  and summed over the broadcast dims afterwards).
+T5 buckets: the bucket depends only on the key-minus-query distance and is constant for |distance| >=
+W = max(max_distance, num_buckets). The host builds (with device ops, no sync) a per-head vector
+``rb[h, W + d] = table[bucket(d), h]`` for d in [-W, W] by calling ``relative_position_bucket`` itself, so
+buckets are bit-identical to the reference. Tiles whose whole distance range lies beyond +-W add one scalar;
+only tiles near the diagonal gather from the vector. In the backward, far tiles reduce dS to one scalar per
+side; near tiles reduce dS per diagonal (a ``tl.gather`` skew) into a per-program fp32 vector over distances.
+Each key-block program writes its own row of a partial buffer; the host sums those rows in a fixed order and
+maps distances to buckets with a one-hot matmul, so d(rel_table) is bitwise deterministic.
+
+Masks: key padding (B, N) bool; causal against query positions ``q_offset + i`` (``q_offset`` a python int
+or a 0-dim integer tensor read in-kernel: no host sync, CUDA-graph safe); packed documents via segment ids.
+Fully masked tiles are skipped: causal by tile bounds; segments by per-16-row/column groups whose visible
+key (query) range is computed on the device, so a program loops only over key blocks that can overlap.
+
+Limits: dropout is not implemented (raises); head dim up to 256 (padded to a power of two, tuned for
+32/64/128); decode (M of a few rows) runs but uses a 16-row query block, not a split-KV kernel; the
+dense-bias gradient costs B*H*M*N fp32 of scratch; ``tl.dot`` on fp32 inputs uses IEEE fp32 (slow, meant
+for tests/CPU interpreter); the T5 distance vector has next_pow2(2W+1) fp32 registers per backward program.
+"""
+
+from __future__ import annotations
+
+# ruff: noqa: UP045  (torch.library infers the op schemas from these annotations: keep typing.Optional)
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..positions import relative_position_bucket
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+if _INTERPRET:
+    # Triton 3.6's interpreter holds scalars as 1-element arrays and converts loop bounds with int(array),
+    # which NumPy >= 2.4 rejects for non-0-d arrays; our loop bounds come from tl.minimum/maximum on scalars.
+    # Re-patch __index__ to take the single element (CPU interpreter only).
+    from triton.runtime import interpreter as _interp
+
+    if not getattr(_interp, "_fat5_index_patch", False):
+        _orig_patch = _interp._patch_lang_tensor
+
+        def _patch_lang_tensor(tensor, scope):
+            _orig_patch(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+        _interp._patch_lang_tensor = _patch_lang_tensor
+        _interp._fat5_index_patch = True
+LOG2E = 1.4426950408889634
+SEG_G = 16  # granularity (rows/columns) of the device-side segment-range tables; <= every block size
+
+BIAS_NONE, BIAS_REL, BIAS_ALIBI, BIAS_TENSOR = 0, 1, 2, 3
+
+
+# --------------------------------------------------------------------------------------------- configs
+def _cfg(bm, bn, w, s):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+
+
+if _INTERPRET:  # the interpreter is slow and autotuning there measures nothing: one small config
+    _FWD_CONFIGS = [_cfg(16, 16, 1, 1)]
+    _DKV_CONFIGS = [_cfg(16, 16, 1, 1)]
+    _DQ_CONFIGS = [_cfg(16, 16, 1, 1)]
+else:
+    # few configs: every one is compiled per (head dim, bias kind, masks) on first use
+    _FWD_CONFIGS = [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3)]
+    # key-block kernel: BLOCK_M (queries per step) <= BLOCK_N (keys held) -- the diagonal skew needs it
+    _DKV_CONFIGS = [_cfg(64, 128, 8, 3), _cfg(32, 128, 4, 3), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3)]
+    _DQ_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3)]
+    if (
+        os.environ.get("FAT5_ATTN_AUTOTUNE", "1") == "0"
+    ):  # tests: skip the tuning sweep, keep the first config
+        _FWD_CONFIGS, _DKV_CONFIGS, _DQ_CONFIGS = _FWD_CONFIGS[:1], _DKV_CONFIGS[:1], _DQ_CONFIGS[:1]
+
+# debug aid for tests: fill outputs with NaN before the kernels write them, so an unwritten element shows
+_POISON = os.environ.get("FAT5_ATTN_POISON") == "1"
+
+
+def _prune_by_smem(configs, named_args, **kwargs):
+    """Drop configs whose pipelined tiles cannot fit in shared memory (Hopper: 227 KiB per block)."""
+    bd = kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 64))
+    limit = 227 * 1024
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        limit = getattr(props, "shared_memory_per_block_optin", limit)
+    kept = []
+    for c in configs:
+        bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        # every loop stage streams 2 tiles (k, v or q, dO) of the moving side at 2 bytes per element,
+        # plus the fp32 score tile used by the diagonal skew / conversions
+        est = c.num_stages * 2 * max(bm, bn) * bd * 2 + bm * bn * 4
+        if est <= limit:
+            kept.append(c)
+    return kept or configs[-1:]
+
+
+# --------------------------------------------------------------------------------------------- helpers
+@triton.jit
+def _rel_bias(RB_h, b_lo, b_hi, rel_lo, rel_hi, kpos2, qpos2, W, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """T5 bias tile (log2 units). rel_lo/rel_hi bound key-minus-query distance over the tile: beyond +-W the
+    bucket is constant, so far tiles add one scalar and only near-diagonal tiles gather."""
+    if rel_lo >= W:
+        bias = tl.zeros((ROWS, COLS), tl.float32) + b_hi
+    elif rel_hi <= -W:
+        bias = tl.zeros((ROWS, COLS), tl.float32) + b_lo
+    else:
+        rel = tl.minimum(tl.maximum(kpos2 - qpos2, -W), W)
+        bias = tl.load(RB_h + rel + W)
+    return bias
+
+
+@triton.jit
+def _add_bias(
+    s,
+    BIAS_KIND: tl.constexpr,
+    RB_h,
+    b_lo,
+    b_hi,
+    slope,
+    bias_ptrs,
+    bias_mask,
+    rel_lo,
+    rel_hi,
+    kpos2,
+    qpos2,
+    W,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+):
+    if BIAS_KIND == 1:
+        s += _rel_bias(RB_h, b_lo, b_hi, rel_lo, rel_hi, kpos2, qpos2, W, ROWS, COLS)
+    elif BIAS_KIND == 2:
+        s += slope * tl.abs(kpos2 - qpos2).to(tl.float32)
+    elif BIAS_KIND == 3:
+        s += tl.load(bias_ptrs, mask=bias_mask, other=0.0).to(tl.float32) * 1.4426950408889634
+    return s
+
+
+@triton.jit
+def _rel_grad(
+    dsT,
+    acc_rel,
+    s_lo,
+    s_hi,
+    rel_lo,
+    rel_hi,
+    R0,
+    W,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WIN: tl.constexpr,
+    RB: tl.constexpr,
+):
+    """Accumulate dS^T (keys x queries, distance R0 + n - m) into per-distance sums: acc_rel over (-W, W),
+    s_lo / s_hi for the clamped ends. A near tile is skewed so that each diagonal (one distance) becomes a row."""
+    if rel_lo >= W:
+        s_hi += tl.sum(tl.sum(dsT, 1), 0)
+    elif rel_hi <= -W:
+        s_lo += tl.sum(tl.sum(dsT, 1), 0)
+    else:
+        dd = tl.arange(0, WIN)[:, None]
+        mm = tl.arange(0, BLOCK_M)[None, :]
+        nidx = dd - (BLOCK_M - 1) + mm  # row of dsT on diagonal dd at column mm
+        ok = (nidx >= 0) & (nidx < BLOCK_N)
+        x = tl.gather(dsT, tl.where(ok, nidx, 0), axis=0)  # (WIN, BLOCK_M)
+        diag = tl.sum(tl.where(ok, x, 0.0), 1)  # (WIN,): sum of one diagonal = one distance
+        drel = R0 - (BLOCK_M - 1) + tl.arange(0, WIN)
+        s_lo += tl.sum(tl.where(drel <= -W, diag, 0.0), 0)
+        s_hi += tl.sum(tl.where(drel >= W, diag, 0.0), 0)
+        r = tl.arange(0, RB)
+        src = r - W - (R0 - (BLOCK_M - 1))
+        okr = (r > 0) & (r < 2 * W) & (src >= 0) & (src < WIN)
+        acc_rel += tl.where(okr, tl.gather(diag, tl.where(okr, src, 0), axis=0), 0.0)
+    return acc_rel, s_lo, s_hi
+
+
+@triton.jit
+def _q_offset(QOFF, q_off_int, QOFF_FROM_PTR: tl.constexpr):
+    if QOFF_FROM_PTR:
+        q_off = tl.load(QOFF).to(tl.int32)
+    else:
+        q_off = q_off_int
+    return q_off
+
+
+# --------------------------------------------------------------------------------------------- forward
+@triton.jit
+def _fwd_inner(
+    acc,
+    l_i,
+    m_i,
+    q,
+    qpos,
+    qseg,
+    K_bh,
+    V_bh,
+    KPM_b,
+    KSEG_b,
+    BIAS_bh,
+    RB_h,
+    b_lo,
+    b_hi,
+    slope,
+    offs_m,
+    offs_d,
+    start,
+    end,
+    qp0,
+    qk_scale,
+    M,
+    N,
+    D,
+    W,
+    skn,
+    skd,
+    svn,
+    svd,
+    sbm,
+    sbn,
+    skp,
+    sks,
+    MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BIAS_KIND: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_SEG: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    for start_n in range(start, end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        kpos = start_n + tl.arange(0, BLOCK_N)
+        kmask = (kpos[:, None] < N) & (offs_d[None, :] < D)
+        k = tl.load(K_bh + kpos[:, None] * skn + offs_d[None, :] * skd, mask=kmask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        rel_lo = start_n - (qp0 + BLOCK_M - 1)
+        rel_hi = start_n + BLOCK_N - 1 - qp0
+        s = _add_bias(
+            s,
+            BIAS_KIND,
+            RB_h,
+            b_lo,
+            b_hi,
+            slope,
+            BIAS_bh + offs_m[:, None] * sbm + kpos[None, :] * sbn,
+            (offs_m[:, None] < M) & (kpos[None, :] < N),
+            rel_lo,
+            rel_hi,
+            kpos[None, :],
+            qpos[:, None],
+            W,
+            BLOCK_M,
+            BLOCK_N,
+        )
+        if MASK:
+            keep = kpos[None, :] < N
+            if CAUSAL:
+                keep = keep & (kpos[None, :] <= qpos[:, None])
+            s = tl.where(keep, s, float("-inf"))
+        if HAS_KPM:
+            kp = tl.load(KPM_b + kpos * skp, mask=kpos < N, other=0)
+            s = tl.where(kp[None, :] != 0, s, float("-inf"))
+        if HAS_SEG:
+            ks = tl.load(KSEG_b + kpos * sks, mask=kpos < N, other=-3)
+            s = tl.where(qseg[:, None] == ks[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = tl.load(V_bh + kpos[:, None] * svn + offs_d[None, :] * svd, mask=kmask, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.autotune(
+    configs=_FWD_CONFIGS, key=["BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "M_BUCKET", "N_BUCKET"]
+)
+@triton.jit
+def _fwd_kernel(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    RBV,
+    BIAS,
+    KPM,
+    QSEG,
+    KSEG,
+    KVLO,
+    KVHI,
+    QOFF,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sob,
+    soh,
+    som,
+    sod,
+    sbb,
+    sbh,
+    sbm,
+    sbn,
+    skpb,
+    skp,
+    sqsb,
+    sqs,
+    sksb,
+    sks,
+    H,
+    M,
+    N,
+    D,
+    NGQ,
+    q_off_int,
+    qk_scale,
+    W,
+    M_BUCKET,
+    N_BUCKET,
+    BIAS_KIND: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_SEG: tl.constexpr,
+    QOFF_FROM_PTR: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    RBW: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_off = _q_offset(QOFF, q_off_int, QOFF_FROM_PTR)
+    qpos = q_off + offs_m
+    qmask = (offs_m[:, None] < M) & (offs_d[None, :] < D)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=qmask, other=0.0)
+
+    # key range that can be visible to this block
+    lo = 0
+    hi = N
+    if CAUSAL:
+        hi = tl.minimum(hi, q_off + m0 + BLOCK_M)
+    qseg = offs_m
+    if HAS_SEG:
+        qseg = tl.load(QSEG + b * sqsb + offs_m * sqs, mask=offs_m < M, other=-2)
+        g = m0 // 16 + tl.arange(0, BLOCK_M // 16)
+        lo = tl.min(tl.load(KVLO + b * NGQ + g, mask=g < NGQ, other=N), 0)
+        hi = tl.minimum(hi, tl.max(tl.load(KVHI + b * NGQ + g, mask=g < NGQ, other=0), 0))
+    lo = tl.maximum(lo, 0) // BLOCK_N * BLOCK_N
+    # [lo, mid): whole tiles that need neither the causal nor the key-length mask
+    full_end = hi
+    if CAUSAL:
+        full_end = tl.minimum(hi, q_off + m0 + 1)
+    mid = lo + tl.maximum(full_end - lo, 0) // BLOCK_N * BLOCK_N
+
+    RB_h = RBV
+    b_lo = 0.0
+    b_hi = 0.0
+    slope = 0.0
+    if BIAS_KIND == 1:
+        RB_h = RBV + h * RBW
+        b_lo = tl.load(RB_h)
+        b_hi = tl.load(RB_h + 2 * W)
+    if BIAS_KIND == 2:
+        slope = tl.load(RBV + h)
+    BIAS_bh = BIAS
+    if BIAS_KIND == 3:
+        BIAS_bh = BIAS + b * sbb + h * sbh
+    KPM_b = KPM
+    if HAS_KPM:
+        KPM_b = KPM + b * skpb
+    KSEG_b = KSEG
+    if HAS_SEG:
+        KSEG_b = KSEG + b * sksb
+
+    acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    K_bh = K + b * skb + h * skh
+    V_bh = V + b * svb + h * svh
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        qpos,
+        qseg,
+        K_bh,
+        V_bh,
+        KPM_b,
+        KSEG_b,
+        BIAS_bh,
+        RB_h,
+        b_lo,
+        b_hi,
+        slope,
+        offs_m,
+        offs_d,
+        lo,
+        mid,
+        q_off + m0,
+        qk_scale,
+        M,
+        N,
+        D,
+        W,
+        skn,
+        skd,
+        svn,
+        svd,
+        sbm,
+        sbn,
+        skp,
+        sks,
+        False,
+        CAUSAL,
+        BIAS_KIND,
+        HAS_KPM,
+        HAS_SEG,
+        DOT_PREC,
+        BLOCK_M,
+        BLOCK_N,
+    )
+    acc, l_i, m_i = _fwd_inner(
+        acc,
+        l_i,
+        m_i,
+        q,
+        qpos,
+        qseg,
+        K_bh,
+        V_bh,
+        KPM_b,
+        KSEG_b,
+        BIAS_bh,
+        RB_h,
+        b_lo,
+        b_hi,
+        slope,
+        offs_m,
+        offs_d,
+        mid,
+        hi,
+        q_off + m0,
+        qk_scale,
+        M,
+        N,
+        D,
+        W,
+        skn,
+        skd,
+        svn,
+        svd,
+        sbm,
+        sbn,
+        skp,
+        sks,
+        True,
+        CAUSAL,
+        BIAS_KIND,
+        HAS_KPM,
+        HAS_SEG,
+        DOT_PREC,
+        BLOCK_M,
+        BLOCK_N,
+    )
+    empty = l_i == 0.0  # no visible key: output zeros, lse=+inf makes the backward's P exactly 0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
+    tl.store(
+        O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod,
+        out.to(O.dtype.element_ty),
+        mask=qmask,
+    )
+    tl.store(LSE + pid_bh.to(tl.int64) * M + offs_m, lse, mask=offs_m < M)
+
+
+# --------------------------------------------------------------------------------------------- backward
+@triton.jit
+def _delta_kernel(
+    O,
+    DO,
+    DELTA,
+    sob,
+    soh,
+    som,
+    sod,
+    sdob,
+    sdoh,
+    sdom,
+    sdod,
+    H,
+    M,
+    D,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < M) & (offs_d[None, :] < D)
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :] * sod, mask=mask, other=0.0)
+    do = tl.load(
+        DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod, mask=mask, other=0.0
+    )
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + pid_bh.to(tl.int64) * M + offs_m, delta, mask=offs_m < M)
+
+
+@triton.jit
+def _dkv_inner(
+    dk,
+    dv,
+    acc_rel,
+    s_lo,
+    s_hi,
+    k,
+    v,
+    kpos,
+    kseg,
+    kp,
+    Q_bh,
+    DO_bh,
+    LSE_bh,
+    DELTA_bh,
+    QSEG_b,
+    RB_h,
+    b_lo,
+    b_hi,
+    slope,
+    BIAS_bh,
+    offs_d,
+    start,
+    end,
+    q_off,
+    k0,
+    qk_scale,
+    M,
+    N,
+    D,
+    W,
+    sqm,
+    sqd,
+    sdom,
+    sdod,
+    sbm,
+    sbn,
+    sqs,
+    MASK: tl.constexpr,
+    BIAS_KIND: tl.constexpr,
+    REL_GRAD: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_SEG: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WIN: tl.constexpr,
+    RB: tl.constexpr,
+):
+    for start_m in range(start, end, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        qpos = q_off + offs_m
+        mmask = (offs_m[:, None] < M) & (offs_d[None, :] < D)
+        q = tl.load(Q_bh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=mmask, other=0.0)
+        do = tl.load(DO_bh + offs_m[:, None] * sdom + offs_d[None, :] * sdod, mask=mmask, other=0.0)
+        # padded query rows get lse=+inf, hence P=0 and no contribution
+        lse = tl.load(LSE_bh + offs_m, mask=offs_m < M, other=float("inf"))
+        delta = tl.load(DELTA_bh + offs_m, mask=offs_m < M, other=0.0)
+        sT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
+        qp0 = q_off + start_m
+        rel_lo = k0 - (qp0 + BLOCK_M - 1)
+        rel_hi = k0 + BLOCK_N - 1 - qp0
+        sT = _add_bias(
+            sT,
+            BIAS_KIND,
+            RB_h,
+            b_lo,
+            b_hi,
+            slope,
+            BIAS_bh + offs_m[None, :] * sbm + kpos[:, None] * sbn,
+            (offs_m[None, :] < M) & (kpos[:, None] < N),
+            rel_lo,
+            rel_hi,
+            kpos[:, None],
+            qpos[None, :],
+            W,
+            BLOCK_N,
+            BLOCK_M,
+        )
+        if MASK:
+            sT = tl.where(kpos[:, None] <= qpos[None, :], sT, float("-inf"))
+        if HAS_KPM:
+            sT = tl.where(kp[:, None] != 0, sT, float("-inf"))
+        if HAS_SEG:
+            qs = tl.load(QSEG_b + offs_m * sqs, mask=offs_m < M, other=-2)
+            sT = tl.where(kseg[:, None] == qs[None, :], sT, float("-inf"))
+        pT = tl.math.exp2(sT - lse[None, :])
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+        if REL_GRAD:
+            dsT = tl.where(kpos[:, None] < N, dsT, 0.0)  # key rows past N hold garbage scores
+            acc_rel, s_lo, s_hi = _rel_grad(
+                dsT, acc_rel, s_lo, s_hi, rel_lo, rel_hi, k0 - qp0, W, BLOCK_M, BLOCK_N, WIN, RB
+            )
+    return dk, dv, acc_rel, s_lo, s_hi
+
+
+@triton.autotune(
+    configs=_DKV_CONFIGS,
+    key=["BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "M_BUCKET", "N_BUCKET"],
+    prune_configs_by={"early_config_prune": _prune_by_smem},
+)
+@triton.heuristics({"WIN": lambda a: triton.next_power_of_2(a["BLOCK_M"] + a["BLOCK_N"] - 1)})
+@triton.jit
+def _dkv_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    DK,
+    DV,
+    LSE,
+    DELTA,
+    RBV,
+    DREL,
+    BIAS,
+    KPM,
+    QSEG,
+    KSEG,
+    QLO,
+    QHI,
+    QOFF,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sdob,
+    sdoh,
+    sdom,
+    sdod,
+    sdkb,
+    sdkh,
+    sdkn,
+    sdkd,
+    sdvb,
+    sdvh,
+    sdvn,
+    sdvd,
+    sbb,
+    sbh,
+    sbm,
+    sbn,
+    skpb,
+    skp,
+    sqsb,
+    sqs,
+    sksb,
+    sks,
+    sdrel,
+    H,
+    M,
+    N,
+    D,
+    NGK,
+    NKB,
+    q_off_int,
+    qk_scale,
+    scale,
+    W,
+    M_BUCKET,
+    N_BUCKET,
+    BIAS_KIND: tl.constexpr,
+    REL_GRAD: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_SEG: tl.constexpr,
+    QOFF_FROM_PTR: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    RBW: tl.constexpr,
+    RB: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WIN: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    k0 = pid_n * BLOCK_N
+    kpos = k0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_off = _q_offset(QOFF, q_off_int, QOFF_FROM_PTR)
+    kmask = (kpos[:, None] < N) & (offs_d[None, :] < D)
+    k = tl.load(K + b * skb + h * skh + kpos[:, None] * skn + offs_d[None, :] * skd, mask=kmask, other=0.0)
+    v = tl.load(V + b * svb + h * svh + kpos[:, None] * svn + offs_d[None, :] * svd, mask=kmask, other=0.0)
+
+    lo = 0
+    hi = M
+    if CAUSAL:  # query i sees key j iff q_off + i >= j
+        lo = tl.maximum(k0 - q_off, 0)
+    kseg = kpos
+    if HAS_SEG:
+        kseg = tl.load(KSEG + b * sksb + kpos * sks, mask=kpos < N, other=-3)
+        g = k0 // 16 + tl.arange(0, BLOCK_N // 16)
+        lo = tl.maximum(lo, tl.min(tl.load(QLO + b * NGK + g, mask=g < NGK, other=M), 0))
+        hi = tl.minimum(hi, tl.max(tl.load(QHI + b * NGK + g, mask=g < NGK, other=0), 0))
+    lo = tl.minimum(lo, M) // BLOCK_M * BLOCK_M
+    # [lo, mid): query tiles crossing the causal diagonal; [mid, hi): fully visible
+    mid = lo
+    if CAUSAL:
+        mid = lo + (tl.maximum(k0 + BLOCK_N - 1 - q_off - lo, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        mid = tl.minimum(mid, tl.maximum(hi, lo))
+    kp = kpos
+    if HAS_KPM:
+        kp = tl.load(KPM + b * skpb + kpos * skp, mask=kpos < N, other=0)
+    RB_h = RBV
+    b_lo = 0.0
+    b_hi = 0.0
+    slope = 0.0
+    if BIAS_KIND == 1:
+        RB_h = RBV + h * RBW
+        b_lo = tl.load(RB_h)
+        b_hi = tl.load(RB_h + 2 * W)
+    if BIAS_KIND == 2:
+        slope = tl.load(RBV + h)
+    BIAS_bh = BIAS
+    if BIAS_KIND == 3:
+        BIAS_bh = BIAS + b * sbb + h * sbh
+    QSEG_b = QSEG
+    if HAS_SEG:
+        QSEG_b = QSEG + b * sqsb
+    bh_m = pid_bh.to(tl.int64) * M
+    Q_bh = Q + b * sqb + h * sqh
+    DO_bh = DO + b * sdob + h * sdoh
+
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    acc_rel = tl.zeros((RB,), tl.float32)
+    s_lo = tl.zeros((1,), tl.float32)
+    s_hi = tl.zeros((1,), tl.float32)
+    dk, dv, acc_rel, s_lo, s_hi = _dkv_inner(
+        dk,
+        dv,
+        acc_rel,
+        s_lo,
+        s_hi,
+        k,
+        v,
+        kpos,
+        kseg,
+        kp,
+        Q_bh,
+        DO_bh,
+        LSE + bh_m,
+        DELTA + bh_m,
+        QSEG_b,
+        RB_h,
+        b_lo,
+        b_hi,
+        slope,
+        BIAS_bh,
+        offs_d,
+        lo,
+        mid,
+        q_off,
+        k0,
+        qk_scale,
+        M,
+        N,
+        D,
+        W,
+        sqm,
+        sqd,
+        sdom,
+        sdod,
+        sbm,
+        sbn,
+        sqs,
+        True,
+        BIAS_KIND,
+        REL_GRAD,
+        HAS_KPM,
+        HAS_SEG,
+        DOT_PREC,
+        BLOCK_M,
+        BLOCK_N,
+        WIN,
+        RB,
+    )
+    dk, dv, acc_rel, s_lo, s_hi = _dkv_inner(
+        dk,
+        dv,
+        acc_rel,
+        s_lo,
+        s_hi,
+        k,
+        v,
+        kpos,
+        kseg,
+        kp,
+        Q_bh,
+        DO_bh,
+        LSE + bh_m,
+        DELTA + bh_m,
+        QSEG_b,
+        RB_h,
+        b_lo,
+        b_hi,
+        slope,
+        BIAS_bh,
+        offs_d,
+        mid,
+        hi,
+        q_off,
+        k0,
+        qk_scale,
+        M,
+        N,
+        D,
+        W,
+        sqm,
+        sqd,
+        sdom,
+        sdod,
+        sbm,
+        sbn,
+        sqs,
+        False,
+        BIAS_KIND,
+        REL_GRAD,
+        HAS_KPM,
+        HAS_SEG,
+        DOT_PREC,
+        BLOCK_M,
+        BLOCK_N,
+        WIN,
+        RB,
+    )
+    dk = dk * scale
+    tl.store(
+        DK + b * sdkb + h * sdkh + kpos[:, None] * sdkn + offs_d[None, :] * sdkd,
+        dk.to(DK.dtype.element_ty),
+        mask=kmask,
+    )
+    tl.store(
+        DV + b * sdvb + h * sdvh + kpos[:, None] * sdvn + offs_d[None, :] * sdvd,
+        dv.to(DV.dtype.element_ty),
+        mask=kmask,
+    )
+    if REL_GRAD:  # one row per program: reduced on the host in a fixed order (deterministic)
+        r = tl.arange(0, RB)
+        acc_rel += tl.where(r == 0, s_lo, 0.0) + tl.where(r == 2 * W, s_hi, 0.0)
+        tl.store(DREL + (pid_bh.to(tl.int64) * NKB + pid_n) * sdrel + r, acc_rel)
+
+
+@triton.jit
+def _dq_inner(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    qpos,
+    qseg,
+    K_bh,
+    V_bh,
+    KPM_b,
+    KSEG_b,
+    BIAS_bh,
+    DB_bh,
+    RB_h,
+    b_lo,
+    b_hi,
+    slope,
+    offs_m,
+    offs_d,
+    start,
+    end,
+    qp0,
+    qk_scale,
+    M,
+    N,
+    D,
+    W,
+    skn,
+    skd,
+    svn,
+    svd,
+    sbm,
+    sbn,
+    sdbm,
+    skp,
+    sks,
+    MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BIAS_KIND: tl.constexpr,
+    BIAS_GRAD: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_SEG: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    for start_n in range(start, end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        kpos = start_n + tl.arange(0, BLOCK_N)
+        kmask = (kpos[:, None] < N) & (offs_d[None, :] < D)
+        k = tl.load(K_bh + kpos[:, None] * skn + offs_d[None, :] * skd, mask=kmask, other=0.0)
+        v = tl.load(V_bh + kpos[:, None] * svn + offs_d[None, :] * svd, mask=kmask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        rel_lo = start_n - (qp0 + BLOCK_M - 1)
+        rel_hi = start_n + BLOCK_N - 1 - qp0
+        tile_mask = (offs_m[:, None] < M) & (kpos[None, :] < N)
+        s = _add_bias(
+            s,
+            BIAS_KIND,
+            RB_h,
+            b_lo,
+            b_hi,
+            slope,
+            BIAS_bh + offs_m[:, None] * sbm + kpos[None, :] * sbn,
+            tile_mask,
+            rel_lo,
+            rel_hi,
+            kpos[None, :],
+            qpos[:, None],
+            W,
+            BLOCK_M,
+            BLOCK_N,
+        )
+        if MASK:
+            keep = kpos[None, :] < N
+            if CAUSAL:
+                keep = keep & (kpos[None, :] <= qpos[:, None])
+            s = tl.where(keep, s, float("-inf"))
+        if HAS_KPM:
+            kp = tl.load(KPM_b + kpos * skp, mask=kpos < N, other=0)
+            s = tl.where(kp[None, :] != 0, s, float("-inf"))
+        if HAS_SEG:
+            ks = tl.load(KSEG_b + kpos * sks, mask=kpos < N, other=-3)
+            s = tl.where(qseg[:, None] == ks[None, :], s, float("-inf"))
+        p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        if BIAS_GRAD:
+            tl.store(DB_bh + offs_m[:, None] * sdbm + kpos[None, :], ds, mask=tile_mask)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.autotune(
+    configs=_DQ_CONFIGS,
+    key=["BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "M_BUCKET", "N_BUCKET"],
+    prune_configs_by={"early_config_prune": _prune_by_smem},
+)
+@triton.jit
+def _dq_kernel(
+    Q,
+    K,
+    V,
+    DO,
+    DQ,
+    LSE,
+    DELTA,
+    RBV,
+    BIAS,
+    DB,
+    KPM,
+    QSEG,
+    KSEG,
+    KVLO,
+    KVHI,
+    QOFF,
+    sqb,
+    sqh,
+    sqm,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sdob,
+    sdoh,
+    sdom,
+    sdod,
+    sdqb,
+    sdqh,
+    sdqm,
+    sdqd,
+    sbb,
+    sbh,
+    sbm,
+    sbn,
+    skpb,
+    skp,
+    sqsb,
+    sqs,
+    sksb,
+    sks,
+    H,
+    M,
+    N,
+    D,
+    NGQ,
+    q_off_int,
+    qk_scale,
+    scale,
+    W,
+    M_BUCKET,
+    N_BUCKET,
+    BIAS_KIND: tl.constexpr,
+    BIAS_GRAD: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_SEG: tl.constexpr,
+    QOFF_FROM_PTR: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    RBW: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_off = _q_offset(QOFF, q_off_int, QOFF_FROM_PTR)
+    qpos = q_off + offs_m
+    qmask = (offs_m[:, None] < M) & (offs_d[None, :] < D)
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=qmask, other=0.0)
+    do = tl.load(
+        DO + b * sdob + h * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod, mask=qmask, other=0.0
+    )
+    bh_m = pid_bh.to(tl.int64) * M
+    lse = tl.load(LSE + bh_m + offs_m, mask=offs_m < M, other=float("inf"))
+    delta = tl.load(DELTA + bh_m + offs_m, mask=offs_m < M, other=0.0)
+
+    lo = 0
+    hi = N
+    if CAUSAL:
+        hi = tl.minimum(hi, q_off + m0 + BLOCK_M)
+    qseg = offs_m
+    if HAS_SEG:
+        qseg = tl.load(QSEG + b * sqsb + offs_m * sqs, mask=offs_m < M, other=-2)
+        g = m0 // 16 + tl.arange(0, BLOCK_M // 16)
+        lo = tl.min(tl.load(KVLO + b * NGQ + g, mask=g < NGQ, other=N), 0)
+        hi = tl.minimum(hi, tl.max(tl.load(KVHI + b * NGQ + g, mask=g < NGQ, other=0), 0))
+    lo = tl.maximum(lo, 0) // BLOCK_N * BLOCK_N
+    full_end = hi
+    if CAUSAL:
+        full_end = tl.minimum(hi, q_off + m0 + 1)
+    mid = lo + tl.maximum(full_end - lo, 0) // BLOCK_N * BLOCK_N
+
+    RB_h = RBV
+    b_lo = 0.0
+    b_hi = 0.0
+    slope = 0.0
+    if BIAS_KIND == 1:
+        RB_h = RBV + h * RBW
+        b_lo = tl.load(RB_h)
+        b_hi = tl.load(RB_h + 2 * W)
+    if BIAS_KIND == 2:
+        slope = tl.load(RBV + h)
+    BIAS_bh = BIAS
+    if BIAS_KIND == 3:
+        BIAS_bh = BIAS + b * sbb + h * sbh
+    DB_bh = DB
+    if BIAS_GRAD:
+        DB_bh = DB + pid_bh.to(tl.int64) * M * N
+    KPM_b = KPM
+    if HAS_KPM:
+        KPM_b = KPM + b * skpb
+    KSEG_b = KSEG
+    if HAS_SEG:
+        KSEG_b = KSEG + b * sksb
+    K_bh = K + b * skb + h * skh
+    V_bh = V + b * svb + h * svh
+    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    dq = _dq_inner(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        qpos,
+        qseg,
+        K_bh,
+        V_bh,
+        KPM_b,
+        KSEG_b,
+        BIAS_bh,
+        DB_bh,
+        RB_h,
+        b_lo,
+        b_hi,
+        slope,
+        offs_m,
+        offs_d,
+        lo,
+        mid,
+        q_off + m0,
+        qk_scale,
+        M,
+        N,
+        D,
+        W,
+        skn,
+        skd,
+        svn,
+        svd,
+        sbm,
+        sbn,
+        N,
+        skp,
+        sks,
+        False,
+        CAUSAL,
+        BIAS_KIND,
+        BIAS_GRAD,
+        HAS_KPM,
+        HAS_SEG,
+        DOT_PREC,
+        BLOCK_M,
+        BLOCK_N,
+    )
+    dq = _dq_inner(
+        dq,
+        q,
+        do,
+        lse,
+        delta,
+        qpos,
+        qseg,
+        K_bh,
+        V_bh,
+        KPM_b,
+        KSEG_b,
+        BIAS_bh,
+        DB_bh,
+        RB_h,
+        b_lo,
+        b_hi,
+        slope,
+        offs_m,
+        offs_d,
+        mid,
+        hi,
+        q_off + m0,
+        qk_scale,
+        M,
+        N,
+        D,
+        W,
+        skn,
+        skd,
+        svn,
+        svd,
+        sbm,
+        sbn,
+        N,
+        skp,
+        sks,
+        True,
+        CAUSAL,
+        BIAS_KIND,
+        BIAS_GRAD,
+        HAS_KPM,
+        HAS_SEG,
+        DOT_PREC,
+        BLOCK_M,
+        BLOCK_N,
+    )
+    dq = dq * scale
+    tl.store(
+        DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
+        dq.to(DQ.dtype.element_ty),
+        mask=qmask,
+    )
+
+
+# --------------------------------------------------------------------------------------------- host side
+def _pow2(x: int) -> int:
+    return triton.next_power_of_2(max(int(x), 1))
+
+
+def _rel_setup(rel_table: torch.Tensor, bidirectional: bool, max_distance: int):
+    """Buckets of the distances -W..W (W beyond which the bucket no longer changes) by the reference function."""
+    nb = rel_table.shape[0]
+    w = max(int(max_distance), nb)
+    dist = torch.arange(-w, w + 1, device=rel_table.device)
+    return w, relative_position_bucket(dist, bidirectional, nb, max_distance)  # (2W+1,)
+
+
+def _segment_ranges(q_seg: torch.Tensor, kv_seg: torch.Tensor, m: int, n: int):
+    """Per 16-row query group: the key range [lo, hi) that can share a segment with it; per 16-column key group
+    the same for queries. Device ops only (no sync); conservative, the kernels still mask exactly."""
+    b = q_seg.shape[0]
+    big = torch.iinfo(torch.int32).max
+
+    def minmax(x, length):
+        pad = -length % SEG_G
+        x = x.to(torch.int32)
+        mn = torch.nn.functional.pad(x, (0, pad), value=big).view(b, -1, SEG_G).amin(-1)
+        mx = torch.nn.functional.pad(x, (0, pad), value=-big).view(b, -1, SEG_G).amax(-1)
+        return mn, mx
+
+    qmn, qmx = minmax(q_seg, m)
+    kmn, kmx = minmax(kv_seg, n)
+    overlap = (qmn[:, :, None] <= kmx[:, None, :]) & (qmx[:, :, None] >= kmn[:, None, :])  # (B, Mg, Ng)
+
+    def bounds(ov, length):  # first / one-past-last overlapping group along the last dim, in elements
+        ng = ov.shape[-1]
+        u8 = ov.to(torch.uint8)
+        first = u8.argmax(-1)
+        last = ng - 1 - u8.flip(-1).argmax(-1)
+        anyv = ov.any(-1)
+        lo = torch.where(anyv, first * SEG_G, length)
+        hi = torch.where(anyv, torch.clamp((last + 1) * SEG_G, max=length), 0)
+        return lo.to(torch.int32).contiguous(), hi.to(torch.int32).contiguous()
+
+    kv_lo, kv_hi = bounds(overlap, n)
+    q_lo, q_hi = bounds(overlap.transpose(1, 2), m)
+    return kv_lo, kv_hi, q_lo, q_hi
+
+
+class _Args:
+    """Kernel arguments shared by the forward and backward launches."""
+
+    def __init__(
+        self,
+        q,
+        k,
+        scale,
+        causal,
+        q_offset,
+        q_offset_t,
+        bias,
+        rel_table,
+        rel_bidirectional,
+        rel_max_distance,
+        alibi_slopes,
+        key_padding_mask,
+        q_segment_ids,
+        kv_segment_ids,
+    ):
+        self.b, self.h, self.m, self.d = q.shape
+        self.n = k.shape[2]
+        b, h, m, n = self.b, self.h, self.m, self.n
+        dev = q.device
+        self.dummy = torch.empty(1, device=dev, dtype=torch.float32)
+        self.block_d = max(16, _pow2(self.d))
+        self.dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
+        self.qk_scale = float(scale) * LOG2E
+        self.causal = bool(causal)
+        self.qoff_from_ptr = q_offset_t is not None
+        self.qoff_ptr = q_offset_t if q_offset_t is not None else self.dummy
+        self.q_off_int = int(q_offset)
+        self.bias_kind, self.rbv, self.w, self.rbw, self.buckets = BIAS_NONE, self.dummy, 0, 1, None
+        self.bias, self.bias_strides = self.dummy, (0, 0, 0, 0)
+        if rel_table is not None:
+            self.w, self.buckets = _rel_setup(rel_table, rel_bidirectional, rel_max_distance)
+            # (H, 2W+1) bias per clamped distance, pre-multiplied by log2(e) for the exp2 softmax
+            self.rbv = (rel_table.float()[self.buckets].t() * LOG2E).contiguous()
+            self.bias_kind, self.rbw = BIAS_REL, self.rbv.shape[1]
+        elif alibi_slopes is not None:
+            self.bias_kind = BIAS_ALIBI
+            self.rbv = (-alibi_slopes.float() * LOG2E).contiguous()
+        elif bias is not None:
+            self.bias_kind = BIAS_TENSOR
+            full = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)).expand(b, h, m, n)
+            self.bias, self.bias_strides = full, full.stride()
+        self.rb = _pow2(2 * self.w + 1)
+        self.kpm, self.kpm_strides = self.dummy, (0, 0)
+        if key_padding_mask is not None:
+            kpm = key_padding_mask
+            kpm = kpm.view(torch.uint8) if kpm.dtype == torch.bool else (kpm != 0).view(torch.uint8)
+            self.kpm, self.kpm_strides = kpm, kpm.stride()
+        self.has_seg = q_segment_ids is not None
+        self.qseg, self.kseg, self.qs_strides, self.ks_strides = self.dummy, self.dummy, (0, 0), (0, 0)
+        self.kv_lo = self.kv_hi = self.q_lo = self.q_hi = self.dummy
+        if self.has_seg:
+            self.qseg, self.kseg = q_segment_ids, kv_segment_ids
+            self.qs_strides, self.ks_strides = q_segment_ids.stride(), kv_segment_ids.stride()
+            self.kv_lo, self.kv_hi, self.q_lo, self.q_hi = _segment_ranges(
+                q_segment_ids, kv_segment_ids, m, n
+            )
+        self.ngq = triton.cdiv(m, SEG_G)
+        self.ngk = triton.cdiv(n, SEG_G)
+        self.m_bucket, self.n_bucket = _pow2(m), _pow2(n)
+
+
+def _forward(q, k, v, a: _Args):
+    b, h, m, d, n = a.b, a.h, a.m, a.d, a.n
+    out = torch.empty((b, m, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, H, M, D) view
+    lse = torch.empty((b, h, m), dtype=torch.float32, device=q.device)
+    if _POISON:
+        out.fill_(float("nan"))
+        lse.fill_(float("nan"))
+    if m == 0:
+        return out, lse
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), b * h)
+    _fwd_kernel[grid](
+        q,
+        k,
+        v,
+        out,
+        lse,
+        a.rbv,
+        a.bias,
+        a.kpm,
+        a.qseg,
+        a.kseg,
+        a.kv_lo,
+        a.kv_hi,
+        a.qoff_ptr,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        *a.bias_strides,
+        *a.kpm_strides,
+        *a.qs_strides,
+        *a.ks_strides,
+        h,
+        m,
+        n,
+        d,
+        a.ngq,
+        a.q_off_int,
+        a.qk_scale,
+        a.w,
+        a.m_bucket,
+        a.n_bucket,
+        BIAS_KIND=a.bias_kind,
+        CAUSAL=a.causal,
+        HAS_KPM=a.kpm is not a.dummy,
+        HAS_SEG=a.has_seg,
+        QOFF_FROM_PTR=a.qoff_from_ptr,
+        DOT_PREC=a.dot_prec,
+        RBW=a.rbw,
+        BLOCK_D=a.block_d,
+    )
+    return out, lse
+
+
+def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel_table, bias):
+    b, h, m, d, n = a.b, a.h, a.m, a.d, a.n
+    dev = q.device
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if _POISON:
+        for t in (dq, dk, dv):
+            t.fill_(float("nan"))
+    delta = torch.empty((b, h, m), dtype=torch.float32, device=dev)
+    _delta_kernel[(triton.cdiv(m, 16 if _INTERPRET else 64), b * h)](
+        out,
+        do,
+        delta,
+        *out.stride(),
+        *do.stride(),
+        h,
+        m,
+        d,
+        BLOCK_M=16 if _INTERPRET else 64,
+        BLOCK_D=a.block_d,
+    )
+    rel_grad = need_drel and a.bias_kind == BIAS_REL
+    nkb = triton.cdiv(n, min(c.kwargs["BLOCK_N"] for c in _DKV_CONFIGS))
+    # one row per (batch*head, key block): every program writes its row (zeros if it saw no query)
+    drel = torch.zeros((b * h * nkb, a.rb), dtype=torch.float32, device=dev) if rel_grad else a.dummy
+    grid_kv = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * h)
+    _dkv_kernel[grid_kv](
+        q,
+        k,
+        v,
+        do,
+        dk,
+        dv,
+        lse,
+        delta,
+        a.rbv,
+        drel,
+        a.bias,
+        a.kpm,
+        a.qseg,
+        a.kseg,
+        a.q_lo,
+        a.q_hi,
+        a.qoff_ptr,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *do.stride(),
+        *dk.stride(),
+        *dv.stride(),
+        *a.bias_strides,
+        *a.kpm_strides,
+        *a.qs_strides,
+        *a.ks_strides,
+        a.rb,
+        h,
+        m,
+        n,
+        d,
+        a.ngk,
+        nkb,
+        a.q_off_int,
+        a.qk_scale,
+        float(scale),
+        a.w,
+        a.m_bucket,
+        a.n_bucket,
+        BIAS_KIND=a.bias_kind,
+        REL_GRAD=rel_grad,
+        CAUSAL=a.causal,
+        HAS_KPM=a.kpm is not a.dummy,
+        HAS_SEG=a.has_seg,
+        QOFF_FROM_PTR=a.qoff_from_ptr,
+        DOT_PREC=a.dot_prec,
+        RBW=a.rbw,
+        RB=a.rb,
+        BLOCK_D=a.block_d,
+    )
+    bias_grad = need_dbias and a.bias_kind == BIAS_TENSOR
+    # skipped (fully masked) tiles are never written: their gradient is zero
+    db = torch.zeros((b, h, m, n), dtype=torch.float32, device=dev) if bias_grad else a.dummy
+    grid_q = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), b * h)
+    _dq_kernel[grid_q](
+        q,
+        k,
+        v,
+        do,
+        dq,
+        lse,
+        delta,
+        a.rbv,
+        a.bias,
+        db,
+        a.kpm,
+        a.qseg,
+        a.kseg,
+        a.kv_lo,
+        a.kv_hi,
+        a.qoff_ptr,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *do.stride(),
+        *dq.stride(),
+        *a.bias_strides,
+        *a.kpm_strides,
+        *a.qs_strides,
+        *a.ks_strides,
+        h,
+        m,
+        n,
+        d,
+        a.ngq,
+        a.q_off_int,
+        a.qk_scale,
+        float(scale),
+        a.w,
+        a.m_bucket,
+        a.n_bucket,
+        BIAS_KIND=a.bias_kind,
+        BIAS_GRAD=bias_grad,
+        CAUSAL=a.causal,
+        HAS_KPM=a.kpm is not a.dummy,
+        HAS_SEG=a.has_seg,
+        QOFF_FROM_PTR=a.qoff_from_ptr,
+        DOT_PREC=a.dot_prec,
+        RBW=a.rbw,
+        BLOCK_D=a.block_d,
+    )
+    d_table = torch.empty(0, device=dev)
+    if rel_grad:
+        # fixed-order reductions: over (batch, key block), then distances -> buckets by a one-hot matmul
+        g = drel.view(b, h, nkb, a.rb)[..., : 2 * a.w + 1].sum(dim=(0, 2))  # (H, 2W+1)
+        onehot = torch.nn.functional.one_hot(a.buckets, rel_table.shape[0]).float()  # (2W+1, num_buckets)
+        d_table = (g @ onehot).t().to(rel_table.dtype).contiguous()  # (num_buckets, H)
+    d_bias = torch.empty(0, device=dev)
+    if bias_grad:
+        shape4 = (1,) * (4 - bias.dim()) + tuple(bias.shape)
+        dims = tuple(i for i in range(4) if shape4[i] == 1 and (b, h, m, n)[i] != 1)
+        d_bias = (db.sum(dim=dims, keepdim=True) if dims else db).reshape(bias.shape).to(bias.dtype)
+    return dq, dk, dv, d_table, d_bias
+
+
+# ------------------------------------------------------------------------- torch.library registration
+# Optional arguments are spelled out (no **kwargs) so the schema can be inferred; q_offset arrives either as
+# an int or as a 0-dim tensor (q_offset_t) that the kernels read on the device.
+@torch.library.custom_op("fat5::flash_attention_fwd", mutates_args=())
+def _fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    causal: bool,
+    q_offset: int,
+    q_offset_t: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    rel_table: Optional[torch.Tensor],
+    rel_bidirectional: bool,
+    rel_max_distance: int,
+    alibi_slopes: Optional[torch.Tensor],
+    key_padding_mask: Optional[torch.Tensor],
+    q_segment_ids: Optional[torch.Tensor],
+    kv_segment_ids: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    a = _Args(
+        q,
+        k,
+        scale,
+        causal,
+        q_offset,
+        q_offset_t,
+        bias,
+        rel_table,
+        rel_bidirectional,
+        rel_max_distance,
+        alibi_slopes,
+        key_padding_mask,
+        q_segment_ids,
+        kv_segment_ids,
+    )
+    return _forward(q, k, v, a)
+
+
+@_fwd_op.register_fake
+def _fwd_fake(
+    q,
+    k,
+    v,
+    scale,
+    causal,
+    q_offset,
+    q_offset_t,
+    bias,
+    rel_table,
+    rel_bidirectional,
+    rel_max_distance,
+    alibi_slopes,
+    key_padding_mask,
+    q_segment_ids,
+    kv_segment_ids,
+):
+    b, h, m, d = q.shape
+    out = q.new_empty((b, m, h, d)).transpose(1, 2)
+    return out, q.new_empty((b, h, m), dtype=torch.float32)
+
+
+@torch.library.custom_op("fat5::flash_attention_bwd", mutates_args=())
+def _bwd_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+    causal: bool,
+    q_offset: int,
+    q_offset_t: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    rel_table: Optional[torch.Tensor],
+    rel_bidirectional: bool,
+    rel_max_distance: int,
+    alibi_slopes: Optional[torch.Tensor],
+    key_padding_mask: Optional[torch.Tensor],
+    q_segment_ids: Optional[torch.Tensor],
+    kv_segment_ids: Optional[torch.Tensor],
+    need_drel: bool,
+    need_dbias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    a = _Args(
+        q,
+        k,
+        scale,
+        causal,
+        q_offset,
+        q_offset_t,
+        bias,
+        rel_table,
+        rel_bidirectional,
+        rel_max_distance,
+        alibi_slopes,
+        key_padding_mask,
+        q_segment_ids,
+        kv_segment_ids,
+    )
+    return _backward(do, q, k, v, out, lse, a, scale, need_drel, need_dbias, rel_table, bias)
+
+
+@_bwd_op.register_fake
+def _bwd_fake(
+    do,
+    q,
+    k,
+    v,
+    out,
+    lse,
+    scale,
+    causal,
+    q_offset,
+    q_offset_t,
+    bias,
+    rel_table,
+    rel_bidirectional,
+    rel_max_distance,
+    alibi_slopes,
+    key_padding_mask,
+    q_segment_ids,
+    kv_segment_ids,
+    need_drel,
+    need_dbias,
+):
+    d_table = rel_table.new_empty(rel_table.shape) if need_drel and rel_table is not None else q.new_empty(0)
+    d_bias = bias.new_empty(bias.shape) if need_dbias and bias is not None else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), d_table, d_bias
+
+
+_SAVED = (
+    "q",
+    "k",
+    "v",
+    "out",
+    "lse",
+    "q_offset_t",
+    "bias",
+    "rel_table",
+    "alibi_slopes",
+    "key_padding_mask",
+    "q_segment_ids",
+    "kv_segment_ids",
+)
+
+
+def _setup_context(ctx, inputs, output):
+    (
+        q,
+        k,
+        v,
+        scale,
+        causal,
+        q_offset,
+        q_offset_t,
+        bias,
+        rel_table,
+        rel_bidirectional,
+        rel_max_distance,
+        alibi_slopes,
+        key_padding_mask,
+        q_segment_ids,
+        kv_segment_ids,
+    ) = inputs
+    out, lse = output
+    ctx.save_for_backward(
+        q,
+        k,
+        v,
+        out,
+        lse,
+        q_offset_t,
+        bias,
+        rel_table,
+        alibi_slopes,
+        key_padding_mask,
+        q_segment_ids,
+        kv_segment_ids,
+    )
+    ctx.static = (scale, causal, q_offset, rel_bidirectional, rel_max_distance)
+
+
+def _backward_rule(ctx, dout, dlse):
+    s = dict(zip(_SAVED, ctx.saved_tensors))
+    scale, causal, q_offset, rel_bidirectional, rel_max_distance = ctx.static
+    need_dbias, need_drel = ctx.needs_input_grad[7], ctx.needs_input_grad[8]
+    dq, dk, dv, d_table, d_bias = _bwd_op(
+        dout,
+        s["q"],
+        s["k"],
+        s["v"],
+        s["out"],
+        s["lse"],
+        scale,
+        causal,
+        q_offset,
+        s["q_offset_t"],
+        s["bias"],
+        s["rel_table"],
+        rel_bidirectional,
+        rel_max_distance,
+        s["alibi_slopes"],
+        s["key_padding_mask"],
+        s["q_segment_ids"],
+        s["kv_segment_ids"],
+        need_drel,
+        need_dbias,
+    )
+    return (
+        dq,
+        dk,
+        dv,
+        None,
+        None,
+        None,
+        None,
+        d_bias if need_dbias else None,
+        d_table if need_drel else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+_fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------- public
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    causal: bool = False,
+    q_offset: int | torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    rel_table: torch.Tensor | None = None,
+    rel_bidirectional: bool = True,
+    rel_max_distance: int = 128,
+    alibi_slopes: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    q_segment_ids: torch.Tensor | None = None,
+    kv_segment_ids: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Triton attention with exactly ``attention_ref``'s semantics (see the module docstring)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            f"q, k, v must be 4-D (B, H, L, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    b, h, m, d = q.shape
+    n = k.shape[2]
+    if k.shape != (b, h, n, d) or v.shape != (b, h, n, d):
+        raise ValueError(
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected (B, H, M|N, D)"
+            " with one head dim for q, k and v"
+        )
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(
+            f"q, k, v must share one dtype among float16/bfloat16/float32, got {q.dtype}, {k.dtype}, "
+            f"{v.dtype}"
+        )
+    if d > 256:
+        raise ValueError(f"head dim {d} > 256 is not supported by the Triton kernel; use attention_ref")
+    if sum(x is not None for x in (bias, rel_table, alibi_slopes)) > 1:
+        raise ValueError("give at most one of bias, rel_table, alibi_slopes")
+    if dropout_p > 0.0:
+        raise NotImplementedError(
+            "flash_attention has no attention dropout; use attention_ref for dropout_p > 0"
+        )
+    if rel_table is not None and (rel_table.dim() != 2 or rel_table.shape[1] != h):
+        raise ValueError(f"rel_table must be (num_buckets, heads={h}), got {tuple(rel_table.shape)}")
+    if alibi_slopes is not None and alibi_slopes.shape != (h,):
+        raise ValueError(f"alibi_slopes must be (heads,) = ({h},), got {tuple(alibi_slopes.shape)}")
+    if bias is not None:
+        try:
+            torch.broadcast_shapes(tuple(bias.shape), (b, h, m, n))
+        except RuntimeError as e:
+            raise ValueError(
+                f"bias {tuple(bias.shape)} does not broadcast to (B, H, M, N) = {(b, h, m, n)}"
+            ) from e
+        if bias.dim() > 4:
+            raise ValueError(f"bias must have at most 4 dims, got {tuple(bias.shape)}")
+    if key_padding_mask is not None and key_padding_mask.shape != (b, n):
+        raise ValueError(
+            f"key_padding_mask must be (batch, keys) = {(b, n)}, got {tuple(key_padding_mask.shape)}"
+        )
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("give both q_segment_ids and kv_segment_ids, or neither")
+    if q_segment_ids is not None and (q_segment_ids.shape != (b, m) or kv_segment_ids.shape != (b, n)):
+        raise ValueError(
+            f"segment ids must be (batch, queries) = {(b, m)} and (batch, keys) = {(b, n)}, got "
+            f"{tuple(q_segment_ids.shape)} and {tuple(kv_segment_ids.shape)}"
+        )
+    q_offset_t = None
+    if q_offset is None:
+        q_offset = n - m
+    elif isinstance(q_offset, torch.Tensor):
+        if q_offset.dim() != 0 or q_offset.dtype.is_floating_point or q_offset.dtype == torch.bool:
+            raise ValueError(
+                f"a tensor q_offset must be a 0-dim integer tensor, got {q_offset.dtype} "
+                f"{tuple(q_offset.shape)}"
+            )
+        q_offset_t, q_offset = q_offset.to(q.device), 0
+    out, _ = _fwd_op(
+        q,
+        k,
+        v,
+        float(scale),
+        bool(causal),
+        int(q_offset),
+        q_offset_t,
+        bias,
+        rel_table,
+        bool(rel_bidirectional),
+        int(rel_max_distance),
+        alibi_slopes,
+        key_padding_mask,
+        q_segment_ids,
+        kv_segment_ids,
+    )
+    return out

@@ -1,0 +1,295 @@
+"""Triton flash attention (ops/attention_triton.py) against ``attention_ref``.
+
+Rule (DESIGN.md): the kernel's max error against the float64 reference on the same inputs must be within 2x
+(values) / 3x (gradients) of the error of the same attention computed in plain PyTorch in the kernel's
+dtype, plus a small floor relative to the reference's magnitude (float32 errors are near rounding).
+On CPU the kernels run in the Triton interpreter (tiny shapes, float32/float16); ``gpu`` tests run bf16 on
+CUDA at larger shapes. Outputs are poisoned with NaN before the kernels write them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fat5.ops import attention_triton as at
+from fat5.ops.attention import attention_ref, build_mask, position_bias_ref
+from fat5.positions import alibi_slopes
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _poison(monkeypatch):
+    monkeypatch.setattr(at, "_POISON", True)
+
+
+def _lowp_attention(
+    q,
+    k,
+    v,
+    *,
+    scale=1.0,
+    causal=False,
+    q_offset=None,
+    bias=None,
+    rel_table=None,
+    rel_bidirectional=True,
+    rel_max_distance=128,
+    alibi_slopes=None,
+    key_padding_mask=None,
+    q_segment_ids=None,
+    kv_segment_ids=None,
+):
+    """Plain-PyTorch attention with every op in the inputs' dtype: the error budget for that dtype."""
+    b, h, m, _ = q.shape
+    n = k.shape[2]
+    off = n - m if q_offset is None else q_offset
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    pos = position_bias_ref(m, n, off, q.device, rel_table, rel_bidirectional, rel_max_distance, alibi_slopes)
+    if pos is not None:
+        s = s + pos.to(s.dtype)
+    if bias is not None:
+        s = s + bias.to(s.dtype)
+    mask = build_mask(b, m, n, q.device, causal, off, key_padding_mask, q_segment_ids, kv_segment_ids)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    if mask is not None:
+        p = p.masked_fill(~mask.any(-1, keepdim=True), 0.0)
+    return torch.matmul(p, v)
+
+
+def _segments(b, length, docs, gen):
+    """Random packed documents (ids 0..docs-1, sorted) with a padded tail (id -1) in odd rows."""
+    seg = torch.zeros(b, length, dtype=torch.int32)
+    for i in range(b):
+        cuts = torch.sort(torch.randint(1, max(length, 2), (docs - 1,), generator=gen)).values
+        seg[i] = torch.bucketize(torch.arange(length), cuts, right=True).to(torch.int32)
+        if i % 2 == 1:
+            seg[i, length - length // 4 :] = -1
+    return seg
+
+
+def _make(case, dtype, device, gen):
+    b, h, m, n, d = case["shape"]
+    kw = dict(case.get("kw", {}))
+    mk = lambda *s: torch.randn(*s, generator=gen).to(device)
+    if case.get("views"):  # (B, L, H, D) storage seen as (B, H, L, D): strided inputs, no copy
+        q, k, v = (mk(b, x, h, d).transpose(1, 2) for x in (m, n, n))
+    else:
+        q, k, v = mk(b, h, m, d), mk(b, h, n, d), mk(b, h, n, d)
+    q = q * 0.5  # scores of order a few: a softmax that is neither flat nor one-hot
+    leaves = {"q": q, "k": k, "v": v}
+    bias_kind = case.get("bias")
+    if bias_kind == "t5":
+        leaves["rel_table"] = mk(case.get("buckets", 32), h)
+    elif bias_kind == "alibi":
+        kw["alibi_slopes"] = alibi_slopes(h).to(device)
+    elif bias_kind is not None:  # a broadcast shape of the dense bias
+        bshape = {"1HMN": (1, h, m, n), "B1MN": (b, 1, m, n), "BHMN": (b, h, m, n)}[bias_kind]
+        leaves["bias"] = mk(*bshape)
+    if case.get("kpm"):
+        kpm = torch.rand(b, n, generator=gen) > 0.3
+        kpm[0, 0] = True
+        if b > 1:
+            kpm[-1] = False  # a batch row with no real key at all: every query of it sees nothing
+        kw["key_padding_mask"] = kpm.to(device)
+    if case.get("seg"):
+        assert m == n
+        seg = _segments(b, n, case["seg"], gen).to(device)
+        kw["q_segment_ids"], kw["kv_segment_ids"] = seg, seg
+    if "q_offset" in case:
+        off = case["q_offset"]
+        kw["q_offset"] = torch.tensor(off[1], device=device) if isinstance(off, tuple) else off
+    leaves = {name: t.to(dtype).detach().requires_grad_(True) for name, t in leaves.items()}
+    # the position table stays float32 (as a model keeps it), only activations are low precision
+    if "rel_table" in leaves:
+        leaves["rel_table"] = leaves["rel_table"].detach().float().requires_grad_(True)
+    return leaves, kw
+
+
+def _call(fn, leaves, kw, dtype_cast=None):
+    args = {
+        name: (t if dtype_cast is None else t.detach().to(dtype_cast).requires_grad_(True))
+        for name, t in leaves.items()
+    }
+    extra = {key: val for key, val in kw.items()}
+    if dtype_cast is not None and "alibi_slopes" in extra:
+        extra["alibi_slopes"] = extra["alibi_slopes"].to(dtype_cast)
+    out = fn(args["q"], args["k"], args["v"], **{n: t for n, t in args.items() if n not in "qkv"}, **extra)
+    return out, args
+
+
+def _check(case, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    leaves, kw = _make(case, dtype, device, gen)
+    out, args = _call(at.flash_attention, leaves, kw)
+    assert out.dtype == dtype and out.shape == leaves["q"].shape
+    grad_out = torch.randn(out.shape, generator=gen).to(device=device, dtype=dtype)
+    names = list(args)
+    grads = torch.autograd.grad(out, [args[n] for n in names], grad_out)
+
+    ref, rargs = _call(attention_ref, leaves, kw, dtype_cast=torch.float64)
+    rgrads = torch.autograd.grad(ref, [rargs[n] for n in names], grad_out.double())
+    low, largs = _call(_lowp_attention, leaves, kw)
+    lgrads = torch.autograd.grad(low, [largs[n] for n in names], grad_out)
+
+    floor = 1e-5 if dtype == torch.float32 else 1e-4
+
+    def ok(x, r, lp, factor, what):
+        assert torch.isfinite(x).all(), f"{what}: non-finite values (unwritten output?)"
+        err = (x.double() - r).abs().max().item()
+        err_lp = (lp.double() - r).abs().max().item()
+        tol = factor * err_lp + floor * max(r.abs().max().item(), 1.0)
+        assert err <= tol, (
+            f"{what}: kernel error {err:.3g} > {tol:.3g} (plain torch in {dtype}: {err_lp:.3g})"
+        )
+
+    ok(out, ref, low, 2.0, "out")
+    for name, g, rg, lg in zip(names, grads, rgrads, lgrads):
+        ok(g, rg, lg, 3.0, f"d{name}")
+
+
+# name -> (shape (B, H, M, N, D), options); small awkward shapes for the interpreter
+CASES = {
+    "plain": dict(shape=(1, 1, 37, 70, 32)),
+    "plain_views_d64": dict(shape=(2, 1, 19, 64, 64), views=True),
+    "decode_m1": dict(shape=(2, 1, 1, 19, 32), kw=dict(causal=True)),
+    "n1": dict(shape=(1, 1, 5, 1, 32)),
+    "causal_bottom_right": dict(shape=(1, 1, 37, 64, 32), kw=dict(causal=True)),
+    "causal_square": dict(shape=(1, 1, 70, 70, 64), kw=dict(causal=True)),
+    "t5_bidir": dict(shape=(1, 2, 21, 130, 32), bias="t5", kw=dict(rel_max_distance=24)),
+    "t5_bidir_d64_default_dist": dict(shape=(2, 2, 5, 64, 64), bias="t5"),
+    "t5_causal": dict(
+        shape=(1, 2, 70, 70, 32),
+        bias="t5",
+        kw=dict(causal=True, rel_bidirectional=False, rel_max_distance=20),
+    ),
+    "alibi_causal": dict(shape=(2, 2, 5, 64, 32), bias="alibi", kw=dict(causal=True)),
+    "bias_1HMN": dict(shape=(2, 2, 19, 37, 32), bias="1HMN"),
+    "bias_B1MN_causal": dict(shape=(2, 2, 19, 37, 32), bias="B1MN", kw=dict(causal=True)),
+    "bias_BHMN_kpm": dict(shape=(2, 2, 19, 37, 32), bias="BHMN", kpm=True),
+    "kpm_full_row_masked": dict(shape=(2, 1, 5, 37, 32), kpm=True),
+    "segments": dict(shape=(2, 1, 70, 70, 32), seg=4),
+    "segments_causal_t5": dict(
+        shape=(2, 2, 64, 64, 32), seg=3, bias="t5", kw=dict(causal=True, rel_max_distance=16)
+    ),
+    "kpm_causal_alibi": dict(shape=(2, 2, 37, 37, 32), bias="alibi", kpm=True, kw=dict(causal=True)),
+    "q_offset_int_rows_empty": dict(
+        shape=(1, 2, 37, 64, 32), q_offset=-3, bias="t5", kw=dict(causal=True, rel_max_distance=16)
+    ),
+    "q_offset_tensor": dict(
+        shape=(2, 2, 5, 64, 32),
+        q_offset=("t", 40),
+        bias="t5",
+        kw=dict(causal=True, rel_bidirectional=False, rel_max_distance=24),
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference(name, dtype):
+    if DEV == "cuda":
+        pytest.skip("interpreter-sized case; the gpu tests cover CUDA")
+    _check(CASES[name], dtype, DEV)
+
+
+def _table_grad(case, device, dtype):
+    gen = torch.Generator().manual_seed(1)
+    leaves, kw = _make(case, dtype, device, gen)
+    out, args = _call(at.flash_attention, leaves, kw)
+    grad_out = torch.randn(out.shape, generator=gen).to(device=device, dtype=dtype)
+    return torch.autograd.grad(out, args["rel_table"], grad_out)[0]
+
+
+def test_table_grad_deterministic():
+    case = dict(shape=(1, 2, 37, 70, 32), bias="t5", kw=dict(rel_max_distance=16))
+    g1, g2 = (_table_grad(case, DEV, torch.float32) for _ in range(2))
+    assert torch.equal(g1, g2)
+    assert g1.abs().sum() > 0
+
+
+def test_errors():
+    q = torch.randn(1, 2, 4, 32)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        at.flash_attention(q, q, q, dropout_p=0.1)
+    with pytest.raises(ValueError, match="at most one"):
+        at.flash_attention(q, q, q, rel_table=torch.randn(32, 2), alibi_slopes=torch.ones(2))
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        at.flash_attention(q, q, q, key_padding_mask=torch.ones(1, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        at.flash_attention(q, q, q, bias=torch.randn(3, 4, 4))
+    with pytest.raises(ValueError, match="rel_table"):
+        at.flash_attention(q, q, q, rel_table=torch.randn(32, 3))
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+GPU_CASES = {
+    "plain_d128": dict(shape=(2, 4, 300, 515, 128)),
+    "views_causal": dict(shape=(2, 4, 513, 513, 64), views=True, kw=dict(causal=True)),
+    "decode": dict(shape=(4, 4, 1, 1000, 64), bias="t5", kw=dict(causal=True, rel_bidirectional=False)),
+    "t5_bidir": dict(shape=(2, 4, 700, 1000, 64), bias="t5"),
+    "t5_causal": dict(shape=(2, 4, 1000, 1000, 64), bias="t5", kw=dict(causal=True, rel_bidirectional=False)),
+    "t5_d32": dict(shape=(2, 4, 257, 300, 32), bias="t5"),
+    "alibi": dict(shape=(2, 4, 333, 333, 64), bias="alibi", kw=dict(causal=True)),
+    "bias_B1MN": dict(shape=(2, 4, 200, 333, 64), bias="B1MN", kpm=True),
+    "segments_t5": dict(shape=(2, 4, 1024, 1024, 64), seg=5, bias="t5"),
+    "q_offset_tensor": dict(
+        shape=(2, 4, 64, 900, 64),
+        q_offset=("t", 700),
+        bias="t5",
+        kw=dict(causal=True, rel_bidirectional=False),
+    ),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_matches_reference_gpu_bf16(name):
+    _check(GPU_CASES[name], torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+def test_table_grad_deterministic_gpu():
+    case = dict(shape=(4, 8, 1024, 1024, 64), bias="t5")
+    g1, g2 = (_table_grad(case, "cuda", torch.bfloat16) for _ in range(2))
+    assert torch.equal(g1, g2)
+
+
+@pytest.mark.gpu
+def test_torch_compile_and_cuda_graph():
+    gen = torch.Generator().manual_seed(2)
+    case = dict(shape=(2, 4, 128, 256, 64), bias="t5", kw=dict(causal=True))
+    leaves, kw = _make(case, torch.bfloat16, "cuda", gen)
+    eager, _ = _call(at.flash_attention, leaves, kw)
+    compiled = torch.compile(at.flash_attention, fullgraph=True)
+    out, args = _call(compiled, leaves, kw)
+    torch.testing.assert_close(out, eager, atol=0, rtol=0)
+    out.float().sum().backward()
+    assert torch.isfinite(args["rel_table"].grad).all()
+    # decode step captured in a CUDA graph: q_offset read from device memory, changed between replays
+    q = torch.randn(2, 4, 1, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 4, 256, 64, device="cuda", dtype=torch.bfloat16)
+    table = leaves["rel_table"].detach()
+    off = torch.tensor(100, device="cuda")
+    kw = dict(causal=True, q_offset=off, rel_table=table, rel_bidirectional=False)
+    at.flash_attention(q, k, k, **kw)  # compile + autotune outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = at.flash_attention(q, k, k, **kw)
+    for pos in (10, 200):
+        off.fill_(pos)
+        graph.replay()
+        ref = attention_ref(
+            q.double(),
+            k.double(),
+            k.double(),
+            causal=True,
+            q_offset=pos,
+            rel_table=table.double(),
+            rel_bidirectional=False,
+        )
+        assert (static_out.double() - ref).abs().max() < 2e-2
