@@ -102,10 +102,10 @@ class _Processors:
 
 def _attention_upcasts(t: torch.Tensor) -> bool:
     """True when ops.attention runs the plain-PyTorch reference for ``t`` (it computes in fp32, converting K
-    and V on every call). Kernels are wired in by ops/__init__.py importing ops.attention_triton."""
+    and V on every call)."""
     from . import ops
 
-    return ops.get_backend() == "reference" or not t.is_cuda or "fat5.ops.attention_triton" not in sys.modules
+    return not ops.use_kernels(t)
 
 
 def _cross_kv(model, enc: torch.Tensor, expand: int):
