@@ -4,6 +4,16 @@ loss = sum_t [(1 - eps) * nll_t + eps * mean_v(-log p_tv)] / n_valid + z * sum_t
 (PaLM's z-loss keeps the softmax normaliser near 1). Tokens whose label is ``ignore_index`` count nowhere;
 with no valid token the loss is 0 (not NaN). Returns ``(loss, z_term)`` so the z-loss can be logged.
 ``linear_cross_entropy_ref`` is the same from hidden states and the output embedding.
+
+Triton versions (registered through ``torch.library`` as ``fat5::cross_entropy_fwd/_bwd`` and
+``fat5::linear_cross_entropy_fwd``, so ``torch.compile`` does not break the graph around them):
+``cross_entropy_triton`` on given logits (forward saves only the per-row logsumexp) and
+``linear_cross_entropy_triton``, which never holds the (T, V) logits: it runs over chunks of tokens, computes
+each chunk's logits with cuBLAS, turns them into their gradient in place with one Triton kernel, and folds that
+into grad_hidden / grad_weight at once (Liger-Kernel's fused linear cross-entropy). Limits: the returned
+``z_term`` is for logging and carries no gradient (its gradient is inside ``loss``); a label outside the
+vocabulary gives a NaN loss rather than an error (checking would synchronise with the host); the linear version
+keeps grad_hidden and an fp32 grad_weight alive from forward to backward.
 """
 
 from __future__ import annotations
@@ -125,7 +135,9 @@ def _ce_fwd_kernel(
     tl.store(LSE + row, lse)
     if WRITE_GRAD:
         scale = tl.load(SCALE)
-        _ce_grad_row(base, GRAD + row * stride_g, label, lse, valid, scale, z_loss, smoothing, N_COLS, BLOCK_V)
+        _ce_grad_row(
+            base, GRAD + row * stride_g, label, lse, valid, scale, z_loss, smoothing, N_COLS, BLOCK_V
+        )
 
 
 @triton.jit
@@ -137,8 +149,18 @@ def _ce_bwd_kernel(
     label = tl.load(LABELS + row).to(tl.int64)
     lse = tl.load(LSE + row)
     scale = tl.load(SCALE)
-    _ce_grad_row(LOGITS + row * stride_l, GRAD + row * stride_g, label, lse, label != ignore_index, scale,
-                 z_loss, smoothing, N_COLS, BLOCK_V)
+    _ce_grad_row(
+        LOGITS + row * stride_l,
+        GRAD + row * stride_g,
+        label,
+        lse,
+        label != ignore_index,
+        scale,
+        z_loss,
+        smoothing,
+        N_COLS,
+        BLOCK_V,
+    )
 
 
 def _launch_ce_fwd(logits, labels, loss_rows, z_rows, lse, grad, scale, ignore_index, z_loss, smoothing):
@@ -162,7 +184,9 @@ def _inv_n_valid(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
 
 def _check_labels(logits_rows: int, labels: torch.Tensor) -> None:
     if labels.dim() != 1 or labels.shape[0] != logits_rows or labels.dtype.is_floating_point:
-        raise ValueError(f"labels must be integer (tokens,) = ({logits_rows},), got {labels.dtype} {tuple(labels.shape)}")
+        raise ValueError(
+            f"labels must be integer (tokens,) = ({logits_rows},), got {labels.dtype} {tuple(labels.shape)}"
+        )
 
 
 # ---- cross-entropy on given logits: forward saves lse (4 bytes a row); backward is one read + one write pass ----
@@ -294,8 +318,18 @@ def _lce_fwd(
         e = min(s + chunk, t)
         h = hidden[s:e]
         logits = h @ weight.t()  # (e-s, V) in the input dtype: cuBLAS, fp32 accumulation inside
-        _launch_ce_fwd(logits, labels[s:e], loss_rows[s:e], z_rows[s:e], lse[s:e], logits if write_grad else None,
-                       inv_n, ignore_index, z_loss, label_smoothing)
+        _launch_ce_fwd(
+            logits,
+            labels[s:e],
+            loss_rows[s:e],
+            z_rows[s:e],
+            lse[s:e],
+            logits if write_grad else None,
+            inv_n,
+            ignore_index,
+            z_loss,
+            label_smoothing,
+        )
         # logits now hold dloss/dlogits for this chunk
         if need_grad_hidden:
             torch.mm(logits, weight, out=grad_hidden[s:e])
@@ -353,7 +387,9 @@ def linear_cross_entropy_triton(
             f"hidden must be (tokens, d) and weight (vocab, d), got {tuple(hidden.shape)}, {tuple(weight.shape)}"
         )
     if hidden.dtype != weight.dtype:
-        raise ValueError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype; cast one first")
+        raise ValueError(
+            f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype; cast one first"
+        )
     _check_labels(hidden.shape[0], labels)
     grad_on = torch.is_grad_enabled()
     loss, z, _, _ = _lce_fwd(
