@@ -83,7 +83,7 @@ def run_one(impl: str, preset: str, l_enc: int, l_dec: int, batch: int, steps: i
         model = _hf_twin(model)
     model = model.cuda().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    fwd = torch.compile(model) if impl.endswith("compile") or impl == "fat5" else model
+    fwd = torch.compile(model) if impl.endswith("compile") or impl == "fat5" else model  # fat5-eager: none
     ids = torch.randint(2, cfg.vocab_size, (batch, l_enc), device="cuda")
     labels = torch.randint(2, cfg.vocab_size, (batch, l_dec), device="cuda")
 
@@ -106,6 +106,19 @@ def run_one(impl: str, preset: str, l_enc: int, l_dec: int, batch: int, steps: i
         dt = (time.perf_counter() - t0) / steps
     except torch.OutOfMemoryError:
         return Result(impl, preset, l_enc, l_dec, batch, None, None, None, None, "out of memory")
+    except Exception as e:  # a failed variant is reported in the table, the others still run
+        return Result(
+            impl,
+            preset,
+            l_enc,
+            l_dec,
+            batch,
+            None,
+            None,
+            None,
+            None,
+            f"failed: {type(e).__name__}: {e}"[:300],
+        )
     finally:
         opt.zero_grad(set_to_none=True)
         gc.collect()
@@ -144,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--shapes", default="all", help="comma list of indices into SHAPES, or all")
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--tag", default="", help="suffix of the report's file name")
     args = p.parse_args(argv)
     peak = matmul_tflops()
     shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
@@ -153,10 +167,10 @@ def main(argv: list[str] | None = None) -> None:
             r = run_one(impl, preset, le, ld, b, args.steps, peak)
             results.append(r)
             print(json.dumps(asdict(r)), flush=True)
-    write_report(results, peak, Path(args.out))
+    write_report(results, peak, Path(args.out), args.tag)
 
 
-def write_report(results: list[Result], peak: float, out: Path) -> None:
+def write_report(results: list[Result], peak: float, out: Path, tag: str = "") -> None:
     out.mkdir(parents=True, exist_ok=True)
     day = time.strftime("%Y-%m-%d")
     commit = subprocess.run(
@@ -184,8 +198,8 @@ def write_report(results: list[Result], peak: float, out: Path) -> None:
                 f"| {r.preset} | {r.l_enc}/{r.l_dec} | {r.batch} | {r.impl} | {r.tokens_per_s:,.0f} | "
                 f"{r.step_ms:.1f} | {r.mfu:.1%} | {r.peak_gib:.1f} |"
             )
-    (out / f"{day}-model.md").write_text("\n".join(lines) + "\n")
-    (out / f"{day}-model.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
+    (out / f"{day}-model{tag}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{day}-model{tag}.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
     print("\n".join(lines))
 
 

@@ -1,0 +1,124 @@
+"""Do the kernels train like the reference? The same UL2 run on real text with the Triton kernels and with the
+plain-PyTorch reference path (same seed, same batches), loss curves compared and plotted.
+
+Data: the built-in corpus (Python standard library sources), a BPE tokenizer trained on it, the default UL2
+mixture packed at --enc-len/--dec-len. bf16 autocast + AdamW. Run on a CUDA machine from the repository root:
+`PYTHONPATH=src python3 benchmarks/convergence.py --out benchmarks/results`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from fat5 import FAT5Config, FAT5ForConditionalGeneration, ops  # noqa: E402
+from fat5.data import TokenDataset, UL2Batches, builtin_corpus, prepare, train_tokenizer  # noqa: E402
+
+
+def batches(data_dir: Path, tok, args) -> list[dict]:
+    ds = TokenDataset(data_dir, "train")
+    it = UL2Batches(ds, tok, enc_len=args.enc_len, dec_len=args.dec_len, batch_size=args.batch, seed=0)
+    return list(itertools.islice(iter(it), args.steps))
+
+
+def train(backend: str, data: list[dict], vocab: int, args, device) -> list[float]:
+    ops.set_backend(backend)
+    torch.manual_seed(0)
+    cfg = FAT5Config.from_preset(
+        "small", vocab_size=vocab, num_layers=args.layers, num_decoder_layers=args.layers, z_loss=1e-4
+    )
+    model = FAT5ForConditionalGeneration(cfg).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    losses = []
+    for i, b in enumerate(data):
+        b = {k: v.to(device) for k, v in b.items()}
+        for g in opt.param_groups:
+            g["lr"] = args.lr * min(1.0, (i + 1) / 50)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = model(**b).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    ops.set_backend("auto")
+    return losses
+
+
+def smooth(x: list[float], w: int = 20) -> list[float]:
+    out, acc = [], 0.0
+    for i, v in enumerate(x):
+        acc += v
+        if i >= w:
+            acc -= x[i - w]
+        out.append(acc / min(i + 1, w))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--enc-len", type=int, default=512)
+    p.add_argument("--dec-len", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--docs", type=int, default=400)
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    work = Path(tempfile.mkdtemp())
+    t0 = time.time()
+    tok = train_tokenizer(builtin_corpus(max_docs=args.docs), 4000, work / "tok", kind="bpe")
+    prepare(builtin_corpus(max_docs=args.docs), tok, work / "data", val_fraction=0.0)
+    data = batches(work / "data", tok, args)
+    print(f"data ready in {time.time() - t0:.0f}s: {len(data)} batches", flush=True)
+    curves = {}
+    for backend in ("triton", "reference"):
+        t1 = time.time()
+        curves[backend] = train(backend, data, len(tok), args, device)
+        print(
+            f"{backend}: {time.time() - t1:.0f}s, final smoothed loss {smooth(curves[backend])[-1]:.4f}",
+            flush=True,
+        )
+    sk, sr = smooth(curves["triton"]), smooth(curves["reference"])
+    rel = [abs(a - b) / b for a, b in zip(sk, sr)]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    day = time.strftime("%Y-%m-%d")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(curves["reference"], alpha=0.3, color="C0")
+    ax.plot(curves["triton"], alpha=0.3, color="C1")
+    ax.plot(sr, label="reference path", color="C0")
+    ax.plot(sk, label="Triton kernels", color="C1")
+    ax.set_xlabel("step")
+    ax.set_ylabel("UL2 loss")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / f"{day}-convergence.png", dpi=120)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    summary = dict(
+        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
+        commit=commit, args=vars(args), max_rel_gap_smoothed_after_50=max(rel[50:]) if len(rel) > 50 else None,
+        final_smoothed=dict(triton=sk[-1], reference=sr[-1]), curves=curves,
+    )  # fmt: skip
+    (out / f"{day}-convergence.json").write_text(json.dumps(summary))
+    print(json.dumps({k: v for k, v in summary.items() if k != "curves"}))
+
+
+if __name__ == "__main__":
+    main()
