@@ -19,7 +19,7 @@ setup: .venv/.installed
 	touch $@
 
 pretrain: setup
-	$(PY) -m fat5 pretrain --preset $(PRESET) --out runs/$(PRESET) train.max_steps=$(STEPS)
+	$(PY) -m fat5 pretrain --preset $(PRESET) --out runs/$(PRESET) --overwrite train.max_steps=$(STEPS)
 	$(PY) -m fat5 generate --model runs/$(PRESET)/final --max-new-tokens 24 --demo
 
 test: setup

@@ -1,0 +1,236 @@
+"""Optimizers and learning-rate schedules for fat5 training.
+
+``AdamWScale`` is Adam whose step for each tensor is scaled by ``max(1e-3, RMS(param))`` (Adafactor's
+"relative step", as in nanoT5's AdamWScale): with the T5 initialisation, tensors of very different scales
+then move by the same *relative* amount, which lets T5 train with Adam at LR ~1e-2. Per step, per tensor::
+
+    m = b1 m + (1 - b1) g          v = b2 v + (1 - b2) g^2
+    u = -lr * sqrt(1 - b2^t) / (1 - b1^t) * max(1e-3, rms(p)) * m / (sqrt(v) + eps)  - lr * wd * p
+    p = p + u
+
+(the RMS is that of the parameter before the step; eps is added to the bias-corrected sqrt(v), torch's
+convention; weight decay is decoupled and not RMS-scaled, as in nanoT5). Everything runs as ``torch._foreach_*`` ops over all tensors of one device and dtype; no value is
+read back to the host (the step count and the LR are host numbers), so the step never syncs the GPU.
+
+Precision modes, chosen by the dtype of the parameters handed in:
+
+* fp32 parameters (fp32 master weights; the forward may run under bf16 autocast): fp32 states.
+* bf16 parameters with ``kahan=True``: states in bf16 and a bf16 *Kahan compensation* buffer per tensor that
+  keeps the part of each update that rounding to bf16 dropped and adds it back on later steps
+  (Kahan summation, as in "Revisiting BFloat16 Training", Zamirai et al. 2020, and optimi). Without it an
+  update smaller than half a bf16 ulp of the weight (2^-9 relative) vanishes, so small LRs stall.
+* bf16 parameters with ``kahan=False``: plain bf16, for comparison; it lags at small LRs.
+
+Limits: in bf16 the states round too; with ``beta2 = 0.999`` the second moment can no longer *decrease*
+(``0.999 v`` rounds back to ``v``), so a too-small step is the failure mode, never a blow-up; beta2 <= 0.99
+avoids it. Sparse gradients are not supported. FSDP2 (DTensor) parameters are updated shard by shard, with
+one all-reduce for the RMS of all tensors of a step (1-D device meshes only).
+
+``build_optimizer`` also offers ``adamw`` (torch's, fused on CUDA) and ``adafactor``
+(``torch.optim.Adafactor``). ``build_scheduler`` returns a ``LambdaLR`` for ``cosine`` (linear warmup then
+cosine to ``min_lr_ratio * lr``), ``inverse_sqrt`` (T5's ``1/sqrt(max(step, warmup))``), ``wsd``
+(warmup-stable-decay: a linear decay over the last ``decay_fraction`` of training) and ``constant``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+OPTIMIZERS = ("adamwscale", "adamw", "adafactor")
+SCHEDULES = ("cosine", "inverse_sqrt", "wsd", "constant")
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+class AdamWScale(torch.optim.Optimizer):
+    """Adam with per-tensor RMS-scaled steps; fp32 or bf16 (optionally Kahan-compensated) parameters."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-2,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        kahan: bool = True,
+        scale_floor: float = 1e-3,
+    ):
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            kahan=kahan,
+            scale_floor=scale_floor,
+        )
+        super().__init__(params, defaults)
+
+    def _init_state(self, p: torch.Tensor, kahan: bool) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)  # a CPU tensor: reading it never syncs the device
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if kahan and p.dtype in _LOW_PRECISION and "kahan_comp" not in state:
+            state["kahan_comp"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            # tensors of one (device, dtype, step) go through the same foreach kernels
+            buckets: dict[tuple, list] = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("AdamWScale does not support sparse gradients")
+                state = self._init_state(p, group["kahan"])
+                state["step"] += 1
+                buckets[(p.device, p.dtype, float(state["step"]), _is_dtensor(p))].append(p)
+            for (_, dtype, step, _), params in buckets.items():
+                self._update(group, params, step, use_kahan=group["kahan"] and dtype in _LOW_PRECISION)
+        return loss
+
+    def _update(self, group: dict, params: list[torch.Tensor], step: float, use_kahan: bool) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        sharded = _is_dtensor(params[0])
+        numels = [p.numel() for p in params]  # global sizes, also for FSDP shards
+        # FSDP2 parameters are DTensors: the update is elementwise, so it runs on the local shards; only
+        # the RMS needs the whole tensor (one all-reduce of the per-tensor sums of squares).
+        state = [self.state[p] for p in params]
+        exp_avgs = [_local(s["exp_avg"]) for s in state]
+        exp_avg_sqs = [_local(s["exp_avg_sq"]) for s in state]
+        grads = [_local(p.grad) for p in params]
+        mesh = params[0].device_mesh if sharded else None
+        params = [_local(p) for p in params]
+
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+
+        bias1, bias2 = 1 - beta1**step, 1 - beta2**step
+        # per-tensor scale -lr * max(floor, rms(p)) / bias1, as 0-dim fp32 device tensors
+        rms = torch._foreach_norm(params, 2, dtype=torch.float32)
+        if sharded:
+            sq = torch.stack(rms).square()
+            torch.distributed.all_reduce(sq, group=mesh.get_group())
+            rms = list(sq.sqrt().unbind())
+        inv_sqrt_numel = [1.0 / math.sqrt(n) for n in numels]
+        torch._foreach_mul_(rms, inv_sqrt_numel)
+        torch._foreach_clamp_min_(rms, group["scale_floor"])
+        torch._foreach_mul_(rms, -lr / bias1)
+
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, math.sqrt(bias2))
+        torch._foreach_add_(denom, eps)
+        update = torch._foreach_div(exp_avgs, denom)
+        del denom
+        torch._foreach_mul_(update, [s.to(p.dtype) for s, p in zip(rms, params)])
+        if wd != 0:
+            torch._foreach_add_(update, params, alpha=-lr * wd)
+
+        if not use_kahan:
+            torch._foreach_add_(params, update)
+            return
+        # Kahan: comp holds what earlier roundings dropped. p_new = round(p + comp + u);
+        # comp_new = comp + u - (p_new - p), computed exactly enough because comp << p.
+        comps = [_local(s["kahan_comp"]) for s in state]
+        torch._foreach_add_(comps, update)
+        prev = torch._foreach_mul(params, 1.0)  # a copy
+        torch._foreach_add_(params, comps)
+        torch._foreach_sub_(prev, params)  # -(what was really applied)
+        torch._foreach_add_(comps, prev)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def build_optimizer(
+    name: str,
+    params: Iterable,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    kahan: bool = True,
+) -> torch.optim.Optimizer:
+    """``adamwscale`` (default for T5), ``adamw`` (torch, fused on CUDA) or ``adafactor`` (torch)."""
+    params = list(params)
+    if name == "adamwscale":
+        return AdamWScale(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, kahan=kahan)
+    if name == "adamw":
+        on_cuda = all(p.is_cuda for p in params if isinstance(p, torch.Tensor))
+        return torch.optim.AdamW(
+            params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=on_cuda or None
+        )
+    if name == "adafactor":
+        return torch.optim.Adafactor(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; valid choices: {', '.join(OPTIMIZERS)}")
+
+
+def schedule_factor(
+    name: str,
+    step: int,
+    max_steps: int,
+    warmup_steps: int = 0,
+    min_lr_ratio: float = 0.0,
+    decay_fraction: float = 0.2,
+) -> float:
+    """The LR multiplier at optimizer step ``step`` (0-based) of ``max_steps``."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if name == "constant":
+        return 1.0
+    if name == "inverse_sqrt":
+        return math.sqrt(max(warmup_steps, 1) / max(step, 1))
+    if name == "cosine":
+        span = max(1, max_steps - warmup_steps)
+        t = min(1.0, (step - warmup_steps) / span)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    if name == "wsd":
+        decay_steps = max(1, round(decay_fraction * max_steps))
+        start = max(warmup_steps, max_steps - decay_steps)
+        if step < start:
+            return 1.0
+        t = min(1.0, (step - start) / max(1, max_steps - start))
+        return 1.0 - (1.0 - min_lr_ratio) * t
+    raise ValueError(f"unknown schedule {name!r}; valid choices: {', '.join(SCHEDULES)}")
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    name: str,
+    max_steps: int,
+    warmup_steps: int = 0,
+    min_lr_ratio: float = 0.0,
+    decay_fraction: float = 0.2,
+) -> LambdaLR:
+    schedule_factor(name, 0, max_steps)  # validates the name up front
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+
+    def factor(step: int) -> float:
+        return schedule_factor(name, step, max_steps, warmup_steps, min_lr_ratio, decay_fraction)
+
+    return LambdaLR(optimizer, factor)

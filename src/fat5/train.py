@@ -1,0 +1,1173 @@
+"""The training loop and the ``fat5 pretrain`` / ``fat5 finetune`` commands.
+
+One optimizer step of ``Trainer.fit``: draw ``grad_accum`` micro-batches, forward/backward each (gradient
+all-reduce only on the last under DDP), clip, check the gradient norm (non-finite: skip the update, warn;
+``max_bad_steps`` in a row: stop with an error), step the optimizer and the LR schedule. Around it: eval
+on the held-out split every ``eval_every`` steps, atomic checkpoints every ``ckpt_every`` steps and on
+SIGINT/SIGTERM, logs (tqdm, CSV, TensorBoard, a PNG plot). The model is any
+``FAT5ForConditionalGeneration``; data is any iterator of batch dicts (the UL2 stream for pretraining,
+seq2seq pairs for finetuning); a ``state_dict()`` on it makes resumption exact.
+
+Loss normalisation: the model returns the mean over a micro-batch's label tokens; the loop reweights each
+micro-batch by its share of the label tokens of the whole step (all micro-batches, all ranks), so the
+gradient is the mean over every label token of the global batch whatever the split into micro-batches and
+processes (one process with batch 8 and two with batch 4 give the same step, up to float summation order).
+
+Precision (``train.precision``): ``fp32``; ``bf16-autocast`` (fp32 master weights, bf16 matmuls);
+``bf16-kahan`` (bf16 weights and states, Kahan-compensated AdamWScale updates); ``bf16`` (pure bf16, no
+compensation). ``auto``: bf16-autocast on a bf16-capable GPU, else fp32.
+
+Throughput and MFU: model FLOPs per step are counted on the padded batch shapes (what the hardware computes)
+as ``6 * (P_enc * T_enc + (P_dec + P_head) * T_dec)`` (forward + backward over the non-embedding matmul
+weights: encoder weights see encoder tokens, decoder weights and the output projection decoder tokens) plus
+attention ``12 * h * d_kv * B * (n_enc * L_enc^2 + n_dec * (L_dec^2 + L_dec * L_enc))`` (QK^T and AV,
+forward + backward; causal masking is not discounted, as in PaLM's formula). MFU divides by the peak:
+``--peak-tflops`` / ``train.peak_tflops``, else a dense-bf16 table value for known GPUs; on CPU no MFU is
+shown unless a peak is given. tokens/s counts real (non-padding) encoder + decoder tokens.
+
+Checkpoints (``OUT/checkpoints/step-NNNNNNNN/``): ``model.safetensors`` + ``config.json`` written by
+``save_pretrained``, ``trainer_state.pt`` (optimizer, schedule, step, per-rank data position and RNG states;
+loaded with ``weights_only=True``) and ``run.yaml``. The folder is written under a temporary name and
+renamed, then ``OUT/checkpoints/latest`` is replaced atomically: a crash mid-write leaves the previous
+checkpoint intact. Limits: the global numpy RNG is not saved (fat5 does not use it); resuming requires the
+same world size (the data position is per rank).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import distributed as D
+from .model import FAT5ForConditionalGeneration
+from .optim import build_optimizer, build_scheduler
+from .runconfig import RunConfig, load_run_config, model_config_diff, save_run_config
+
+STATE_FILE = "trainer_state.pt"
+LATEST = "latest"
+
+# dense bf16 peak FLOP/s (no sparsity) by GPU name fragment, for MFU when --peak-tflops is not given
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10G": 125.0,
+    "A10": 125.0,
+    "RTX 4090": 165.0,
+    "RTX 3090": 71.0,
+    "V100": 125.0,
+    "T4": 65.0,
+}
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16-autocast"
+    return "fp32"
+
+
+def default_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def step_flops(config, batch_size: int, enc_len: int, dec_len: int, params: dict[str, int]) -> float:
+    """Training FLOPs of one forward+backward on a (batch_size, enc_len) -> (batch_size, dec_len) batch."""
+    t_enc, t_dec = batch_size * enc_len, batch_size * dec_len
+    dense = 6 * (params["encoder"] * t_enc + (params["decoder"] + params["head"]) * t_dec)
+    inner = config.num_heads * config.d_kv
+    attn = (
+        12
+        * inner
+        * batch_size
+        * (config.num_layers * enc_len**2 + config.num_decoder_layers * (dec_len**2 + dec_len * enc_len))
+    )
+    return float(dense + attn)
+
+
+def param_counts(model: FAT5ForConditionalGeneration) -> dict[str, int]:
+    c = model.config
+    return {
+        "encoder": sum(p.numel() for p in model.encoder.parameters()),
+        "decoder": sum(p.numel() for p in model.decoder.parameters()),
+        "head": c.vocab_size * c.d_model,  # lm_head, or the tied embedding used as the output projection
+        "total": sum(p.numel() for p in model.parameters()),
+    }
+
+
+# ------------------------------------------------------------------------------------------- logging
+class RunLog:
+    """CSV (``train.csv``, ``eval.csv``), TensorBoard (``tb/``) and ``loss.png`` under the run folder."""
+
+    def __init__(self, out: Path, resume_step: int | None):
+        self.out = out
+        self.train_rows = self._read("train.csv", resume_step)
+        self.eval_rows = self._read("eval.csv", resume_step)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(str(out / "tb"), purge_step=resume_step)
+
+    def _read(self, name: str, resume_step: int | None) -> list[dict]:
+        path = self.out / name
+        if resume_step is None or not path.exists():
+            path.unlink(missing_ok=True)
+            return []
+        with open(path, newline="") as f:
+            rows = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+        rows = [r for r in rows if r["step"] <= resume_step]  # drop what the checkpoint does not hold
+        self._rewrite(path, rows)
+        return rows
+
+    @staticmethod
+    def _rewrite(path: Path, rows: list[dict]) -> None:
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, path)
+
+    def _append(self, name: str, rows: list[dict], row: dict) -> None:
+        rows.append(row)
+        path = self.out / name
+        if path.exists() and set(row) == set(rows[0]) and len(rows) > 1:
+            with open(path, "a", newline="") as f:
+                csv.DictWriter(f, fieldnames=list(rows[0])).writerow(row)
+        else:  # first row, or a new column appeared
+            self._rewrite(path, rows)
+        prefix = "train" if name == "train.csv" else "eval"
+        for k, v in row.items():
+            if k != "step":
+                self.tb.add_scalar(f"{prefix}/{k}", v, int(row["step"]))
+
+    def log_train(self, row: dict) -> None:
+        self._append("train.csv", self.train_rows, row)
+
+    def log_eval(self, row: dict) -> None:
+        self._append("eval.csv", self.eval_rows, row)
+        self.tb.flush()
+        self.plot()
+
+    def plot(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        if self.train_rows:
+            ax1.plot(
+                [r["step"] for r in self.train_rows], [r["loss"] for r in self.train_rows], label="train"
+            )
+            ax2.plot([r["step"] for r in self.train_rows], [r["lr"] for r in self.train_rows])
+        ev = [r for r in self.eval_rows if "val_loss" in r]
+        if ev:
+            ax1.plot([r["step"] for r in ev], [r["val_loss"] for r in ev], "o-", label="val")
+        ax1.set(xlabel="step", ylabel="loss", title="loss")
+        ax1.legend()
+        ax1.grid(alpha=0.3)
+        ax2.set(xlabel="step", ylabel="learning rate", title="learning rate")
+        ax2.grid(alpha=0.3)
+        fig.tight_layout()
+        tmp = self.out / "loss.tmp.png"
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, self.out / "loss.png")
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+# --------------------------------------------------------------------------------------- checkpoints
+def latest_checkpoint(out: str | os.PathLike) -> Path | None:
+    """The newest complete checkpoint folder of a run (``OUT/checkpoints/latest``), or None."""
+    root = Path(out) / "checkpoints"
+    pointer = root / LATEST
+    if pointer.exists():
+        path = root / pointer.read_text().strip()
+        if (path / STATE_FILE).exists():
+            return path
+    done = sorted(p for p in root.glob("step-*") if (p / STATE_FILE).exists()) if root.exists() else []
+    return done[-1] if done else None
+
+
+def check_model_config(ckpt: Path, model) -> None:
+    # through the config class, so fields that config.json leaves out (defaults) compare equal
+    saved = type(model.config).from_pretrained(str(ckpt)).to_dict()
+    diff = model_config_diff(saved, model.config.to_dict())
+    if diff:
+        fields = "; ".join(
+            f"{k}: checkpoint {a!r} vs now {b!r}" for k, b, a in ((k, v[1], v[0]) for k, v in diff.items())
+        )
+        raise ValueError(
+            f"cannot resume from {ckpt}: the model config differs in {len(diff)} field(s): {fields}. "
+            "Resume with the run's own settings (see its run.yaml) or start a new --out folder."
+        )
+
+
+def _rng_state() -> dict:
+    s = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def write_checkpoint(
+    out: Path, step: int, model, model_state: dict, trainer_state: dict, cfg: RunConfig, keep: int
+) -> Path:
+    """Write ``OUT/checkpoints/step-N`` atomically (temp folder + rename), point ``latest`` at it, prune."""
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step-{step:08d}"
+    tmp = root / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(str(tmp), state_dict=model_state)
+        torch.save(trainer_state, tmp / STATE_FILE)
+        save_run_config(cfg, tmp / "run.yaml")
+        final = root / name
+        if final.exists():  # the same step saved again (e.g. a signal right after a periodic save)
+            old = root / f".old-{name}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    pointer_tmp = root / f".{LATEST}.tmp"
+    pointer_tmp.write_text(name + "\n")
+    os.replace(pointer_tmp, root / LATEST)
+    for old in sorted(p for p in root.glob("step-*") if p.is_dir())[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "bf16-autocast":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _real_tokens(b: dict) -> torch.Tensor:
+    enc = b["attention_mask"].sum() if "attention_mask" in b else b["input_ids"].numel()
+    dec = b["decoder_attention_mask"].sum() if "decoder_attention_mask" in b else (b["labels"] != -100).sum()
+    return enc + dec
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Trains ``model`` on ``train_data`` (an iterator of this rank's micro-batches) as ``cfg`` says.
+
+    ``val_data()`` returns a fresh iterable of validation batches (this rank's share) for each eval;
+    ``eval_hook(trainer)`` may add metrics to each eval (finetuning: exact match). ``on_step_end`` hooks run
+    after every optimizer step (tests use it to simulate an interruption via ``request_stop``).
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model: FAT5ForConditionalGeneration,
+        train_data: Iterable[dict],
+        out: str | os.PathLike,
+        val_data: Callable[[], Iterable[dict]] | None = None,
+        dist: D.DistInfo | None = None,
+        eval_hook: Callable[[Trainer], dict] | None = None,
+        resume: bool = False,
+        show_progress: bool = True,
+    ):
+        self.cfg, self.model, self.train_source = cfg, model, train_data
+        self.out = Path(out)
+        self.val_data, self.eval_hook = val_data, eval_hook
+        self.dist = dist or D.DistInfo(device=D.pick_device(cfg.train.device))
+        self.device = self.dist.device
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        self.show_progress = show_progress
+        self.on_step_end: list[Callable[[Trainer], None]] = []
+        self.step = 0
+        self.bad_steps = 0
+        self.history: list[float] = []  # global mean train loss per optimizer step (this session)
+        self._stop = False
+        self._signal_count = 0
+        self._resume_from = latest_checkpoint(self.out) if resume else None
+        if resume and self._resume_from is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.out / 'checkpoints'}")
+        self._setup()
+
+    # ------------------------------------------------------------------------------------- setup
+    def _setup(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
+        state = None
+        if self._resume_from is not None:
+            check_model_config(self._resume_from, self.model)
+            from .hf import load_checked, read_state_dict
+
+            load_checked(self.model, read_state_dict(self._resume_from), str(self._resume_from))
+            state = torch.load(self._resume_from / STATE_FILE, map_location="cpu", weights_only=True)
+        if self.precision in ("bf16", "bf16-kahan"):
+            self.model.to(torch.bfloat16)
+        elif self.precision in ("fp32", "bf16-autocast"):
+            self.model.to(torch.float32)
+        else:
+            raise ValueError(f"unknown precision {self.precision!r}")
+        self.model.to(self.device)
+        self.params = param_counts(self.model)
+        self.engine = D.wrap_model(self.model, self.dist, t.parallel)
+        if t.compile:
+            self.engine = torch.compile(self.engine)
+        o, s = cfg.optim, cfg.schedule
+        if self.precision == "bf16-kahan" and o.name != "adamwscale":
+            raise ValueError(f"precision bf16-kahan needs optim.name=adamwscale (got {o.name!r})")
+        self.optimizer = build_optimizer(
+            o.name,
+            self.model.parameters(),
+            lr=o.lr,
+            betas=tuple(o.betas),
+            eps=o.eps,
+            weight_decay=o.weight_decay,
+            kahan=self.precision == "bf16-kahan",
+        )
+        self.scheduler = build_scheduler(
+            self.optimizer, s.name, t.max_steps, s.warmup_steps, s.min_lr_ratio, s.decay_fraction
+        )
+        if state is not None:
+            self._load_state(state)
+        self.peak = (
+            (t.peak_tflops * 1e12)
+            if t.peak_tflops
+            else ((default_peak_tflops(self.device) or 0) * 1e12 or None)
+        )
+        self.log = RunLog(self.out, self.step if self._resume_from else None) if self.dist.is_main else None
+
+    def _load_state(self, state: dict) -> None:
+        if state["world_size"] != self.dist.world_size:
+            raise ValueError(
+                f"the checkpoint was written by {state['world_size']} process(es), this run has "
+                f"{self.dist.world_size}: resume with the same --nproc_per_node (the data position is per rank)"
+            )
+        D.load_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.bad_steps = state["step"], state["bad_steps"]
+        data_state = state["data"][self.dist.rank]
+        if data_state is not None and hasattr(self.train_source, "load_state_dict"):
+            self.train_source.load_state_dict(data_state)
+        _set_rng_state(state["rng"][self.dist.rank])
+
+    # ------------------------------------------------------------------------------- checkpoints
+    def save_checkpoint(self) -> Path | None:
+        """Every rank must call this (FSDP gathers shards); rank 0 writes. Returns the folder on rank 0."""
+        model_state = (
+            D.full_model_state(self.model) if (self.dist.is_main or D.is_sharded(self.model)) else None
+        )
+        optim_state = D.full_optimizer_state(self.model, self.optimizer)
+        data = self.train_source.state_dict() if hasattr(self.train_source, "state_dict") else None
+        datas, rngs = D.gather_objects(data), D.gather_objects(_rng_state())
+        path = None
+        if self.dist.is_main:
+            trainer_state = {
+                "step": self.step,
+                "bad_steps": self.bad_steps,
+                "world_size": self.dist.world_size,
+                "optimizer": optim_state,
+                "scheduler": self.scheduler.state_dict(),
+                "data": datas,
+                "rng": rngs,
+                "precision": self.precision,
+            }
+            path = write_checkpoint(
+                self.out,
+                self.step,
+                self.model,
+                model_state,
+                trainer_state,
+                self.cfg,
+                self.cfg.train.keep_checkpoints,
+            )
+        D.barrier()
+        return path
+
+    def request_stop(self) -> None:
+        """Save a checkpoint and stop at the end of the current step (what SIGINT/SIGTERM do)."""
+        self._stop = True
+
+    def _on_signal(self, signum, frame) -> None:
+        self._signal_count += 1
+        if self._signal_count > 1:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
+        if self.dist.is_main:
+            print(
+                f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step "
+                "(again to quit at once)",
+                file=sys.stderr,
+            )
+        self._stop = True
+
+    # --------------------------------------------------------------------------------------- eval
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if self.val_data is not None:
+            self.model.eval()
+            total = torch.zeros(2, device=self.device, dtype=torch.float64)
+            for batch in self.val_data():
+                batch = _to_device(batch, self.device)
+                n = (batch["labels"] != -100).sum()
+                with _autocast(self.precision, self.device):
+                    loss = self.model(**batch).loss
+                total += torch.stack([loss.double() * n, n.double()])
+            D.all_reduce_sum(total)
+            s, n = total.tolist()
+            if n > 0:
+                metrics["val_loss"] = s / n
+            self.model.train()
+        if self.eval_hook is not None:
+            self.model.eval()
+            metrics.update(self.eval_hook(self))
+            self.model.train()
+        return metrics
+
+    # --------------------------------------------------------------------------------------- loop
+    def _micro_batches(self, it: Iterator[dict]) -> list[dict]:
+        out = []
+        for _ in range(self.cfg.train.grad_accum):
+            try:
+                out.append(_to_device(next(it), self.device))
+            except StopIteration:
+                raise ValueError(
+                    f"the training data ran out at step {self.step} (of train.max_steps={self.cfg.train.max_steps})"
+                ) from None
+        return out
+
+    def train_step(self, micro: list[dict]) -> tuple[float, float, float]:
+        """One optimizer step; returns (global mean loss, grad norm, global real tokens)."""
+        ws = self.dist.world_size
+        counts = torch.stack([(b["labels"] != -100).sum() for b in micro]).float()
+        global_count = D.all_reduce_sum(counts.sum().clone()).clamp(min=1)
+        loss_sum = torch.zeros((), device=self.device)
+        for i, b in enumerate(micro):
+            last = i == len(micro) - 1
+            with D.no_sync(self.engine, skip_sync=not last), _autocast(self.precision, self.device):
+                loss = self.engine(**b).loss
+            # DDP/FSDP average gradients over ranks: * ws undoes that, / global_count makes a global mean
+            (loss * (counts[i] * ws / global_count)).backward()
+            loss_sum += loss.detach().float() * counts[i]
+        clip = self.cfg.optim.grad_clip
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"), foreach=True)
+        if hasattr(gnorm, "full_tensor"):
+            gnorm = gnorm.full_tensor()
+        tokens = sum(_real_tokens(b) for b in micro)
+        red = D.all_reduce_sum(
+            torch.stack([loss_sum, tokens.float(), torch.tensor(float(self._stop), device=self.device)])
+        )
+        loss_v, gnorm_v, tokens_v, stop_v = torch.cat(
+            [red[:1] / global_count, gnorm.float().reshape(1), red[1:]]
+        ).tolist()
+        self._stop = stop_v > 0  # every rank stops at the same step
+        if math.isfinite(gnorm_v) and math.isfinite(loss_v):
+            self.optimizer.step()
+            self.bad_steps = 0
+        else:
+            self.bad_steps += 1
+            if self.dist.is_main:
+                warnings.warn(
+                    f"step {self.step + 1}: non-finite loss/gradient (loss {loss_v}, grad norm "
+                    f"{gnorm_v}); update skipped ({self.bad_steps} in a row)",
+                    stacklevel=2,
+                )
+            if self.bad_steps >= self.cfg.train.max_bad_steps:
+                raise TrainingDiverged(
+                    f"training diverged: {self.bad_steps} steps in a row had a non-finite loss or gradient "
+                    f"(last at step {self.step + 1}). Resume from the last checkpoint "
+                    f"({latest_checkpoint(self.out)}) with a lower optim.lr, more schedule.warmup_steps, "
+                    "optim.grad_clip, or train.precision=bf16-autocast / fp32."
+                )
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
+            warnings.filterwarnings("ignore", message="Detected call of", category=UserWarning)
+            self.scheduler.step()
+        self.step += 1
+        return loss_v, gnorm_v, tokens_v
+
+    def fit(self) -> list[float]:
+        """Train to ``train.max_steps`` (or until a stop request); returns this session's loss per step."""
+        t = self.cfg.train
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_run_config(self.cfg, self.out / "run.yaml")
+        handlers = {}
+        if hasattr(signal, "SIGTERM") and _in_main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handlers[sig] = signal.signal(sig, self._on_signal)
+        self.model.train()
+        it = iter(self.train_source)
+        bar = tqdm(
+            total=t.max_steps,
+            initial=self.step,
+            desc="train",
+            dynamic_ncols=True,
+            disable=not (self.dist.is_main and self.show_progress),
+        )
+        if self.dist.is_main and self._resume_from is not None:
+            bar.write(f"resumed from {self._resume_from} at step {self.step}")
+        window_tokens, window_flops, window_t0, window_steps = 0.0, 0.0, time.perf_counter(), 0
+        last_saved = self.step if self._resume_from else None
+        try:
+            if t.eval_at_start and self.step == 0:
+                self._eval_and_log(bar)
+            while self.step < t.max_steps and not self._stop:
+                micro = self._micro_batches(it)
+                lr = self.scheduler.get_last_lr()[0]
+                loss, gnorm, tokens = self.train_step(micro)
+                self.history.append(loss)
+                b, le = micro[0]["input_ids"].shape
+                ld = micro[0]["labels"].shape[1]
+                window_flops += (
+                    len(micro) * self.dist.world_size * step_flops(self.model.config, b, le, ld, self.params)
+                )
+                window_tokens += tokens
+                window_steps += 1
+                bar.update(1)
+                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                    dt = max(time.perf_counter() - window_t0, 1e-9)
+                    row = {
+                        "step": self.step,
+                        "loss": sum(self.history[-window_steps:]) / window_steps,  # window mean
+                        "lr": lr,
+                        "grad_norm": gnorm,
+                        "tokens_per_s": window_tokens / dt,
+                    }
+                    if self.peak:
+                        row["mfu"] = window_flops / dt / self.peak
+                    if self.log:
+                        self.log.log_train(row)
+                    mfu = f" mfu {row['mfu']:.1%}" if "mfu" in row else ""
+                    bar.set_postfix_str(
+                        f"loss {row['loss']:.4f} lr {lr:.2e} tok/s {row['tokens_per_s']:,.0f}{mfu}"
+                    )
+                    window_tokens, window_flops, window_t0, window_steps = 0.0, 0.0, time.perf_counter(), 0
+                if self.step % t.eval_every == 0 or self.step == t.max_steps:
+                    self._eval_and_log(bar)
+                for hook in self.on_step_end:
+                    hook(self)
+                if self.step % t.ckpt_every == 0 or self.step == t.max_steps or self._stop:
+                    path = self.save_checkpoint()
+                    last_saved = self.step
+                    if path is not None and (self._stop or self.step == t.max_steps):
+                        bar.write(f"checkpoint: {path}")
+        finally:
+            bar.close()
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
+            if self.log:
+                self.log.close()
+        if self._stop and self.dist.is_main:
+            print(f"stopped at step {self.step}; continue with --resume", file=sys.stderr)
+        assert last_saved == self.step or self.step == 0
+        return self.history
+
+    def _eval_and_log(self, bar) -> None:
+        metrics = self.evaluate()
+        if self.log and metrics:
+            self.log.log_eval({"step": self.step, **metrics})
+        if self.log and not metrics:
+            self.log.plot()
+        if self.dist.is_main and metrics:
+            bar.write(f"step {self.step}: " + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    def save_final(self, folder: str | os.PathLike, tokenizer=None) -> None:
+        """The trained model as a ``from_pretrained`` folder (plus the tokenizer), written atomically."""
+        state = D.full_model_state(self.model) if (self.dist.is_main or D.is_sharded(self.model)) else None
+        if self.dist.is_main:
+            folder = Path(folder)
+            tmp = folder.with_name(f".tmp-{folder.name}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.model.save_pretrained(str(tmp), state_dict=state)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            save_run_config(self.cfg, tmp / "run.yaml")
+            shutil.rmtree(folder, ignore_errors=True)
+            os.rename(tmp, folder)
+        D.barrier()
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def prepare_out_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to silently mix a new run into an old one."""
+    has_ckpt = latest_checkpoint(out) is not None
+    if has_ckpt and not resume:
+        if not overwrite:
+            raise ValueError(
+                f"{out} already holds checkpoints of a run: pass --resume to continue it, --overwrite to "
+                "start over (its checkpoints and logs are deleted), or choose another --out"
+            )
+        for name in ("checkpoints", "tb", "train.csv", "eval.csv", "loss.png", "final"):
+            p = out / name
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------ pretrain
+def _add_common(p: argparse.ArgumentParser, default_out: str) -> None:
+    p.add_argument(
+        "--config", metavar="RUN.yaml", help="run config (sections model/data/optim/schedule/train)"
+    )
+    p.add_argument("--out", default=default_out, metavar="DIR", help=f"run folder (default {default_out})")
+    p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoints/latest")
+    p.add_argument("--overwrite", action="store_true", help="start over in a DIR that holds an earlier run")
+    p.add_argument("--peak-tflops", type=float, metavar="T", help="peak TFLOP/s of one device, for MFU")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. train.max_steps=300 optim.lr=1e-3 model.d_model=256",
+    )
+
+
+def add_train_commands(subparsers) -> None:
+    """Register ``fat5 pretrain`` and ``fat5 finetune``."""
+    p = subparsers.add_parser(
+        "pretrain",
+        help="pretrain a model with the UL2 mixture of denoisers",
+        description="UL2 pretraining on a corpus (default: the Python standard library's sources). Trains a "
+        "tokenizer when none is given, tokenises the corpus into DIR/data, trains, and writes "
+        "checkpoints, logs, loss.png and the final model (DIR/final). Multi-GPU: torchrun "
+        "--nproc_per_node N -m fat5 pretrain ...",
+    )
+    _add_common(p, "runs/pretrain")
+    p.add_argument("--preset", help="model preset (tiny, small, base, ...); same as model.preset=NAME")
+    p.add_argument(
+        "--corpus", metavar="SRC", help="text source: file/folder (.txt/.jsonl/.parquet), hf:NAME, or builtin"
+    )
+    p.add_argument(
+        "--tokenizer", metavar="DIR", help="tokenizer folder (default: train one into DIR/tokenizer)"
+    )
+    p.set_defaults(func=run_pretrain)
+
+    f = subparsers.add_parser(
+        "finetune",
+        help="finetune a seq2seq model on input/target pairs",
+        description="Seq2seq finetuning from a fat5 or transformers T5 folder. Reports validation loss, "
+        "exact match and ROUGE-L (greedy generation), writes predictions to DIR/predictions.jsonl.",
+    )
+    _add_common(f, "runs/finetune")
+    f.add_argument("--model", required=True, metavar="DIR", help="fat5 or transformers T5/mT5 folder")
+    f.add_argument(
+        "--train",
+        required=True,
+        metavar="DATA",
+        help=".jsonl, .csv, a saved HF dataset folder, or hf:NAME[:CONFIG][@SPLIT]",
+    )
+    f.add_argument("--valid", metavar="DATA", help="validation data (same kinds)")
+    f.add_argument("--input-field", help="field holding the input text (default: input)")
+    f.add_argument("--target-field", help="field holding the target text (default: target)")
+    f.set_defaults(func=run_finetune)
+
+
+def _run_config(args, base: dict | None = None) -> RunConfig:
+    overrides = list(args.overrides)
+    if getattr(args, "preset", None):
+        overrides.insert(0, f"model.preset={args.preset}")
+    cfg = load_run_config(args.config, overrides, base=base)
+    if args.peak_tflops:
+        cfg.train.peak_tflops = args.peak_tflops
+    return cfg
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _pretrain_tokenizer(cfg: RunConfig, out: Path, dist: D.DistInfo):
+    from .data.corpus import TextSource
+    from .data.tokenizer import load_tokenizer, train_tokenizer
+
+    if cfg.data.tokenizer:
+        return load_tokenizer(cfg.data.tokenizer)
+    folder = out / "tokenizer"
+    if dist.is_main and not (folder / "tokenizer.json").exists():
+        vocab = cfg.data.tokenizer_vocab or cfg.model_config().vocab_size - 256
+        print(
+            f"training a {cfg.data.tokenizer_kind} tokenizer ({vocab} pieces) on "
+            f"{cfg.data.tokenizer_docs or 'all'} documents of {cfg.data.corpus or 'builtin'} -> {folder}"
+        )
+        tmp = out / ".tmp-tokenizer"
+        shutil.rmtree(tmp, ignore_errors=True)
+        train_tokenizer(
+            TextSource(cfg.data.corpus or "builtin", max_docs=cfg.data.tokenizer_docs),
+            vocab,
+            tmp,
+            kind=cfg.data.tokenizer_kind,
+        )
+        os.rename(tmp, folder)
+    D.barrier()
+    return load_tokenizer(folder)
+
+
+def _pretrain_data(cfg: RunConfig, out: Path, tok, dist: D.DistInfo) -> Path:
+    import hashlib
+
+    from .data.corpus import prepare
+    from .data.tokenizer import tokenizer_hash
+
+    if cfg.data.prepared:
+        return Path(cfg.data.prepared)
+    key = json.dumps(
+        [cfg.data.corpus or "builtin", cfg.data.max_docs, cfg.data.val_fraction, tokenizer_hash(tok)]
+    )
+    folder = out / "data" / hashlib.sha256(key.encode()).hexdigest()[:12]
+    if dist.is_main:
+        prepare(
+            cfg.data.corpus or "builtin",
+            tok,
+            folder,
+            val_fraction=cfg.data.val_fraction,
+            num_workers=cfg.data.num_workers,
+            max_docs=cfg.data.max_docs,
+        )
+    D.barrier()
+    return folder
+
+
+def _mixture(name: str):
+    from .data.ul2 import Mixture
+
+    if name == "ul2":
+        return Mixture.ul2()
+    if name == "t5":
+        return Mixture.t5()
+    raise ValueError(f"unknown data.mixture {name!r}; valid choices: ul2, t5")
+
+
+def run_pretrain(args) -> None:
+    from itertools import islice
+
+    from .data.corpus import TokenDataset
+    from .data.packing import UL2Batches
+
+    cfg = _run_config(args)
+    if args.corpus:
+        cfg.data.corpus = args.corpus
+    if args.tokenizer:
+        cfg.data.tokenizer = args.tokenizer
+    out, t = Path(args.out), cfg.train
+    dist = D.init_distributed(t.device)
+    try:
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            prepare_out_dir(out, args.resume, args.overwrite)
+        D.barrier()
+        tok = _pretrain_tokenizer(cfg, out, dist)
+        data_dir = _pretrain_data(cfg, out, tok, dist)
+        model_cfg = cfg.model_config()
+        train_ds = TokenDataset(data_dir, "train")
+        train_ds.check_vocab(model_cfg.vocab_size)
+        mixture = _mixture(cfg.data.mixture)
+        train = UL2Batches(
+            train_ds, tok, mixture, t.enc_len, t.dec_len, t.batch_size, t.seed, dist.rank, dist.world_size
+        )
+        val_fn = None
+        try:
+            val_ds = TokenDataset(data_dir, "val")
+        except ValueError as e:
+            warnings.warn(f"no validation loss: {e}", stacklevel=1)
+        else:
+
+            def val_fn():
+                val = UL2Batches(
+                    val_ds,
+                    tok,
+                    mixture,
+                    t.enc_len,
+                    t.dec_len,
+                    t.batch_size,
+                    t.seed + 1,
+                    dist.rank,
+                    dist.world_size,
+                )
+                return islice(iter(val), cfg.data.eval_batches)
+
+        _seed_everything(t.seed)
+        model = FAT5ForConditionalGeneration(model_cfg)
+        trainer = Trainer(
+            cfg, model, train, out, val_fn, dist, resume=args.resume, show_progress=not args.quiet
+        )
+        if dist.is_main:
+            n = trainer.params["total"]
+            print(
+                f"model {cfg.model.preset}: {n / 1e6:.2f}M parameters on {dist.device} x{dist.world_size}, "
+                f"precision {trainer.precision}; {len(train_ds)} training documents "
+                f"({train_ds.num_tokens / 1e6:.1f}M tokens); global batch "
+                f"{t.batch_size * t.grad_accum * dist.world_size} x ({t.enc_len} -> {t.dec_len}) tokens"
+            )
+        trainer.fit()
+        if trainer.step >= t.max_steps:
+            trainer.save_final(out / "final", tok)
+            if dist.is_main:
+                print(
+                    f"final model: {out / 'final'}  (try: fat5 generate --model {out / 'final'} --demo); "
+                    f"loss plot: {out / 'loss.png'}"
+                )
+    finally:
+        D.shutdown()
+
+
+# ------------------------------------------------------------------------------------------ finetune
+def read_pairs(source: str, input_field: str, target_field: str) -> list[tuple[str, str]]:
+    """(input, target) text pairs from .jsonl, .csv, a saved HF dataset folder or ``hf:NAME[:CONFIG][@SPLIT]``."""
+    rows: Iterable[dict]
+    p = Path(source)
+    if source.startswith("hf:") or (
+        p.is_dir() and ((p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists())
+    ):
+        import datasets
+
+        if source.startswith("hf:"):
+            spec, _, split = source[3:].partition("@")
+            name, _, conf = spec.partition(":")
+            rows = datasets.load_dataset(name, conf or None, split=split or "train")
+        else:
+            rows = datasets.load_from_disk(str(p))
+            if isinstance(rows, datasets.DatasetDict):
+                rows = rows["train"]
+    elif not p.exists():
+        raise FileNotFoundError(f"finetuning data not found: {p}")
+    elif p.suffix == ".jsonl":
+        with open(p, encoding="utf-8") as fh:
+            rows = []
+            for i, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{p}:{i}: not valid JSON ({e})") from None
+    elif p.suffix == ".csv":
+        with open(p, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    else:
+        raise ValueError(
+            f"{p}: unsupported finetuning data {p.suffix!r}; use .jsonl, .csv, a saved HF dataset "
+            "folder or hf:NAME"
+        )
+    pairs = []
+    for i, r in enumerate(rows):
+        missing = [f for f in (input_field, target_field) if f not in r]
+        if missing:
+            raise ValueError(
+                f"{source} row {i}: no field(s) {missing} (found {list(r)}); "
+                "set --input-field / --target-field"
+            )
+        pairs.append((str(r[input_field]), str(r[target_field])))
+    if not pairs:
+        raise ValueError(f"{source} holds no examples")
+    return pairs
+
+
+class Seq2SeqBatches:
+    """Batches of tokenised (input, target) pairs, padded to the longest in each batch.
+
+    Endless (shuffled each epoch, seeded) for training, or one pass in order (``epochs=1``) for eval. Each
+    step takes ``batch_size * world_size`` consecutive examples; rank r gets the r-th block of
+    ``batch_size``, so one process with the whole global batch sees the same rows. An epoch is filled up to
+    whole global batches with rows whose labels are all -100 (they weigh nothing in the loss).
+    ``state_dict()`` (epoch, batch index) makes resumption exact.
+    """
+
+    def __init__(
+        self,
+        pairs: list[tuple[list[int], list[int]]],
+        batch_size: int,
+        pad_id: int,
+        start_id: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        epochs: int | None = None,
+    ):
+        self.pairs, self.batch_size, self.pad_id, self.start_id = pairs, batch_size, pad_id, start_id
+        self.seed, self.rank, self.world_size, self.epochs = seed, rank, world_size, epochs
+        self.epoch, self.index = 0, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index, "num_pairs": len(self.pairs), "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_pairs"] != len(self.pairs) or state["seed"] != self.seed:
+            raise ValueError(
+                "the finetuning data or seed changed since the checkpoint: resume with the same ones"
+            )
+        self.epoch, self.index = state["epoch"], state["index"]
+
+    def _order(self, epoch: int) -> list[int]:
+        n = len(self.pairs)
+        if self.epochs is not None:  # evaluation: in order
+            return list(range(n))
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(n, generator=g).tolist()
+
+    def __iter__(self) -> Iterator[dict]:
+        per_step = self.batch_size * self.world_size
+        while self.epochs is None or self.epoch < self.epochs:
+            order = self._order(self.epoch)
+            steps = -(-len(order) // per_step)
+            while self.index < steps:
+                block = order[self.index * per_step : (self.index + 1) * per_step]
+                mine = block[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+                self.index += 1
+                yield self._collate(mine)
+            self.epoch, self.index = self.epoch + 1, 0
+
+    def _collate(self, idx: list[int]) -> dict:
+        rows = [self.pairs[i] for i in idx]
+        dummies = self.batch_size - len(rows)
+        rows += [(self.pairs[0][0], [])] * dummies  # filler rows: no labels
+        le = max(len(a) for a, _ in rows)
+        ld = max(1, max(len(b) for _, b in rows))
+        b = len(rows)
+        input_ids = torch.full((b, le), self.pad_id, dtype=torch.long)
+        labels = torch.full((b, ld), -100, dtype=torch.long)
+        for r, (a, tgt) in enumerate(rows):
+            input_ids[r, : len(a)] = torch.tensor(a)
+            labels[r, : len(tgt)] = torch.tensor(tgt, dtype=torch.long)
+        attention_mask = (torch.arange(le)[None] < torch.tensor([len(a) for a, _ in rows])[:, None]).long()
+        dec_in = torch.full_like(labels, self.pad_id)
+        dec_in[:, 0] = self.start_id
+        dec_in[:, 1:] = labels[:, :-1].clamp(min=0)
+        dec_in[:, 1:][labels[:, :-1] == -100] = self.pad_id
+        dec_mask = torch.zeros_like(labels)
+        lengths = torch.tensor([len(t) for _, t in rows])
+        dec_mask[torch.arange(ld)[None] < lengths.clamp(min=1)[:, None]] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "decoder_input_ids": dec_in,
+            "decoder_attention_mask": dec_mask,
+            "labels": labels,
+        }
+
+
+def tokenize_pairs(tok, pairs: list[tuple[str, str]], enc_len: int, dec_len: int, what: str):
+    """Token ids (eos appended) cut to enc_len / dec_len, with a warning that counts the cuts."""
+    a = tok([x for x, _ in pairs], add_special_tokens=True)["input_ids"]
+    b = tok([y for _, y in pairs], add_special_tokens=True)["input_ids"]
+    cut_a, cut_b = sum(len(x) > enc_len for x in a), sum(len(y) > dec_len for y in b)
+    if cut_a or cut_b:
+        warnings.warn(
+            f"{what}: {cut_a} input(s) cut to train.enc_len={enc_len} and {cut_b} target(s) cut to "
+            f"train.dec_len={dec_len} tokens",
+            stacklevel=2,
+        )
+    return [(x[:enc_len], y[:dec_len]) for x, y in zip(a, b)]
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(prediction: str, reference: str) -> float:
+    """ROUGE-L F1 on whitespace tokens (longest common subsequence)."""
+    p, r = prediction.split(), reference.split()
+    if not p or not r:
+        return float(p == r)
+    lcs = _lcs(p, r)
+    if lcs == 0:
+        return 0.0
+    prec, rec = lcs / len(p), lcs / len(r)
+    return 2 * prec * rec / (prec + rec)
+
+
+def _normalize(s: str) -> str:
+    return " ".join(s.split())
+
+
+def generation_eval_hook(tok, pairs: list[tuple[str, str]], cfg: RunConfig, out: Path):
+    """Eval hook: greedy/beam generation on the validation inputs; exact match, ROUGE-L, predictions.jsonl.
+
+    Every rank generates for all examples (FSDP needs every rank in each forward); rank 0 writes.
+    """
+
+    def hook(trainer: Trainer) -> dict[str, float]:
+        t = cfg.train
+        max_new = cfg.data.max_new_tokens or t.dec_len
+        preds: list[str] = []
+        for i in range(0, len(pairs), t.batch_size):
+            chunk = [x for x, _ in pairs[i : i + t.batch_size]]
+            enc = tok(chunk, padding=True, truncation=True, max_length=t.enc_len, return_tensors="pt")
+            with _autocast(trainer.precision, trainer.device):
+                ids = trainer.model.generate(
+                    input_ids=enc["input_ids"].to(trainer.device),
+                    attention_mask=enc["attention_mask"].to(trainer.device),
+                    max_new_tokens=max_new,
+                    num_beams=cfg.data.num_beams,
+                )
+            preds += tok.batch_decode(ids, skip_special_tokens=True)
+        em = sum(_normalize(p) == _normalize(y) for p, (_, y) in zip(preds, pairs)) / len(pairs)
+        rl = sum(rouge_l(p, y) for p, (_, y) in zip(preds, pairs)) / len(pairs)
+        if trainer.dist.is_main:
+            tmp = out / "predictions.jsonl.tmp"
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for p, (x, y) in zip(preds, pairs):
+                    fh.write(
+                        json.dumps(
+                            {
+                                "step": trainer.step,
+                                "input": x,
+                                "target": y,
+                                "prediction": p,
+                                "exact_match": _normalize(p) == _normalize(y),
+                            }
+                        )
+                        + "\n"
+                    )
+            os.replace(tmp, out / "predictions.jsonl")
+        return {"exact_match": em, "rouge_l": rl}
+
+    return hook
+
+
+def load_model(path: str | os.PathLike, **overrides) -> FAT5ForConditionalGeneration:
+    """A fat5 folder, or a transformers T5 / mT5 / FLAN-T5 folder (converted on the fly)."""
+    p = Path(path)
+    cfg_path = p / "config.json"
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{p} has no config.json: not a model folder")
+    model_type = json.loads(cfg_path.read_text()).get("model_type")
+    if model_type == "fat5":
+        return FAT5ForConditionalGeneration.from_pretrained(str(p), dtype=torch.float32, **overrides)
+    if model_type in ("t5", "mt5"):
+        from .hf import load_hf_t5
+
+        model = load_hf_t5(p)
+        for k, v in overrides.items():
+            setattr(model.config, k, v)
+        return model
+    raise ValueError(f"{p}: model_type {model_type!r} is neither fat5 nor a transformers t5/mt5 checkpoint")
+
+
+FINETUNE_DEFAULTS = {
+    "optim": {"lr": 1e-3},
+    "schedule": {"name": "constant", "warmup_steps": 0},
+    "train": {
+        "max_steps": 1000,
+        "batch_size": 16,
+        "enc_len": 512,
+        "dec_len": 128,
+        "eval_every": 200,
+        "ckpt_every": 200,
+        "eval_at_start": True,
+    },
+}
+
+
+def run_finetune(args) -> None:
+    from .data.tokenizer import load_tokenizer
+
+    cfg = _run_config(args, base=FINETUNE_DEFAULTS)
+    cfg.model.path = args.model
+    for name in ("train", "valid", "input_field", "target_field"):
+        if getattr(args, name, None) is not None:
+            setattr(cfg.data, name, getattr(args, name))
+    out, t = Path(args.out), cfg.train
+    dist = D.init_distributed(t.device)
+    try:
+        if dist.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            prepare_out_dir(out, args.resume, args.overwrite)
+        D.barrier()
+        tok = load_tokenizer(args.model)
+        model = load_model(args.model, **cfg.model.overrides)
+        if len(tok) > model.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer in {args.model} has {len(tok)} tokens but the model's vocabulary "
+                f"only {model.config.vocab_size}"
+            )
+        fields = (cfg.data.input_field, cfg.data.target_field)
+        train_pairs = tokenize_pairs(tok, read_pairs(cfg.data.train, *fields), t.enc_len, t.dec_len, "train")
+        pad, start = model.config.pad_token_id, model.config.decoder_start_token_id
+        train = Seq2SeqBatches(train_pairs, t.batch_size, pad, start, t.seed, dist.rank, dist.world_size)
+        val_fn = hook = None
+        if cfg.data.valid:
+            valid_text = read_pairs(cfg.data.valid, *fields)[: cfg.data.max_valid_examples]
+            valid_ids = tokenize_pairs(tok, valid_text, t.enc_len, t.dec_len, "valid")
+
+            def val_fn():
+                return Seq2SeqBatches(
+                    valid_ids, t.batch_size, pad, start, 0, dist.rank, dist.world_size, epochs=1
+                )
+
+            hook = generation_eval_hook(tok, valid_text, cfg, out)
+        _seed_everything(t.seed)
+        trainer = Trainer(
+            cfg,
+            model,
+            train,
+            out,
+            val_fn,
+            dist,
+            eval_hook=hook,
+            resume=args.resume,
+            show_progress=not args.quiet,
+        )
+        if dist.is_main:
+            print(
+                f"finetuning {args.model} ({trainer.params['total'] / 1e6:.2f}M parameters) on "
+                f"{len(train_pairs)} examples, {dist.device} x{dist.world_size}, precision {trainer.precision}"
+            )
+        trainer.fit()
+        if trainer.step >= t.max_steps:
+            trainer.save_final(out / "final", tok)
+            if dist.is_main:
+                print(f"final model: {out / 'final'}")
+    finally:
+        D.shutdown()

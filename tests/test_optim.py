@@ -1,0 +1,131 @@
+"""AdamWScale (fp32, bf16 + Kahan, pure bf16), build_optimizer and the LR schedules."""
+
+import copy
+
+import pytest
+import torch
+
+from fat5 import FAT5Config, FAT5ForConditionalGeneration
+from fat5.optim import AdamWScale, build_optimizer, build_scheduler, schedule_factor
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tests run two to a 2-core machine: no oversubscription
+    yield
+    torch.set_num_threads(n)
+
+
+def _reference_step(p, g, m, v, step, lr, b1, b2, eps, wd):
+    """nanoT5's AdamWScale for one tensor, written plainly (decoupled decay folded into the update)."""
+    m.mul_(b1).add_(g, alpha=1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    rms = max(1e-3, (p.norm() / p.numel() ** 0.5).item())
+    v_hat = v / (1 - b2**step)
+    update = -lr / (1 - b1**step) * rms * m / (v_hat.sqrt() + eps) - lr * wd * p
+    p.add_(update)
+
+
+def test_adamwscale_fp32_matches_reference():
+    torch.manual_seed(0)
+    shapes = [(7, 5), (3,), (1,), (33, 2)]
+    params = [torch.randn(s) * (0.1 if i % 2 else 1e-5) for i, s in enumerate(shapes)]  # one below the floor
+    ref = [p.clone() for p in params]
+    ps = [torch.nn.Parameter(p) for p in params]
+    opt = AdamWScale(ps, lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    ms = [torch.zeros_like(p) for p in ref]
+    vs = [torch.zeros_like(p) for p in ref]
+    for step in range(1, 6):
+        grads = [torch.randn(s) for s in shapes]
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+        opt.step()
+        for p, g, m, v in zip(ref, grads, ms, vs):
+            _reference_step(p, g, m, v, step, 0.01, 0.9, 0.99, 1e-8, 0.1)
+    for p, r in zip(ps, ref):
+        torch.testing.assert_close(p.detach(), r, rtol=1e-5, atol=1e-7)
+
+
+def test_adamwscale_state_roundtrip_and_kahan_buffer():
+    p = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.bfloat16))
+    opt = AdamWScale([p], lr=1e-3)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    assert opt.state[p]["kahan_comp"].dtype == torch.bfloat16
+    assert opt.state[p]["exp_avg"].dtype == torch.bfloat16
+    opt2 = AdamWScale([p], lr=1e-3)
+    opt2.load_state_dict(opt.state_dict())
+    assert torch.equal(opt2.state[p]["kahan_comp"], opt.state[p]["kahan_comp"])
+    assert "kahan_comp" not in AdamWScale([torch.nn.Parameter(torch.randn(3))], kahan=True).state
+
+
+def _train_curve(base, data, mode: str, lr: float, steps: int) -> torch.Tensor:
+    model = copy.deepcopy(base)
+    if mode != "fp32-master":
+        model.to(torch.bfloat16)
+    opt = AdamWScale(model.parameters(), lr=lr, betas=(0.9, 0.99), kahan=mode == "bf16-kahan")
+    losses = []
+    for s in range(steps):
+        # fp32 master weights run the forward under bf16 autocast, the way training uses them
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "fp32-master"):
+            loss = model(**data[s % len(data)]).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return torch.tensor(losses)
+
+
+@pytest.mark.slow
+def test_bf16_kahan_tracks_fp32_master_and_plain_bf16_lags():
+    # lr 1e-3: AdamWScale moves each weight by ~1e-3 of its RMS per step, below half a bf16 ulp (2^-9):
+    # plain bf16 rounds most updates away, Kahan compensation keeps them.
+    cfg = FAT5Config.from_preset("tiny", vocab_size=128, d_model=64, d_ff=128, d_kv=16, num_heads=4)
+    torch.manual_seed(0)
+    base = FAT5ForConditionalGeneration(cfg)
+    g = torch.Generator().manual_seed(1)
+    data = []
+    for _ in range(200):
+        x = torch.randint(3, 19, (8, 12), generator=g)  # copy task over 16 symbols
+        data.append(dict(input_ids=x, attention_mask=torch.ones_like(x), labels=x))
+    steps, w = 200, 20
+    curves = {m: _train_curve(base, data, m, 1e-3, steps) for m in ("fp32-master", "bf16-kahan", "bf16")}
+    smooth = {m: c.reshape(-1, w).mean(1) for m, c in curves.items()}  # 20-step window means
+    ref = smooth["fp32-master"]
+    assert ref[-1] < 0.8 * ref[0], "the fp32 run itself should learn"
+    rel = ((smooth["bf16-kahan"] - ref).abs() / ref).max().item()
+    assert rel < 0.02, f"bf16+Kahan deviates from fp32 master weights by {rel:.1%}"
+    lag = (smooth["bf16"][-1] / ref[-1]).item()
+    assert lag > 1.15, f"plain bf16 should lag clearly at this LR (final loss ratio {lag:.3f})"
+
+
+def test_build_optimizer_choices():
+    ps = [torch.nn.Parameter(torch.randn(3, 3))]
+    assert isinstance(build_optimizer("adamwscale", ps, lr=1e-2), AdamWScale)
+    assert isinstance(build_optimizer("adamw", ps, lr=1e-3), torch.optim.AdamW)
+    assert isinstance(build_optimizer("adafactor", ps, lr=1e-3), torch.optim.Adafactor)
+    with pytest.raises(ValueError, match="valid choices: adamwscale, adamw, adafactor"):
+        build_optimizer("sgdd", ps, lr=1.0)
+
+
+def test_schedules():
+    f = lambda name, s, **kw: schedule_factor(name, s, 100, warmup_steps=10, min_lr_ratio=0.1, **kw)
+    assert f("cosine", 0) == pytest.approx(0.1)  # warmup: (step + 1) / warmup
+    assert f("cosine", 9) == pytest.approx(1.0)
+    assert f("cosine", 10) == pytest.approx(1.0)
+    assert f("cosine", 55) == pytest.approx(0.55)
+    assert f("cosine", 100) == pytest.approx(0.1)
+    assert f("inverse_sqrt", 40) == pytest.approx(0.5)
+    assert f("constant", 70) == 1.0
+    assert f("wsd", 79, decay_fraction=0.2) == 1.0
+    assert f("wsd", 90, decay_fraction=0.2) == pytest.approx(0.55)
+    assert f("wsd", 100, decay_fraction=0.2) == pytest.approx(0.1)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = build_scheduler(opt, "cosine", 100, warmup_steps=10, min_lr_ratio=0.1)
+    for _ in range(10):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="valid choices: cosine, inverse_sqrt, wsd, constant"):
+        build_scheduler(opt, "linear", 100)
