@@ -37,14 +37,22 @@ from fat5.generation import generate  # noqa: E402
 from fat5.hf import hf_config_dict, hf_state_dict  # noqa: E402
 
 # ANCHORS.md, measured on the same kind of H200 (beams, batch) -> (tokens/s, ms per step)
-ANCHORS = {(1, 1): (54, 18.6), (1, 16): (1024, 15.6), (1, 64): (3744, 17.1), (4, 1): (58, 17.2), (4, 64): (2180, 29.4)}
+ANCHORS = {
+    (1, 1): (54, 18.6),
+    (1, 16): (1024, 15.6),
+    (1, 64): (3744, 17.1),
+    (4, 1): (58, 17.2),
+    (4, 64): (2180, 29.4),
+}
 
 
 def git_commit() -> str:
     if os.environ.get("FAT5_COMMIT"):
         return os.environ["FAT5_COMMIT"]
     try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+        return subprocess.check_output(
+            ["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL
+        ).strip()
     except Exception:
         return "unknown"
 
@@ -127,23 +135,31 @@ def main() -> None:
     except Exception:  # a kernel path that cannot be captured: fall back to the reference ops, say so
         if args.backend == "reference":
             raise
-        notes.append("backend 'auto' failed under graph capture; fell back to 'reference':\n"
-                     + traceback.format_exc(limit=3))
+        notes.append(
+            "backend 'auto' failed under graph capture; fell back to 'reference':\n"
+            + traceback.format_exc(limit=3)
+        )
         ops.set_backend("reference")
         check = checks(ours, hf, ids, mask)
     print(json.dumps(check, indent=1), flush=True)
 
     new = args.new_tokens
     kw = dict(max_new_tokens=new, min_new_tokens=new)
-    configs = [(1, int(b)) for b in args.batches.split(",")] + [(args.beams, int(b)) for b in args.beam_batches.split(",")]
+    configs = [(1, int(b)) for b in args.batches.split(",")] + [
+        (args.beams, int(b)) for b in args.beam_batches.split(",")
+    ]
     rows = []
     for beams, batch in configs:
         x, m = ids[:batch], mask[:batch]
         row = dict(beams=beams, batch=batch)
         for name, fn in (
             ("fat5", lambda x=x, m=m, k=beams: generate(ours, x, m, num_beams=k, **kw)),
-            ("hf", lambda x=x, m=m, k=beams: hf.generate(input_ids=x, attention_mask=m, num_beams=k, do_sample=False,
-                                                          **kw)),
+            (
+                "hf",
+                lambda x=x, m=m, k=beams: hf.generate(
+                    input_ids=x, attention_mask=m, num_beams=k, do_sample=False, **kw
+                ),
+            ),
         ):
             if name == "hf" and args.skip_hf:
                 continue
@@ -163,9 +179,15 @@ def main() -> None:
         rows.append(row)
 
     env = dict(
-        gpu=torch.cuda.get_device_name(), torch=torch.__version__, cuda=torch.version.cuda, triton=triton.__version__,
-        transformers=transformers.__version__, python=platform.python_version(), commit=git_commit(),
-        ops_backend=ops.get_backend(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        gpu=torch.cuda.get_device_name(),
+        torch=torch.__version__,
+        cuda=torch.version.cuda,
+        triton=triton.__version__,
+        transformers=transformers.__version__,
+        python=platform.python_version(),
+        commit=git_commit(),
+        ops_backend=ops.get_backend(),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
     targets = []
     by = {(r["beams"], r["batch"]): r for r in rows}
@@ -173,10 +195,18 @@ def main() -> None:
         if (1, 64) in by:
             targets.append(("greedy batch 64 tokens/s >= 5x transformers", by[(1, 64)]["speedup"], 5.0))
         if (args.beams, 64) in by:
-            targets.append((f"{args.beams} beams batch 64 tokens/s >= 3x transformers", by[(args.beams, 64)]["speedup"], 3.0))
+            targets.append(
+                (
+                    f"{args.beams} beams batch 64 tokens/s >= 3x transformers",
+                    by[(args.beams, 64)]["speedup"],
+                    3.0,
+                )
+            )
         if (1, 1) in by:
             r = by[(1, 1)]
-            targets.append(("batch-1 ms/token <= 1/3 of transformers'", r["hf_ms_step"] / r["fat5_ms_step"], 3.0))
+            targets.append(
+                ("batch-1 ms/token <= 1/3 of transformers'", r["hf_ms_step"] / r["fat5_ms_step"], 3.0)
+            )
     if args.profile:
         profile_step(ours, ids, mask, args.beams, args.input_len)
     write_report(Path(args.out), args, env, check, rows, targets, notes)
@@ -197,19 +227,25 @@ def profile_step(ours, ids, mask, beams: int, n_in: int) -> None:
 def write_report(out: Path, args, env, check, rows, targets, notes) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"generate-{env['date'][:10]}"
-    (out / f"{stem}.json").write_text(json.dumps(dict(env=env, args=vars(args), checks=check, rows=rows,
-                                                      targets=targets, notes=notes), indent=2))
+    (out / f"{stem}.json").write_text(
+        json.dumps(
+            dict(env=env, args=vars(args), checks=check, rows=rows, targets=targets, notes=notes), indent=2
+        )
+    )
     lines = [
-        f"# fat5 generate vs transformers T5 generate ({env['date'][:10]})", "",
+        f"# fat5 generate vs transformers T5 generate ({env['date'][:10]})",
+        "",
         f"GPU {env['gpu']}; torch {env['torch']} (CUDA {env['cuda']}), triton {env['triton']}, transformers "
         f"{env['transformers']}, python {env['python']}; commit `{env['commit']}`; fat5 ops backend "
-        f"`{env['ops_backend']}`.", "",
+        f"`{env['ops_backend']}`.",
+        "",
         f"Preset `{args.preset}` (random init, bf16 weights), {args.input_len} input tokens, exactly "
         f"{args.new_tokens} new tokens (min_new_tokens = max_new_tokens). fat5: static KV cache + decode step "
         "captured in a CUDA graph. tokens/s = batch x new tokens / wall time of one generate call (encoder "
         "included, beams not counted); ms/step = that time / new tokens. Median of "
         f"{args.repeats} calls after a warm-up call. Command: `python3 benchmarks/bench_generate.py --out "
-        f"{args.out}`.", "",
+        f"{args.out}`.",
+        "",
         "| beams | batch | fat5 tokens/s | fat5 ms/step | transformers tokens/s | transformers ms/step | speedup | "
         "fat5 / transformers peak GiB | ANCHORS.md transformers tokens/s, ms/step |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -29,10 +29,21 @@ def _one_thread():
 def make_hf(variant: str) -> T5ForConditionalGeneration:
     tied = variant == "t5-v1.0"
     cfg = T5Config(
-        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
-        relative_attention_num_buckets=8, relative_attention_max_distance=20, dropout_rate=0.0,
-        decoder_start_token_id=0, pad_token_id=PAD, eos_token_id=EOS,
-        feed_forward_proj="relu" if tied else "gated-gelu", tie_word_embeddings=tied,
+        vocab_size=VOCAB,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=PAD,
+        eos_token_id=EOS,
+        feed_forward_proj="relu" if tied else "gated-gelu",
+        tie_word_embeddings=tied,
     )
     torch.manual_seed(0)
     model = T5ForConditionalGeneration(cfg).eval()
@@ -106,10 +117,18 @@ def test_models_stop_at_eos_sometimes(pair):
 def test_model_method_and_return_dict(pair):
     hf, ours = pair
     ids, mask = inputs()
-    out = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=2,
-                        num_return_sequences=2, return_dict_in_generate=True)
+    out = ours.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=5,
+        num_beams=2,
+        num_return_sequences=2,
+        return_dict_in_generate=True,
+    )
     assert out.sequences.shape[0] == 12 and out.sequences_scores.shape == (12,)
-    ref = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=2, num_return_sequences=2)
+    ref = hf.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=5, num_beams=2, num_return_sequences=2
+    )
     assert torch.equal(out.sequences, ref)
 
 
@@ -137,8 +156,16 @@ def test_sampling_with_generator_is_reproducible(pair):
     ids, mask = inputs()
 
     def run(seed, **kw):
-        return generate(ours, ids, mask, max_new_tokens=12, do_sample=True, num_return_sequences=3,
-                        generator=torch.Generator().manual_seed(seed), **kw)
+        return generate(
+            ours,
+            ids,
+            mask,
+            max_new_tokens=12,
+            do_sample=True,
+            num_return_sequences=3,
+            generator=torch.Generator().manual_seed(seed),
+            **kw,
+        )
 
     a, b = run(5), run(5, cache_implementation="static")
     assert torch.equal(a, b) and a.shape[0] == 18
@@ -147,16 +174,34 @@ def test_sampling_with_generator_is_reproducible(pair):
     # degenerate warpers are greedy
     greedy = generate(ours, ids, mask, max_new_tokens=12)
     for kw in (dict(top_k=1), dict(top_p=1e-9), dict(temperature=1e-4)):
-        out = generate(ours, ids, mask, max_new_tokens=12, do_sample=True, generator=torch.Generator().manual_seed(0), **kw)
+        out = generate(
+            ours,
+            ids,
+            mask,
+            max_new_tokens=12,
+            do_sample=True,
+            generator=torch.Generator().manual_seed(0),
+            **kw,
+        )
         assert torch.equal(out, greedy), kw
 
 
 def test_top_k_samples_only_top_tokens(pair):
     _, ours = pair
     ids, mask = inputs()
-    out = generate(ours, ids, mask, max_new_tokens=1, do_sample=True, top_k=3, num_return_sequences=50,
-                   generator=torch.Generator().manual_seed(0))
-    logits = ours(input_ids=ids, attention_mask=mask, decoder_input_ids=torch.zeros(6, 1, dtype=torch.long)).logits
+    out = generate(
+        ours,
+        ids,
+        mask,
+        max_new_tokens=1,
+        do_sample=True,
+        top_k=3,
+        num_return_sequences=50,
+        generator=torch.Generator().manual_seed(0),
+    )
+    logits = ours(
+        input_ids=ids, attention_mask=mask, decoder_input_ids=torch.zeros(6, 1, dtype=torch.long)
+    ).logits
     top3 = logits[:, 0].topk(3).indices
     picked = out[:, 1].view(6, 50)
     assert all(set(picked[i].tolist()) <= set(top3[i].tolist()) for i in range(6))
@@ -178,8 +223,16 @@ def test_min_new_tokens_and_pad_after_eos(pair):
 @pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
 def test_cached_decoding_equals_full_recompute(pe, cache_kind):
     torch.manual_seed(0)
-    cfg = FAT5Config.from_preset("tiny", vocab_size=80, d_model=32, d_kv=8, d_ff=48, num_heads=4,
-                                 position_encoding=pe, fire_init_threshold=4.0)
+    cfg = FAT5Config.from_preset(
+        "tiny",
+        vocab_size=80,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_heads=4,
+        position_encoding=pe,
+        fire_init_threshold=4.0,
+    )
     model = FAT5ForConditionalGeneration(cfg).eval()
     ids, mask = inputs()
     ids = ids % 80
@@ -193,11 +246,17 @@ def test_cached_decoding_equals_full_recompute(pe, cache_kind):
 
         parts, start = [], 0
         for stop in (3, 4, 5, 6, 7, 8, 9):  # a 3-token prefill, then one token at a time
-            out = model(encoder_outputs=BaseModelOutput(last_hidden_state=enc), attention_mask=mask,
-                        decoder_input_ids=dec[:, start:stop], past_key_values=cache)
+            out = model(
+                encoder_outputs=BaseModelOutput(last_hidden_state=enc),
+                attention_mask=mask,
+                decoder_input_ids=dec[:, start:stop],
+                past_key_values=cache,
+            )
             parts.append(out.logits)
             start = stop
-    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5, rtol=0), (torch.cat(parts, 1) - full).abs().max()
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5, rtol=0), (
+        (torch.cat(parts, 1) - full).abs().max()
+    )
     # and generate's two caches agree on these models (the cross K/V path of generation.py)
     a = generate(model, ids, mask, max_new_tokens=6, num_beams=2, cache_implementation="dynamic")
     b = generate(model, ids, mask, max_new_tokens=6, num_beams=2, cache_implementation="static")
@@ -251,7 +310,10 @@ class _CharTokenizer:
         rows = [[2 + ord(c) % 40 for c in t][:max_length] for t in texts]
         n = max(map(len, rows))
         ids = torch.tensor([r + [0] * (n - len(r)) for r in rows])
-        return argparse.Namespace(input_ids=ids, attention_mask=(torch.arange(n) < torch.tensor([len(r) for r in rows])[:, None]).long())
+        return argparse.Namespace(
+            input_ids=ids,
+            attention_mask=(torch.arange(n) < torch.tensor([len(r) for r in rows])[:, None]).long(),
+        )
 
     def decode(self, ids, skip_special_tokens=False):
         return " ".join(map(str, ids))
@@ -260,15 +322,31 @@ class _CharTokenizer:
 def test_cli_writes_json_lines(tmp_path, monkeypatch, capsys):
     import transformers
 
-    model = FAT5ForConditionalGeneration(FAT5Config.from_preset("tiny", vocab_size=64, d_model=32, d_kv=8,
-                                                                d_ff=48, num_heads=4))
+    model = FAT5ForConditionalGeneration(
+        FAT5Config.from_preset("tiny", vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_heads=4)
+    )
     model.save_pretrained(tmp_path / "m")
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", staticmethod(lambda *a, **k: _CharTokenizer()))
+    monkeypatch.setattr(
+        transformers.AutoTokenizer, "from_pretrained", staticmethod(lambda *a, **k: _CharTokenizer())
+    )
     parser = argparse.ArgumentParser()
     add_generate_command(parser.add_subparsers(dest="cmd"))
     (tmp_path / "in.txt").write_text("hello world\n\nsecond line\n")
-    args = parser.parse_args(["generate", "--model", str(tmp_path / "m"), "--file", str(tmp_path / "in.txt"),
-                              "--max-new-tokens", "4", "--num-beams", "2", "--device", "cpu"])
+    args = parser.parse_args(
+        [
+            "generate",
+            "--model",
+            str(tmp_path / "m"),
+            "--file",
+            str(tmp_path / "in.txt"),
+            "--max-new-tokens",
+            "4",
+            "--num-beams",
+            "2",
+            "--device",
+            "cpu",
+        ]
+    )
     assert args.func(args) == 0
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert [x["input"] for x in lines] == ["hello world", "second line"] and all("output" in x for x in lines)

@@ -23,8 +23,18 @@ def run(model, batch, backend):
 @pytest.mark.parametrize("pe", ["t5", "alibi", "fire"])
 def test_kernels_match_reference(restore_backend, pe):
     cfg = FAT5Config.from_preset(
-        "tiny", vocab_size=131, d_model=32, d_kv=16, d_ff=40, num_heads=2, num_layers=1, num_decoder_layers=1,
-        position_encoding=pe, relative_attention_num_buckets=8, relative_attention_max_distance=16, z_loss=1e-3,
+        "tiny",
+        vocab_size=131,
+        d_model=32,
+        d_kv=16,
+        d_ff=40,
+        num_heads=2,
+        num_layers=1,
+        num_decoder_layers=1,
+        position_encoding=pe,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        z_loss=1e-3,
     )
     torch.manual_seed(0)
     model = FAT5ForConditionalGeneration(cfg).train()
@@ -33,7 +43,9 @@ def test_kernels_match_reference(restore_backend, pe):
     mask[1, 9:] = 0
     labels = torch.randint(2, 131, (2, 7))
     labels[1, 5:] = -100
-    batch = dict(input_ids=ids, attention_mask=mask, labels=labels, decoder_attention_mask=(labels != -100).long())
+    batch = dict(
+        input_ids=ids, attention_mask=mask, labels=labels, decoder_attention_mask=(labels != -100).long()
+    )
     loss_ref, g_ref = run(model, batch, "reference")
     loss_k, g_k = run(model, batch, "triton")
     assert abs(loss_ref.item() - loss_k.item()) < 1e-5 * abs(loss_ref.item())

@@ -80,7 +80,9 @@ class StaticCache:
         device: torch.device | str | None = None,
     ) -> None:
         if batch < 1 or num_layers < 1 or max_len < 1:
-            raise ValueError(f"StaticCache needs batch, num_layers, max_len >= 1; got {batch}, {num_layers}, {max_len}")
+            raise ValueError(
+                f"StaticCache needs batch, num_layers, max_len >= 1; got {batch}, {num_layers}, {max_len}"
+            )
         shape = (batch, num_heads, max_len, head_dim)
         self.batch, self.max_len = batch, max_len
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -117,7 +119,11 @@ class StaticCache:
         kb.index_copy_(2, idx, k.to(kb.dtype))
         vb.index_copy_(2, idx, v.to(vb.dtype))
         if not self._mask_written:  # once per pass: every layer sees the same positions
-            new = torch.ones(b, m, dtype=torch.bool, device=k.device) if key_padding_mask is None else key_padding_mask.bool()
+            new = (
+                torch.ones(b, m, dtype=torch.bool, device=k.device)
+                if key_padding_mask is None
+                else key_padding_mask.bool()
+            )
             self.valid.index_copy_(1, idx, new)
             self._mask_written = True
         return kb, vb, self.valid

@@ -149,8 +149,14 @@ class _Step:
         if reorder is not None:
             self.cache.reorder(reorder, cross=False)  # beams never leave their input: cross K/V stay put
         # encoder_hidden_states=None: the cross K/V are always cached already
-        h = m.decoder(m.shared(tokens[:, None]), None, None, encoder_hidden_states=None,
-                      encoder_attention_mask=self.enc_mask, cache=self.cache)
+        h = m.decoder(
+            m.shared(tokens[:, None]),
+            None,
+            None,
+            encoder_hidden_states=None,
+            encoder_attention_mask=self.enc_mask,
+            cache=self.cache,
+        )
         return F.linear(m._decoder_output(h[:, -1]), m._output_weight()).float()
 
     def __call__(self, tokens, reorder=None):
@@ -203,8 +209,17 @@ def _make_step(model, enc, enc_mask, expand, max_len, cache_impl, use_graph, bea
         return step
     from . import ops
 
-    key = (rows, max_len, enc.shape[1], enc_mask is not None, beams, enc.dtype, enc.device, ops.get_backend(),
-           tuple(p.data_ptr() for p in model.parameters()))
+    key = (
+        rows,
+        max_len,
+        enc.shape[1],
+        enc_mask is not None,
+        beams,
+        enc.dtype,
+        enc.device,
+        ops.get_backend(),
+        tuple(p.data_ptr() for p in model.parameters()),
+    )
     cached = getattr(model, "_fat5_graph_step", None)
     if cached is not None and cached[0] == key:
         step = cached[1]
@@ -302,7 +317,7 @@ def _beam_search(step, batch, K, max_length, start, pad, eos, processors, s, gen
         running_bi = _gather_beams(topk_bi, nxt)
         # f. merge newly finished hypotheses into the finished set
         just_finished = hits & top_mask[None, :]
-        cand = topk_lp / (cur_len ** lp)
+        cand = topk_lp / (cur_len**lp)
         full = torch.all(finished, dim=-1, keepdim=True) & (early is True)
         cand += full.to(torch.float32) * -1.0e9
         cand += (~unsatisfied).to(torch.float32) * -1.0e9
@@ -316,7 +331,7 @@ def _beam_search(step, batch, K, max_length, start, pad, eos, processors, s, gen
         reorder = running_bi[..., cur_len - 1].reshape(batch * K).long()
         cur_len += 1
         best_len = (max_length - 1) if (early == "never" and lp > 0.0) else (cur_len - 1)
-        best_running = running_scores[:, :1] / (best_len ** lp)
+        best_running = running_scores[:, :1] / (best_len**lp)
         worst_done = torch.where(finished, torch.min(beam_scores, dim=1, keepdim=True)[0], -1.0e9)
         unsatisfied = unsatisfied & torch.any(best_running > worst_done, dim=-1, keepdim=True)
         go_on = torch.any(unsatisfied) & ~(torch.all(finished) & (early is True)) & ~torch.all(hits)
@@ -403,7 +418,9 @@ def generate(
     if max_length < 2:
         raise ValueError(f"max_length counts the decoder start token and must be >= 2, got {max_length}")
     if num_beams < 1 or num_return_sequences < 1:
-        raise ValueError(f"num_beams and num_return_sequences must be >= 1, got {num_beams}, {num_return_sequences}")
+        raise ValueError(
+            f"num_beams and num_return_sequences must be >= 1, got {num_beams}, {num_return_sequences}"
+        )
     if num_beams > 1 and num_return_sequences > num_beams:
         raise ValueError(f"num_return_sequences ({num_return_sequences}) must be <= num_beams ({num_beams})")
     if num_beams == 1 and not do_sample and num_return_sequences > 1:
@@ -445,9 +462,16 @@ def generate(
         raise ValueError("use_cuda_graph=True needs a CUDA model and cache_implementation='static'")
 
     settings = dict(
-        repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-        min_new_tokens=min_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-        length_penalty=length_penalty, early_stopping=early_stopping, num_return_sequences=num_return_sequences,
+        repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        min_new_tokens=min_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        length_penalty=length_penalty,
+        early_stopping=early_stopping,
+        num_return_sequences=num_return_sequences,
     )
     # beams keep at least one non-EOS token when warping (HF's min_tokens_to_keep)
     processors = _Processors(settings, eos_t, (len(eos) + 1 if eos else 2) if num_beams > 1 else 1)
@@ -458,14 +482,42 @@ def generate(
         enc = model.encode(input_ids, attention_mask)
         expand = num_beams if num_beams > 1 else num_return_sequences
         enc_mask = None if attention_mask is None else attention_mask.repeat_interleave(expand, 0).bool()
-        step = _make_step(model, enc, enc_mask, expand, max_length, cache_implementation, use_cuda_graph,
-                          beams=num_beams > 1)
+        step = _make_step(
+            model,
+            enc,
+            enc_mask,
+            expand,
+            max_length,
+            cache_implementation,
+            use_cuda_graph,
+            beams=num_beams > 1,
+        )
         if num_beams > 1:
-            seqs, scores = _beam_search(step, input_ids.shape[0], num_beams, max_length, start, pad, eos_t,
-                                        processors, settings, generator)
+            seqs, scores = _beam_search(
+                step,
+                input_ids.shape[0],
+                num_beams,
+                max_length,
+                start,
+                pad,
+                eos_t,
+                processors,
+                settings,
+                generator,
+            )
         else:
-            seqs, scores = _greedy_or_sample(step, enc.shape[0] * expand, max_length, start, pad, eos_t,
-                                             processors, do_sample, generator, check_every=8 if cuda else 1)
+            seqs, scores = _greedy_or_sample(
+                step,
+                enc.shape[0] * expand,
+                max_length,
+                start,
+                pad,
+                eos_t,
+                processors,
+                do_sample,
+                generator,
+                check_every=8 if cuda else 1,
+            )
     finally:
         model.train(was_training)
     if not return_dict_in_generate:
@@ -494,9 +546,10 @@ _DEMO_SPANS = [
 
 def add_generate_command(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
-        "generate", help="generate text with a fat5 model",
+        "generate",
+        help="generate text with a fat5 model",
         description="Reads inputs from the arguments, --file (one per line) or stdin; writes JSON lines "
-                    '{"input": ..., "output": ...} to stdout (--demo: a few built-in inputs, printed readably).',
+        '{"input": ..., "output": ...} to stdout (--demo: a few built-in inputs, printed readably).',
     )
     p.add_argument("--model", required=True, help="fat5 model folder (save_pretrained / fat5 convert)")
     p.add_argument("--tokenizer", help="tokenizer folder or name (default: the model folder)")
@@ -512,7 +565,9 @@ def add_generate_command(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-repeat-ngram-size", type=int, default=0)
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-input-length", type=int, default=512, help="longer inputs are truncated (with a warning)")
+    p.add_argument(
+        "--max-input-length", type=int, default=512, help="longer inputs are truncated (with a warning)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: bfloat16 on CUDA")
     p.add_argument("--file", help="input file, one input per line ('-' = stdin)")
@@ -537,7 +592,11 @@ def _run_generate(args) -> int:
     from .model import FAT5ForConditionalGeneration
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device.startswith("cuda") else None)
+    dtype = (
+        getattr(torch, args.dtype)
+        if args.dtype
+        else (torch.bfloat16 if args.device.startswith("cuda") else None)
+    )
     model = FAT5ForConditionalGeneration.from_pretrained(args.model)
     model = model.to(device=args.device, dtype=dtype).eval()
     if len(tok) > model.config.vocab_size:
@@ -554,10 +613,17 @@ def _run_generate(args) -> int:
     gen = torch.Generator(device=args.device).manual_seed(args.seed) if args.do_sample else None
     drop = {i for i in (model.config.pad_token_id, model.config.eos_token_id) if isinstance(i, int)}
     kw = dict(
-        max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens, num_beams=args.num_beams,
-        length_penalty=args.length_penalty, do_sample=args.do_sample, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-        no_repeat_ngram_size=args.no_repeat_ngram_size, generator=gen,
+        max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.min_new_tokens,
+        num_beams=args.num_beams,
+        length_penalty=args.length_penalty,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        generator=gen,
     )
     for i in range(0, len(texts), args.batch_size):
         chunk = texts[i : i + args.batch_size]

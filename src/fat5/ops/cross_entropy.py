@@ -33,7 +33,9 @@ def cross_entropy_ref(
     label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if logits.dim() != 2 or labels.shape != logits.shape[:1]:
-        raise ValueError(f"logits must be (tokens, vocab) and labels (tokens,), got {tuple(logits.shape)}, {tuple(labels.shape)}")
+        raise ValueError(
+            f"logits must be (tokens, vocab) and labels (tokens,), got {tuple(logits.shape)}, {tuple(labels.shape)}"
+        )
     logits = logits.float()
     valid = labels != ignore_index
     if bool(((labels < 0) & valid).any()) or bool((labels >= logits.shape[1]).any()):
