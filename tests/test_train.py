@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from fat5 import FAT5ForConditionalGeneration
+from fat5.finetune import rouge_l
 from fat5.runconfig import load_run_config
-from fat5.train import Trainer, TrainingDiverged, add_train_commands, latest_checkpoint, rouge_l
+from fat5.train import Trainer, TrainingDiverged, add_train_commands, latest_checkpoint
 
 
 @pytest.fixture(autouse=True)
