@@ -353,3 +353,111 @@ def test_cli_writes_json_lines(tmp_path, monkeypatch, capsys):
     args = parser.parse_args(["generate", "--model", str(tmp_path / "m"), "--demo", "--device", "cpu"])
     args.func(args)
     assert capsys.readouterr().out.count("output:") == 3
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "static"])
+def test_per_input_cross_kv_equals_repeated(cache_kind):
+    """Cross K/V and encoder mask once per input (r decoder rows each: queries grouped in Attention) give
+    the logits of K/V and mask repeated per row, for a multi-token pass and single-token steps."""
+    from fat5.model import BaseModelOutput
+
+    torch.manual_seed(0)
+    cfg = FAT5Config.from_preset("tiny", vocab_size=80, d_model=32, d_kv=8, d_ff=48, num_heads=4)
+    model = FAT5ForConditionalGeneration(cfg).eval()
+    ids, mask = inputs()
+    ids, r = ids % 80, 3
+    dec = torch.randint(2, 80, (6 * r, 5))
+    dec[:, 0] = 0
+
+    def run(per_input: bool):
+        enc = model.encode(ids, mask)
+        m = mask
+        if not per_input:
+            enc, m = enc.repeat_interleave(r, 0), mask.repeat_interleave(r, 0)
+        cache = DynamicCache() if cache_kind == "dynamic" else StaticCache.for_model(model, 6 * r, 8)
+        for i, layer in enumerate(model.decoder.layers):
+            cache.set_cross(i, *layer.cross_attn.cross_kv(enc))
+        assert cache.get_cross(0)[0].shape[0] == (6 if per_input else 6 * r)
+        parts = []
+        for start, stop in ((0, 3), (3, 4), (4, 5)):
+            out = model(
+                encoder_outputs=BaseModelOutput(last_hidden_state=enc),
+                attention_mask=m,
+                decoder_input_ids=dec[:, start:stop],
+                past_key_values=cache,
+            )
+            parts.append(out.logits)
+        return torch.cat(parts, 1)
+
+    with torch.no_grad():
+        grouped, repeated = run(True), run(False)
+        full = model(
+            input_ids=ids.repeat_interleave(r, 0),
+            attention_mask=mask.repeat_interleave(r, 0),
+            decoder_input_ids=dec,
+        ).logits
+    assert (grouped - repeated).abs().max() <= 1e-6
+    assert torch.allclose(grouped, full, atol=1e-5, rtol=0)
+
+
+def test_per_input_cross_attention_with_segments():
+    """The grouped-query cross-attention keeps per-row decoder segment ids against per-input encoder ones."""
+    from fat5.model import Attention, AttentionContext
+
+    torch.manual_seed(0)
+    cfg = FAT5Config.from_preset("tiny", vocab_size=80, d_model=32, d_kv=8, d_ff=48, num_heads=4)
+    att = Attention(cfg, causal=False, cross=True).eval()
+    b, r, m, n = 3, 2, 4, 7
+    x, enc = torch.randn(b * r, m, 32), torch.randn(b, n, 32)
+    kpm = torch.rand(b, n) > 0.3
+    kpm[:, 0] = True
+    enc_seg = torch.randint(0, 2, (b, n))
+    dec_seg = torch.randint(0, 2, (b * r, m))
+    with torch.no_grad():
+        grouped_cache, rep_cache = DynamicCache(), DynamicCache()
+        grouped_cache.set_cross(0, *att.cross_kv(enc))
+        rep_cache.set_cross(0, *(t.repeat_interleave(r, 0) for t in att.cross_kv(enc)))
+        ctx = AttentionContext(segment_ids=dec_seg, enc_key_padding_mask=kpm, enc_segment_ids=enc_seg)
+        grouped = att(x, ctx, cache=grouped_cache)
+        ctx = AttentionContext(
+            segment_ids=dec_seg,
+            enc_key_padding_mask=kpm.repeat_interleave(r, 0),
+            enc_segment_ids=enc_seg.repeat_interleave(r, 0),
+        )
+        repeated = att(x, ctx, cache=rep_cache)
+        direct = att(x, ctx, kv_input=enc.repeat_interleave(r, 0))
+    assert (grouped - repeated).abs().max() <= 1e-6 and torch.equal(repeated, direct)
+
+
+def test_generate_keeps_cross_kv_per_input(pair, monkeypatch):
+    """generate stores cross K/V once per input, and beam reordering never moves a row to another input."""
+    _, ours = pair
+    ids, mask = inputs()
+    seen = []
+    for cls in (DynamicCache, StaticCache):
+        orig = cls.reorder
+
+        def spy(self, index, cross=True, _orig=orig):
+            seen.append((index.clone(), self.cross_kv[0][0].shape[0]))
+            return _orig(self, index, cross)
+
+        monkeypatch.setattr(cls, "reorder", spy)
+    for cache in ("dynamic", "static"):
+        generate(ours, ids, mask, max_new_tokens=6, num_beams=3, cache_implementation=cache)
+    assert seen
+    rows = torch.arange(6 * 3)
+    for index, cross_rows in seen:
+        assert cross_rows == 6
+        assert torch.equal(index // 3, rows // 3), index
+
+
+def test_cache_reorder_leaves_per_input_cross_kv():
+    k_row = torch.arange(4.0)[:, None, None, None].expand(4, 2, 3, 4)
+    k_in = torch.arange(2.0)[:, None, None, None].expand(2, 2, 3, 4)
+    index = torch.tensor([1, 1, 2, 3])
+    for c in (DynamicCache(), StaticCache(batch=4, num_layers=2, num_heads=2, head_dim=4, max_len=2)):
+        c.set_cross(0, k_row.clone(), k_row.clone())
+        c.set_cross(1, k_in.clone(), k_in.clone())
+        c.reorder(index)
+        assert c.get_cross(0)[0][:, 0, 0, 0].tolist() == [1.0, 1.0, 2.0, 3.0]  # per row: follows the rows
+        assert c.get_cross(1)[0][:, 0, 0, 0].tolist() == [0.0, 1.0]  # per input: untouched

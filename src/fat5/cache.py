@@ -5,6 +5,12 @@ position of the next query), ``update(layer, k, v, key_padding_mask)`` -> the fu
 ``get_cross`` / ``set_cross`` (encoder keys/values, computed once per input), ``key_length(m)`` and
 ``advance(m)`` once per decoder pass; generation also uses ``reorder(index)`` (beam search).
 
+Cross-attention keys/values come in two layouts: one row per decoder row (what a decoder pass given the
+encoder states stores), or one row per input, shared by that input's ``r`` consecutive decoder rows (beams or
+returned sequences: what generation stores; ``Attention`` then groups the r rows' queries). ``reorder`` moves
+per-row ones with their rows and leaves per-input ones alone: beam search reorders rows only among the beams
+of one input (row ``i`` takes a row of the same block ``i // r``), so shared encoder states stay valid.
+
 - ``DynamicCache`` grows by concatenation: simple, any length, but every step allocates new tensors and the
   shapes change, so a decode step cannot be captured in a CUDA graph.
 - ``StaticCache`` preallocates (B, H, max_len, D) buffers per layer and writes new positions with
@@ -57,11 +63,16 @@ class DynamicCache:
             self.key_mask, self._pending_mask = self._pending_mask, None
 
     def reorder(self, index: torch.Tensor, cross: bool = True) -> None:
-        """Select batch rows (beam search). ``cross=False`` keeps the encoder keys/values as they are: valid
-        when ``index`` never moves a row to another input (beams of one input share the encoder states)."""
+        """Select batch rows (beam search). Per-input cross keys/values (fewer rows than ``index``) are never
+        touched: ``index`` must keep every row within its input's block (see the module docstring).
+        ``cross=False`` keeps per-row ones as they are too (valid under the same condition)."""
         self.self_kv = {i: (k[index], v[index]) for i, (k, v) in self.self_kv.items()}
         if cross:
-            self.cross_kv = {i: (k[index], v[index]) for i, (k, v) in self.cross_kv.items()}
+            rows = index.shape[0]
+            self.cross_kv = {
+                i: (k[index], v[index]) if k.shape[0] == rows else (k, v)
+                for i, (k, v) in self.cross_kv.items()
+            }
         if self.key_mask is not None:
             self.key_mask = self.key_mask[index]
 
@@ -150,14 +161,17 @@ class StaticCache:
         self._mask_written = False
 
     def reorder(self, index: torch.Tensor, cross: bool = True) -> None:
-        """Select batch rows into the same buffers (addresses unchanged, so capturable too)."""
+        """Select batch rows into the same buffers (addresses unchanged, so capturable too). Per-input cross
+        keys/values (fewer than ``batch`` rows) are never touched, per-row ones only with ``cross=True``: as
+        ``DynamicCache.reorder``."""
         for buf in (*self.keys, *self.values):
             buf.copy_(buf.index_select(0, index))
         self.valid.copy_(self.valid.index_select(0, index))
         if cross:
             for k, v in self.cross_kv.values():
-                k.copy_(k.index_select(0, index))
-                v.copy_(v.index_select(0, index))
+                if k.shape[0] == self.batch:
+                    k.copy_(k.index_select(0, index))
+                    v.copy_(v.index_select(0, index))
 
     def reset(self) -> None:
         """Empty the cache (keeps the buffers and the encoder keys/values)."""

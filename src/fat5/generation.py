@@ -3,8 +3,10 @@
 ``generate(model, input_ids, ...)`` takes the Hugging Face keyword names and reproduces ``transformers``'
 ``generate`` token for token (greedy, beam search and their logits processors: repetition penalty, no-repeat
 n-grams, min_new_tokens; sampling warpers temperature / top-k / top-p in HF's order). The encoder runs once;
-the cross-attention keys/values are computed once per input (not per beam or returned sequence) and put in
-the cache before the first decoder step, so every decoder step has the same shape.
+the cross-attention keys/values are computed once per input and stored once per input (not repeated per beam
+or returned sequence: the decoder's cross-attention stacks the queries of an input's rows against them, and
+beam reordering leaves them alone) in the cache before the first decoder step, so every decoder step has the
+same shape.
 
 Speed on CUDA: a ``StaticCache`` (preallocated buffers, offset as a device tensor) and the whole decoder step
 (embedding -> decoder -> logits, plus the beam reorder of the cache) captured once in a CUDA graph and
@@ -108,26 +110,24 @@ def _attention_upcasts(t: torch.Tensor) -> bool:
     return not ops.use_kernels(t)
 
 
-def _cross_kv(model, enc: torch.Tensor, expand: int):
-    """Per layer (K, V) of the cross-attention, projected once per input and repeated for its beams/samples.
-    Mirrors ``Attention.forward``'s cross branch (which skips its own projection once these are cached).
-    For the reference attention they are stored in fp32: it would upcast them anyway (so the numbers are
-    identical), and converting (rows, H, N, D) twice per layer per step dominates a large-batch decode step."""
+def _cross_kv(model, enc: torch.Tensor):
+    """Per layer (K, V) (B, H, N, D) of the cross-attention, once per input: the decoder rows of one input
+    (its beams / returned sequences, consecutive) share them (``Attention``'s cross branch groups their
+    queries). For the reference attention on CUDA they are stored in fp32: it would upcast them anyway (so
+    the numbers are identical), and converting them twice per layer per step shows in a large-batch step."""
     out = []
     upcast = _attention_upcasts(enc) and enc.is_cuda
     for layer in model.decoder.layers:
-        att = layer.cross_attn
-        k, v = att._heads(att.k(enc)), att._heads(att.v(enc))  # (B, H, N, D)
+        k, v = layer.cross_attn.cross_kv(enc)
         if upcast:
             k, v = k.float(), v.float()
-        if expand > 1:
-            k, v = k.repeat_interleave(expand, 0), v.repeat_interleave(expand, 0)
         out.append((k, v))
     return out
 
 
 class _Step:
-    """tokens (R,) [+ beam reorder index (R,)] -> next-token logits (R, V) in float32."""
+    """tokens (R,) [+ beam reorder index (R,)] -> next-token logits (R, V) in float32. The R = B * r rows are
+    r consecutive rows per input; cross K/V and the encoder mask (B, N) are per input."""
 
     def __init__(self, model, rows: int, max_len: int, static: bool, enc_mask: torch.Tensor | None):
         self.model, self.rows, self.max_len = model, rows, max_len
@@ -147,7 +147,9 @@ class _Step:
     def body(self, tokens: torch.Tensor, reorder: torch.Tensor | None) -> torch.Tensor:
         m = self.model
         if reorder is not None:
-            self.cache.reorder(reorder, cross=False)  # beams never leave their input: cross K/V stay put
+            # beam search: row i takes a row of its own input (index // r == i // r), so the per-input
+            # cross K/V (which reorder never touches) stay right
+            self.cache.reorder(reorder)
         # encoder_hidden_states=None: the cross K/V are always cached already
         h = m.decoder(
             m.shared(tokens[:, None]),
@@ -202,7 +204,7 @@ class _GraphStep(_Step):
 
 def _make_step(model, enc, enc_mask, expand, max_len, cache_impl, use_graph, beams):
     rows = enc.shape[0] * expand
-    cross = _cross_kv(model, enc, expand)
+    cross = _cross_kv(model, enc)
     if not use_graph:
         step = _Step(model, rows, max_len, cache_impl == "static", None)
         step.load(cross, enc_mask)
@@ -212,6 +214,7 @@ def _make_step(model, enc, enc_mask, expand, max_len, cache_impl, use_graph, bea
     key = (
         rows,
         max_len,
+        enc.shape[0],  # the cross K/V and encoder mask buffers are per input: (B, H, N, D), (B, N)
         enc.shape[1],
         enc_mask is not None,
         beams,
@@ -481,7 +484,7 @@ def generate(
     try:
         enc = model.encode(input_ids, attention_mask)
         expand = num_beams if num_beams > 1 else num_return_sequences
-        enc_mask = None if attention_mask is None else attention_mask.repeat_interleave(expand, 0).bool()
+        enc_mask = None if attention_mask is None else attention_mask.bool()  # (B, N): per input, like enc
         step = _make_step(
             model,
             enc,
@@ -541,6 +544,16 @@ _DEMO_SPANS = [
     "The <extra_id_0> walks in <extra_id_1> park.",
     "Thank you <extra_id_0> me to your party <extra_id_1> week.",
     "The capital of France is <extra_id_0>, a city famous for <extra_id_1>.",
+]
+
+
+# UL2-pretrained models (mode tokens in the vocabulary) see inputs like their pretraining ones; the
+# built-in corpus is Python source, so the demo asks for Python.
+_DEMO_UL2 = [
+    "[S] import os\nimport sys\n\n\ndef main(",
+    "[R] class Point:\n    def __init__(self, x, y):\n        self.<extra_id_0> = x\n        self.y = <extra_id_1>",
+    "[R] for i in range(<extra_id_0>):\n    print(<extra_id_1>)",
+    "[X] def read(path):\n    <extra_id_0> open(path) as f:\n        return f.<extra_id_1>()",
 ]
 
 
@@ -605,7 +618,8 @@ def _run_generate(args) -> int:
             "wrong --tokenizer for this model?"
         )
     if args.demo:
-        texts = _DEMO_SPANS if "<extra_id_0>" in tok.get_vocab() else _DEMO_PLAIN
+        vocab = tok.get_vocab()
+        texts = _DEMO_UL2 if "[R]" in vocab else _DEMO_SPANS if "<extra_id_0>" in vocab else _DEMO_PLAIN
     else:
         texts = _read_inputs(args)
         if not texts:

@@ -76,34 +76,52 @@ class Attention(nn.Module):
         b, l, _ = x.shape
         return x.view(b, l, self.n_heads, self.d_kv).transpose(1, 2)  # (B, H, L, D), a view
 
+    def cross_kv(self, enc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys and values (B, H, N, D) of encoder states ``enc`` (B, N, d_model); what the
+        cross branch of ``forward`` computes (and caches) when the cache holds none."""
+        if not self._fused("k", "v"):
+            return self._heads(self.k(enc)), self._heads(self.v(enc))
+        b, n, _ = enc.shape
+        kv = F.linear(enc, torch.cat([self.k.weight, self.v.weight])).view(b, n, 2, self.n_heads, self.d_kv)
+        return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
+
     def forward(self, x, ctx: AttentionContext, kv_input=None, cache=None, layer_idx: int = 0):
         if self.cross:
             q = self._heads(self.q(x))
             kv = cache.get_cross(layer_idx) if cache is not None else None
-            if kv is None and not self._fused("k", "v"):
-                k, v = self._heads(self.k(kv_input)), self._heads(self.v(kv_input))
+            if kv is None:
+                kv = self.cross_kv(kv_input)
                 if cache is not None:
-                    cache.set_cross(layer_idx, k, v)
-            elif kv is None:
-                b, n, _ = kv_input.shape
-                kv = F.linear(kv_input, torch.cat([self.k.weight, self.v.weight])).view(
-                    b, n, 2, self.n_heads, self.d_kv
+                    cache.set_cross(layer_idx, *kv)
+            k, v = kv
+            q_seg = ctx.segment_ids if ctx.enc_segment_ids is not None else None
+            b, _, m, _ = q.shape
+            r = b // k.shape[0]
+            if r * k.shape[0] != b:
+                raise ValueError(
+                    f"cross-attention: {b} query rows is not a multiple of {k.shape[0]} key/value rows"
                 )
-                k, v = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
-                if cache is not None:
-                    cache.set_cross(layer_idx, k, v)
-            else:
-                k, v = kv
+            if r > 1:
+                # K/V once per input, shared by its r consecutive query rows (beams / returned sequences):
+                # stack those rows' queries along the query axis, (B*r, H, M, D) -> (B, H, r*M, D) (a view).
+                # Exact: cross-attention has no position bias and no causal mask, every query row is
+                # independent; the key padding mask (and encoder segment ids) are per input, (B, N).
+                q = q.unflatten(0, (-1, r)).transpose(1, 2).flatten(2, 3)
+                if q_seg is not None:
+                    q_seg = q_seg.reshape(-1, r * m)
             out = ops.attention(
                 q,
                 k,
                 v,
                 scale=self.scale,
                 key_padding_mask=ctx.enc_key_padding_mask,
-                q_segment_ids=ctx.segment_ids if ctx.enc_segment_ids is not None else None,
+                q_segment_ids=q_seg,
                 kv_segment_ids=ctx.enc_segment_ids,
                 dropout_p=self.dropout if self.training else 0.0,
             )
+            if r > 1:  # (B, H, r*M, D) -> (B*r, M, H*D)
+                out = out.unflatten(2, (r, m)).permute(0, 2, 3, 1, 4).reshape(b, m, self.n_heads * self.d_kv)
+                return self.o(out)
         else:
             # one GEMM for q, k and v (the weights stay separate parameters, as in T5 checkpoints)
             if self._fused("q", "k", "v"):
