@@ -123,3 +123,63 @@ def test_too_few_documents_for_readers(data_dir, tok):
     it = UL2Batches(ds, tok, enc_len=64, dec_len=64, world_size=len(ds) + 1, rank=0)
     with pytest.raises(ValueError, match="fewer than its"):
         next(iter(it))
+
+
+def _assemble_rowwise(rows, B, E, D):
+    # The batch format written one example at a time (the spec for Packer.assemble's scatter).
+    ids, seg = np.zeros((B, E), np.int64), np.zeros((B, E), np.int64)
+    dec, lab, dseg = np.zeros((B, D), np.int64), np.full((B, D), -100), np.zeros((B, D), np.int64)
+    for r, row in enumerate(rows):
+        pe = pd = 0
+        for k, (inp, tgt, _) in enumerate(row, 1):
+            ids[r, pe : pe + len(inp)], seg[r, pe : pe + len(inp)] = inp, k
+            lab[r, pd : pd + len(tgt)], dseg[r, pd : pd + len(tgt)] = tgt, k
+            dec[r, pd], dec[r, pd + 1 : pd + len(tgt)] = 0, tgt[:-1]
+            pe, pd = pe + len(inp), pd + len(tgt)
+    return ids, seg, dec, lab, dseg
+
+
+def test_assemble_matches_rowwise():
+    rng = np.random.default_rng(0)
+    B, E, D = 5, 40, 17
+    for _ in range(50):
+        rows = [[] for _ in range(B)]
+        for r in rng.permutation(B)[: int(rng.integers(0, B + 1))]:  # some rows stay empty
+            fe, fd = E, D
+            while fe >= 1 and fd >= 1 and rng.random() < 0.8:
+                ne, nd = int(rng.integers(1, fe + 1)), int(rng.integers(1, fd + 1))
+                rows[r].append((rng.integers(3, 99, ne), rng.integers(3, 99, nd), 0))
+                fe, fd = fe - ne, fd - nd
+        b = Packer(B, E, D).assemble(rows)
+        ids, seg, dec, lab, dseg = _assemble_rowwise(rows, B, E, D)
+        assert np.array_equal(b["input_ids"], ids) and np.array_equal(b["segment_ids"], seg)
+        assert np.array_equal(b["decoder_input_ids"], dec) and np.array_equal(b["labels"], lab)
+        assert np.array_equal(b["decoder_segment_ids"], dseg)
+        assert np.array_equal(b["attention_mask"], seg > 0)
+        assert np.array_equal(b["decoder_attention_mask"], dseg > 0)
+
+
+def test_state_dict_is_a_snapshot(data_dir, tok):
+    it = _stream(data_dir, tok)
+    gen = iter(it)
+    for _ in range(3):
+        next(gen)
+    state = it.state_dict()
+    frozen = json.loads(json.dumps(state))
+    for _ in range(3):  # the live stream moves on (and reuses its carried-over list); the snapshot must not
+        next(gen)
+    assert json.loads(json.dumps(state)) == frozen
+    assert it.state_dict()["streams"] != frozen["streams"]
+
+
+def test_default_pieces_leave_little_encoder_padding(data_dir, tok):
+    # With pieces of at most half a row (the default), input-heavy and target-heavy pieces share rows.
+    low = _stream(data_dir, tok, enc_len=256, dec_len=256, batch_size=8)
+    full = _stream(data_dir, tok, enc_len=256, dec_len=256, batch_size=8, max_piece_fraction=1.0)
+    for it in (low, full):
+        for i, _ in enumerate(it):
+            if i == 100:
+                break
+    assert low.padding()[0] < 0.02 < full.padding()[0]
+    # decoder padding is the mixture's: targets hold about half as many tokens as inputs
+    assert 0.4 < low.padding()[1] < 0.6

@@ -80,3 +80,30 @@ def test_mixture_config():
         Mixture.from_dict({"denoisers": [], "weight": []})
     with pytest.raises(ValueError, match="cannot hold even a one-token"):
         max_piece_length(Denoiser("R", mode_token="[R]"), 3, 2, 100)
+
+
+def _replace_runs(tokens, mask, sentinels):
+    # The spec, written the slow way: each run of True in mask becomes one sentinel, numbered in order.
+    out, k = [], 0
+    for i, (t, m) in enumerate(zip(tokens.tolist(), mask.tolist())):
+        if not m:
+            out.append(t)
+        elif i == 0 or not mask[i - 1]:
+            out.append(int(sentinels[k]))
+            k += 1
+    return out
+
+
+@pytest.mark.parametrize("den", [d for d in ALL if d.kind != "S"], ids=lambda d: d.name)
+def test_denoise_equals_mask_spec(den):
+    # denoise builds span corruption straight from the run lengths; it must equal masking the piece with
+    # random_spans_noise_mask (same draws) and replacing spans, as T5 does.
+    rng = np.random.default_rng(4)
+    for n in list(range(2, 30)) + list(rng.integers(30, 600, 40)):
+        n = min(int(n), max_piece_length(den, 10_000, 10_000, len(SENT)))
+        toks = rng.integers(3, 800, n)
+        seed = int(rng.integers(1 << 30))
+        mask = random_spans_noise_mask(n, den.noise_density, den.mean_span, np.random.default_rng(seed))
+        inp, tgt = denoise(toks, den, np.random.default_rng(seed), SENT, eos_id=1, mode_id=7)
+        assert inp.tolist() == [7] + _replace_runs(toks, mask, SENT) + [1]
+        assert tgt.tolist() == _replace_runs(toks, ~mask, SENT) + [1]

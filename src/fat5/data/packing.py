@@ -63,54 +63,65 @@ class Packer:
     def place(self, items: list[tuple[np.ndarray, np.ndarray, int]]):
         """First-fit ``items`` into rows; returns (rows of items, free encoder / decoder room, leftovers)."""
         B, E, D = self.batch_size, self.enc_len, self.dec_len
-        enc = np.fromiter((len(it[0]) for it in items), np.int64, len(items))
-        dec = np.fromiter((len(it[1]) for it in items), np.int64, len(items))
-        if items and (enc.max() > E or dec.max() > D):
-            raise ValueError(f"an example of {enc.max()}/{dec.max()} tokens exceeds the rows ({E}/{D})")
-        old = np.fromiter((it[2] >= 2 for it in items), bool, len(items))
-        size = np.maximum(enc / E, dec / D)
-        order = np.lexsort((-size, ~old))  # old first, then largest (in its fuller dimension) first
-        free_e, free_d = np.full(B, E), np.full(B, D)
+        enc = [len(it[0]) for it in items]
+        dec = [len(it[1]) for it in items]
+        if items and (max(enc) > E or max(dec) > D):
+            raise ValueError(f"an example of {max(enc)}/{max(dec)} tokens exceeds the rows ({E}/{D})")
+        # old (carried over twice or more) first, then largest in its fuller dimension first; stable
+        order = sorted(range(len(items)), key=lambda i: (items[i][2] < 2, -max(enc[i] / E, dec[i] / D)))
+        # Plain Python lists: with tens of rows, per-row scalar tests beat numpy's per-call overhead.
+        free_e, free_d = [E] * B, [D] * B
         rows: list[list] = [[] for _ in range(B)]
         left = []
         for i in order:
-            fit = np.flatnonzero((free_e >= enc[i]) & (free_d >= dec[i]))
-            if fit.size == 0:
-                left.append(i)
-                continue
+            e, d = enc[i], dec[i]
             # Of the rows with room, take the one left most balanced between encoder and decoder room, so
             # input-heavy and target-heavy examples pair up instead of stranding space in one of the two.
-            skew = np.abs((free_e[fit] - enc[i]) / E - (free_d[fit] - dec[i]) / D)
-            r = fit[int(np.argmin(skew))]
-            rows[r].append(items[i])
-            free_e[r] -= enc[i]
-            free_d[r] -= dec[i]
-        return rows, free_e, free_d, [(items[i][0], items[i][1], items[i][2] + 1) for i in sorted(left)]
+            best, best_skew = -1, 0.0
+            for r in range(B):
+                fe, fd = free_e[r], free_d[r]
+                if fe >= e and fd >= d:
+                    skew = abs((fe - e) / E - (fd - d) / D)
+                    if best < 0 or skew < best_skew:
+                        best, best_skew = r, skew
+            if best < 0:
+                left.append(i)
+                continue
+            rows[best].append(items[i])
+            free_e[best] -= e
+            free_d[best] -= d
+        left.sort()
+        return rows, free_e, free_d, [(items[i][0], items[i][1], items[i][2] + 1) for i in left]
 
     def assemble(self, rows: list[list]) -> dict:
+        """The batch dict of ``rows`` (lists of items), written with one scatter per array."""
         B, E, D = self.batch_size, self.enc_len, self.dec_len
         input_ids = np.full((B, E), self.pad_id, np.int64)
         seg = np.zeros((B, E), np.int64)
         dec_in = np.full((B, D), self.pad_id, np.int64)
         labels = np.full((B, D), -100, np.int64)
         dseg = np.zeros((B, D), np.int64)
-        for r, row in enumerate(rows):
-            if not row:
-                continue
-            ins = [it[0] for it in row]
-            tgs = [it[1] for it in row]
-            ne = np.fromiter(map(len, ins), np.int64, len(ins))
-            nd = np.fromiter(map(len, tgs), np.int64, len(tgs))
-            te, td = int(ne.sum()), int(nd.sum())
-            k = np.arange(1, len(row) + 1)
-            input_ids[r, :te] = np.concatenate(ins)
-            seg[r, :te] = np.repeat(k, ne)
-            t = np.concatenate(tgs)
-            labels[r, :td] = t
-            dseg[r, :td] = np.repeat(k, nd)
-            # Shift right within each example: position 0 of every example gets the start token.
-            dec_in[r, 1:td] = t[: td - 1]
-            dec_in[r, np.cumsum(nd) - nd] = self.start_id
+        items = [it for row in rows for it in row]
+        if items:
+            counts = [len(row) for row in rows]
+            row_of = np.repeat(np.arange(B), counts)
+            first = (np.cumsum(counts) - counts)[row_of]  # index of the first item of each item's row
+            k = np.arange(len(items)) - first + 1  # segment id of each item
+            for arrs, L, ids, segs in ((0, E, input_ids, seg), (1, D, labels, dseg)):
+                toks = [it[arrs] for it in items]
+                n = np.fromiter(map(len, toks), np.int64, len(toks))
+                ends = np.cumsum(n)
+                starts = ends - n  # of each item in the concatenation
+                # token j of the concatenation goes to row * L + (j - start of its row's first item)
+                flat = np.repeat(row_of * L - starts[first], n) + np.arange(ends[-1])
+                t = np.concatenate(toks)
+                ids.reshape(-1)[flat] = t
+                segs.reshape(-1)[flat] = np.repeat(k, n)
+            # decoder inputs: each example's targets shifted right, starting with the start token
+            shifted = np.empty_like(t)
+            shifted[1:] = t[:-1]
+            shifted[starts] = self.start_id
+            dec_in.reshape(-1)[flat] = shifted
         return {
             "input_ids": input_ids,
             "attention_mask": (seg > 0).astype(np.int64),
@@ -127,11 +138,17 @@ class UL2Batches(IterableDataset):
 
     Pieces are at most ``max_piece_fraction`` of the longest that fits a row. At 1.0 (full context) a
     maximal piece fills one side of a row (a long R piece fills the encoder, an X(64, 0.5) piece the
-    decoder) and leaves the other side's room stranded; 0.5 lets input-heavy and target-heavy pieces
-    share rows and cuts encoder padding from ~4% to <1% at 512/512, at the cost of shorter contexts.
-    Remaining room in each row is filled with pieces cut to fit it (at least ``min_piece`` tokens, or a
-    document's whole tail); a drawn denoiser that does not fit is kept for a later batch, not redrawn,
-    so the mixture proportions hold.
+    decoder) and leaves the other side's room stranded (~5% encoder padding at 512/512 and 1024/1024);
+    the default 0.5 lets input-heavy and target-heavy pieces share rows (~0.3% encoder padding) at the
+    cost of shorter contexts (benchmarks/results/data-2026-11-29.md). Remaining room in each row is
+    filled with pieces cut to fit it (at least ``min_piece`` tokens, or a document's whole tail); a
+    drawn denoiser that does not fit is kept for a later batch, not redrawn, so the mixture
+    proportions hold.
+
+    Decoder padding is set by the mixture, not by packing: nothing is dropped and the carried-over
+    buffer stays small, so over the stream decoder tokens / encoder tokens tends to the mixture's
+    target/input ratio rho (about 0.5 for the default mixture) and the decoder padding is at least
+    ``1 - rho * (1 - encoder padding) * enc_len / dec_len`` whatever order examples are packed in.
 
     ``stats`` holds running counters (examples per denoiser, real and total tokens); ``padding()``
     returns the encoder and decoder padding fractions so far.
@@ -152,7 +169,7 @@ class UL2Batches(IterableDataset):
         buffer_slack: float = 1.25,
         min_piece: int = 8,
         max_misses: int = 2,
-        max_piece_fraction: float = 1.0,
+        max_piece_fraction: float = 0.5,
     ):
         super().__init__()
         if not 0 <= rank < world_size:
@@ -193,6 +210,7 @@ class UL2Batches(IterableDataset):
         self._states: dict[int, dict] = {}
         self._num_shards = world_size
         self._perm_cache: tuple[int, np.ndarray] | None = None
+        self._cur_doc: tuple[int, np.ndarray | None] = (-1, None)
         self.reset_stats()
 
     # ------------------------------------------------------------------------------------- counters
@@ -243,6 +261,13 @@ class UL2Batches(IterableDataset):
             self._fit_cache[key] = n
         return n
 
+    def _doc(self, i: int) -> np.ndarray:
+        # The current document as a plain int64 array: it yields several pieces, and slicing a memmap
+        # (and converting each piece) costs more than the denoising of a short piece.
+        if self._cur_doc[0] != i:
+            self._cur_doc = (i, np.asarray(self.dataset[i], dtype=np.int64))
+        return self._cur_doc[1]
+
     def _next_example(self, st: dict, rng, docs: list, room: tuple[int, int] | None = None):
         """The next (inputs, targets) and whether it was cut to fit ``room``; None when data runs out."""
         while True:
@@ -252,7 +277,7 @@ class UL2Batches(IterableDataset):
                     return None
                 docs[0] = self._docs(st["epoch"], *docs[1:])
                 continue
-            doc = self.dataset[int(docs[0][st["pos"]])]
+            doc = self._doc(int(docs[0][st["pos"]]))
             if st["offset"] >= len(doc):
                 st["pos"], st["offset"] = st["pos"] + 1, 0
                 continue
@@ -328,7 +353,7 @@ class UL2Batches(IterableDataset):
                     free_d[r] -= len(tgt)
             batch = self.packer.assemble(rows)
             st["rng"] = rng.bit_generator.state
-            st["leftovers"] = [(i.tolist(), t.tolist(), a) for i, t, a in buffer]
+            st["leftovers"] = buffer  # arrays, made JSON-ready only by state_dict()
             self.stats["batches"] += 1
             self.stats["enc_tokens"] += int(np.count_nonzero(batch["segment_ids"]))
             self.stats["dec_tokens"] += int(np.count_nonzero(batch["decoder_segment_ids"]))
@@ -354,7 +379,7 @@ class UL2Batches(IterableDataset):
             "version": 1,
             **self._signature(),
             "num_shards": self._num_shards,
-            "streams": {str(k): copy.deepcopy(v) for k, v in self._states.items()},
+            "streams": {str(k): _export(v) for k, v in self._states.items()},
             "stats": copy.deepcopy(self.stats),
         }
 
@@ -367,3 +392,12 @@ class UL2Batches(IterableDataset):
         self._num_shards = int(state["num_shards"])
         self._states = {int(k): copy.deepcopy(v) for k, v in state["streams"].items()}
         self.stats = copy.deepcopy(state["stats"])
+
+
+def _export(st: dict) -> dict:
+    """A JSON-ready deep copy of one reader's position (the live one keeps its leftovers as arrays)."""
+    out = copy.deepcopy({k: v for k, v in st.items() if k != "leftovers"})
+    out["leftovers"] = [
+        (np.asarray(i).tolist(), np.asarray(t).tolist(), int(a)) for i, t, a in st["leftovers"]
+    ]
+    return out

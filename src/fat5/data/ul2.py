@@ -28,6 +28,7 @@ half of the decoder as padding (see benchmarks/bench_data.py; ``dec_len ~ enc_le
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -113,6 +114,7 @@ class Mixture:
 
 
 # ------------------------------------------------------------------------------------- span corruption
+@lru_cache(maxsize=65536)
 def span_counts(length: int, noise_density: float, mean_span: float) -> tuple[int, int]:
     """(noise tokens, noise spans) of a piece of ``length`` tokens, as in T5 (plus clamps for tiny pieces)."""
     if length <= 1:
@@ -126,8 +128,30 @@ def _segment(num_items: int, num_segments: int, rng: np.random.Generator) -> np.
     # A uniformly random composition of num_items into num_segments non-empty runs (T5's _random_segmentation).
     if num_segments == 1:
         return np.array([num_items])
-    cuts = np.sort(rng.choice(num_items - 1, num_segments - 1, replace=False)) + 1
-    return np.diff(np.concatenate(([0], cuts, [num_items])))
+    cuts = rng.choice(num_items - 1, num_segments - 1, replace=False)
+    cuts.sort()
+    # run lengths are the gaps between 0, cuts + 1, ..., num_items (np.diff's prepend/append is slow here)
+    bounds = np.empty(num_segments + 1, dtype=np.int64)
+    bounds[0], bounds[1:-1], bounds[-1] = -1, cuts, num_items - 1
+    return bounds[1:] - bounds[:-1]
+
+
+# (non-noise, noise) alternation for up to _MAX_ALT spans; sliced instead of rebuilt per piece.
+_MAX_ALT = 4096
+_ALT = np.tile(np.array([False, True]), _MAX_ALT)
+
+
+def _span_runs(length: int, noise: int, spans: int, rng: np.random.Generator) -> np.ndarray:
+    # Run lengths (non-noise, noise) * spans: the noise mask is these runs of False / True, alternating.
+    runs = np.empty(2 * spans, dtype=np.int64)
+    runs[0::2] = _segment(length - noise, spans, rng)
+    runs[1::2] = _segment(noise, spans, rng)
+    return runs
+
+
+def _runs_mask(runs: np.ndarray) -> np.ndarray:
+    alt = _ALT[: len(runs)] if len(runs) <= 2 * _MAX_ALT else np.tile(np.array([False, True]), len(runs) // 2)
+    return np.repeat(alt, runs)
 
 
 def random_spans_noise_mask(
@@ -137,19 +161,7 @@ def random_spans_noise_mask(
     noise, spans = span_counts(length, noise_density, mean_span)
     if noise == length:
         return np.ones(length, dtype=bool)
-    runs = np.empty(2 * spans, dtype=np.int64)  # (non-noise, noise) * spans
-    runs[0::2] = _segment(length - noise, spans, rng)
-    runs[1::2] = _segment(noise, spans, rng)
-    return np.repeat(np.tile(np.array([False, True]), spans), runs)
-
-
-def _replace_spans(tokens: np.ndarray, mask: np.ndarray, sentinels: np.ndarray) -> np.ndarray:
-    # Each run of True in `mask` becomes one sentinel (numbered in order); False tokens are kept.
-    first = mask.copy()
-    first[1:] &= ~mask[:-1]
-    idx = np.cumsum(first) - 1
-    out = np.where(first, sentinels[idx], tokens)
-    return out[~mask | first]
+    return _runs_mask(_span_runs(length, noise, spans, rng))
 
 
 def denoise(
@@ -165,21 +177,49 @@ def denoise(
     n = tokens.size
     if n == 0:
         raise ValueError("cannot denoise an empty piece")
-    head = np.array([mode_id] if mode_id is not None else [], dtype=np.int64)
-    eos = np.array([eos_id], dtype=np.int64)
+    m = 0 if mode_id is None else 1
     if denoiser.kind == "S":
         p = int(rng.integers(1, n)) if n > 1 else 0
-        return np.concatenate((head, tokens[:p], eos)), np.concatenate((tokens[p:], eos))
-    mask = random_spans_noise_mask(n, denoiser.noise_density, denoiser.mean_span, rng)
-    spans = int(mask[0]) + int(np.count_nonzero(mask[1:] & ~mask[:-1]))
-    if spans > len(sentinels):
-        raise ValueError(f"a piece of {n} tokens needs {spans} sentinels, the tokenizer has {len(sentinels)}")
-    inputs = _replace_spans(tokens, mask, sentinels)
-    if mask[0]:  # all noise (one-token piece): no non-noise run to carry the sentinel
-        targets = np.concatenate((sentinels[:1], tokens))
+        inputs = np.empty(m + p + 1, dtype=np.int64)
+        targets = np.empty(n - p + 1, dtype=np.int64)
+        inputs[m:-1], targets[:-1] = tokens[:p], tokens[p:]
     else:
-        targets = _replace_spans(tokens, ~mask, sentinels)
-    return np.concatenate((head, inputs, eos)), np.concatenate((targets, eos))
+        noise, spans = span_counts(n, denoiser.noise_density, denoiser.mean_span)
+        if spans > len(sentinels):
+            raise ValueError(
+                f"a piece of {n} tokens needs {spans} sentinels, the tokenizer has {len(sentinels)}"
+            )
+        if noise == n:  # one-token piece: all noise, no non-noise run to carry the sentinel
+            inputs = np.empty(m + 2, dtype=np.int64)
+            inputs[m] = sentinels[0]
+            targets = np.concatenate((sentinels[:1], tokens, [eos_id]))
+        else:
+            # Built straight from the run lengths (same draws and result as masking with
+            # random_spans_noise_mask and replacing each run by a sentinel, without the per-run scans).
+            runs = _span_runs(n, noise, spans, rng)
+            mask = _runs_mask(runs)
+            ends = np.cumsum(runs)  # ends[2i]: start of noise span i; ends[2i-1]: start of kept run i
+            sent = sentinels[:spans]
+            # inputs: kept tokens, each noise span replaced by its sentinel
+            keep = ~mask
+            first = ends[0::2]
+            keep[first] = True
+            body = tokens.copy()
+            body[first] = sent
+            inputs = np.empty(m + n - noise + spans + 1, dtype=np.int64)
+            inputs[m:-1] = body[keep]
+            # targets: each span's sentinel, then its tokens
+            mask[0] = True
+            mask[ends[1:-1:2]] = True
+            body[0] = sent[0]
+            body[ends[1:-1:2]] = sent[1:]
+            body[first] = tokens[first]
+            targets = np.empty(noise + spans + 1, dtype=np.int64)
+            targets[:-1] = body[mask]
+    if m:
+        inputs[0] = mode_id
+    inputs[-1] = targets[-1] = eos_id
+    return inputs, targets
 
 
 def example_lengths(denoiser: Denoiser, length: int) -> tuple[int, int, int]:
