@@ -37,9 +37,7 @@ format: setup
 	$(PY) -m ruff check --fix src tests benchmarks
 
 bench:
-	python3 benchmarks/bench_attention.py
-	python3 benchmarks/bench_kernels.py
-	python3 benchmarks/bench_model.py
+	bash benchmarks/run_gpu.sh
 
 clean:
 	rm -rf .venv runs build *.egg-info

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark in one call (device time is scarce): bf16 kernel tests, then the benchmarks,
+# results under ${OUT:-benchmarks/results}. Usage from the repository root on a CUDA machine:
+#   bash benchmarks/run_gpu.sh [quick]
+set -uo pipefail
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+out=${OUT:-benchmarks/results}
+mkdir -p "$out"
+python3 -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests.log" | tail -3
+if [ "${1:-}" = quick ]; then
+  python3 benchmarks/bench_attention.py --out "$out" --lengths 1024,4096 --d128-lengths 4096 --flex-lengths 1024 --rep 20
+  python3 benchmarks/bench_model.py --impls fat5,hf --shapes 0,3 --steps 4 --out "$out" --tag=_quick
+else
+  python3 benchmarks/bench_attention.py --out "$out"
+  python3 benchmarks/bench_kernels.py --out "$out"
+  python3 benchmarks/bench_model.py --out "$out"
+  python3 benchmarks/bench_generate.py --out "$out"
+  python3 benchmarks/convergence.py --out "$out"
+fi
