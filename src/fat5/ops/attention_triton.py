@@ -38,6 +38,7 @@ for tests/CPU interpreter); the T5 distance vector has next_pow2(2W+1) fp32 regi
 from __future__ import annotations
 
 # ruff: noqa: UP045  (torch.library infers the op schemas from these annotations: keep typing.Optional)
+import functools
 import os
 from typing import Optional
 
@@ -1241,12 +1242,25 @@ def _pow2(x: int) -> int:
     return triton.next_power_of_2(max(int(x), 1))
 
 
+@functools.lru_cache(maxsize=64)
+def _distance_buckets(nb: int, bidirectional: bool, max_distance: int, device: torch.device) -> torch.Tensor:
+    w = max(int(max_distance), nb)
+    dist = torch.arange(-w, w + 1, device=device)
+    return relative_position_bucket(dist, bidirectional, nb, max_distance)  # (2W+1,)
+
+
 def _rel_setup(rel_table: torch.Tensor, bidirectional: bool, max_distance: int):
-    """Buckets of the distances -W..W (W beyond which the bucket no longer changes) by the reference function."""
+    """Buckets of the distances -W..W (W beyond which the bucket no longer changes) by the reference function.
+
+    They depend only on the bucketing parameters, so they are computed once per device (about 15 small
+    kernels saved per attention call) — except while a CUDA graph is being captured, where kernels do not
+    run and a tensor created then must not be reused outside the graph."""
     nb = rel_table.shape[0]
     w = max(int(max_distance), nb)
-    dist = torch.arange(-w, w + 1, device=rel_table.device)
-    return w, relative_position_bucket(dist, bidirectional, nb, max_distance)  # (2W+1,)
+    dev = rel_table.device
+    if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return w, _distance_buckets.__wrapped__(nb, bool(bidirectional), int(max_distance), dev)
+    return w, _distance_buckets(nb, bool(bidirectional), int(max_distance), dev)
 
 
 def _segment_ranges(q_seg: torch.Tensor, kv_seg: torch.Tensor, m: int, n: int):
