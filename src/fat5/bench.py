@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default="", help="suffix of the report's file name")
     args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("fat5 bench measures training steps on a CUDA GPU; none is visible here")
     peak = matmul_tflops()
     shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
     results = []
