@@ -5,12 +5,14 @@ T5 buckets 32 / max distance 128. Methods:
   sdpa        F.scaled_dot_product_attention without bias (the ceiling: flash backend)
   sdpa_bias   SDPA with the (1, H, L, L) bias materialized from the table in each call (gradient to the table)
   flex        torch.compile(flex_attention), score_mod gathering a 1-D per-distance table (block mask if causal)
-  ours        fat5.ops.attention_triton.flash_attention(rel_table=...)
+  ours        fat5.ops.attention_triton.flash_attention(rel_table=...), default ("branch") inner loops
+  ours_split  the same with the "split" inner loops (attention_triton.set_variant("split"))
 TFLOP/s: forward 4*B*H*L*L*D (halved if causal), forward+backward 3.5x that; median of triton.testing.do_bench.
 Memory: peak allocated during one forward+backward minus what was allocated before (inputs excluded).
-Packed row: 8 documents totalling L=4096 (segment ids) vs one document of 4096, our kernel.
+Packed row: 8 documents totalling L=4096 (segment ids) vs one document of 4096, our kernel (each variant).
 
     python benchmarks/bench_attention.py --out benchmarks/results/
+    python benchmarks/bench_attention.py --quick --out benchmarks/results/   # a few key rows, both variants
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
-from fat5.ops.attention_triton import flash_attention  # noqa: E402
+from fat5.ops.attention_triton import flash_attention, set_variant  # noqa: E402
 from fat5.positions import relative_position_bucket  # noqa: E402
 
 H, BUCKETS, MAXDIST, TOKENS = 12, 32, 128, 32768
@@ -93,6 +95,16 @@ def fn_flex(q, k, v, table, causal, **_):
 
 
 def fn_ours(q, k, v, table, causal, seg=None, **_):
+    set_variant("branch")  # the backward (run before the next method's call) uses the same variant
+    return _ours(q, k, v, table, causal, seg)
+
+
+def fn_ours_split(q, k, v, table, causal, seg=None, **_):
+    set_variant("split")
+    return _ours(q, k, v, table, causal, seg)
+
+
+def _ours(q, k, v, table, causal, seg):
     return flash_attention(
         q,
         k,
@@ -106,7 +118,17 @@ def fn_ours(q, k, v, table, causal, seg=None, **_):
     )
 
 
-METHODS = {"sdpa": fn_sdpa, "sdpa_bias": fn_sdpa_bias, "flex": fn_flex, "ours": fn_ours}
+METHODS = {
+    "sdpa": fn_sdpa,
+    "sdpa_bias": fn_sdpa_bias,
+    "flex": fn_flex,
+    "ours": fn_ours,
+    "ours_split": fn_ours_split,
+}
+OURS = ("ours", "ours_split")
+# --quick: (head dim, L, causal) rows that show the gaps of the 2026-11-29 report, plus the packed row
+QUICK_CELLS = [(64, 512, False), (64, 1024, False), (64, 1024, True), (64, 4096, False), (64, 4096, True)]
+QUICK_METHODS = "sdpa,ours,ours_split"
 
 
 def bench(fn, q, k, v, table, causal, warmup, rep, **kw):
@@ -157,16 +179,29 @@ def main():
     ap.add_argument("--lengths", default="512,1024,2048,4096,8192,16384")
     ap.add_argument("--d128-lengths", default="1024,4096")
     ap.add_argument("--flex-lengths", default="512,1024,2048,4096", help="flex compiles per shape: keep few")
-    ap.add_argument("--methods", default="sdpa,sdpa_bias,flex,ours")
+    ap.add_argument("--methods", default="sdpa,sdpa_bias,flex,ours,ours_split")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"only the rows {QUICK_CELLS} (D, L, causal) and the packed row; methods {QUICK_METHODS} "
+        "unless --methods is given; report named attention_<date>_quick",
+    )
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--rep", type=int, default=40)
     ap.add_argument("--commit", default=None)
     args = ap.parse_args()
+    if args.quick and "--methods" not in sys.argv:
+        args.methods = QUICK_METHODS
     methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        ap.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     flex_lengths = {int(x) for x in args.flex_lengths.split(",") if x}
     rows = []
     cells = [(64, int(x), c) for c in (False, True) for x in args.lengths.split(",")]
     cells += [(128, int(x), c) for c in (False, True) for x in args.d128_lengths.split(",") if x]
+    if args.quick:
+        cells = QUICK_CELLS
     t_start = time.time()
     for d, length, causal in cells:
         b = max(TOKENS // length, 1)
@@ -190,26 +225,26 @@ def main():
         del q, k, v, table
         torch.cuda.empty_cache()
 
-    # packed documents: 8 docs of random lengths totalling 4096 vs one document
-    packed = {}
-    if "ours" in methods:
-        length, b = 4096, 8
+    # packed documents: 8 docs of random lengths totalling 4096 vs one document, for each of our variants
+    packed_all = {}
+    length, b = 4096, 8
+    g = torch.Generator().manual_seed(3)
+    cuts = torch.sort(torch.randperm(length - 1, generator=g)[:7] + 1).values
+    doc_lengths = torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([length])])).tolist()
+    for name in (m for m in methods if m in OURS):
         q, k, v, table = make_inputs(b, length, 64, False)
-        g = torch.Generator().manual_seed(3)
-        cuts = torch.sort(torch.randperm(length - 1, generator=g)[:7] + 1).values
         seg = torch.bucketize(torch.arange(length), cuts, right=True).to(torch.int32)
         seg = seg[None].expand(b, length).contiguous().cuda()
-        one = bench(fn_ours, q, k, v, table, False, args.warmup, args.rep)
-        pk = bench(fn_ours, q, k, v, table, False, args.warmup, args.rep, seg=seg)
-        packed = {
-            "one_doc": one,
-            "eight_docs": pk,
-            "doc_lengths": torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([length])])).tolist(),
-        }
+        one = bench(METHODS[name], q, k, v, table, False, args.warmup, args.rep)
+        pk = bench(METHODS[name], q, k, v, table, False, args.warmup, args.rep, seg=seg)
+        packed = {"one_doc": one, "eight_docs": pk, "doc_lengths": doc_lengths}
         if isinstance(one["fwd_ms"], float) and isinstance(pk["fwd_ms"], float):
             packed["speedup_fwd"] = one["fwd_ms"] / pk["fwd_ms"]
             packed["speedup_fwdbwd"] = one["fwdbwd_ms"] / pk["fwdbwd_ms"]
-        print(json.dumps(packed), flush=True)
+        packed_all[name] = packed
+        print(json.dumps({"packed": name, **packed}), flush=True)
+        del q, k, v, table
+        torch.cuda.empty_cache()
 
     commit = args.commit
     if commit is None:
@@ -227,16 +262,18 @@ def main():
         "seconds": round(time.time() - t_start, 1),
     }
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"attention_{meta['date']}")
+    stem = os.path.join(args.out, f"attention_{meta['date']}" + ("_quick" if args.quick else ""))
     with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows, "packed": packed}, f, indent=1)
+        json.dump({"meta": meta, "rows": rows, "packed": packed_all}, f, indent=1)
     keys = sorted({k_ for r in rows for k_ in r}, key=lambda s: (s not in ("d", "L", "B", "causal"), s))
     with open(stem + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
+    ours_methods = [m for m in methods if m in OURS]
+    ratio_methods = ours_methods if "sdpa" in methods else []
     lines = [
-        f"# Attention with T5 relative bias: {meta['date']}",
+        f"# Attention with T5 relative bias: {meta['date']}" + (" (quick)" if args.quick else ""),
         "",
         f"{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}.",
         f"Setting: {meta['setting']}. TFLOP/s fwd / fwd+bwd (median of do_bench); memory = peak extra "
@@ -244,20 +281,23 @@ def main():
         "",
         "| D | causal | L | "
         + " | ".join(methods)
-        + " | ours / sdpa (fwd, fwd+bwd) | ours / flex fwd+bwd | mem "
+        + "".join(f" | {m} / sdpa (fwd, fwd+bwd)" for m in ratio_methods)
+        + " | ours / flex fwd+bwd | mem "
         + " / ".join(methods)
         + " |",
-        "|" + "---|" * (3 + len(methods) + 3),
+        "|" + "---|" * (3 + len(methods) + len(ratio_methods) + 2),
     ]
     for r in rows:
         cells_ = [f"{fmt(r[m + '_fwd'], 0)} / {fmt(r[m + '_fwdbwd'], 0)}" for m in methods]
-        ratio, ratio_flex = "-", "-"
-        if (
-            "sdpa" in methods
-            and "ours" in methods
-            and all(isinstance(r[x], float) for x in ("ours_fwd", "sdpa_fwd", "ours_fwdbwd", "sdpa_fwdbwd"))
-        ):
-            ratio = f"{r['ours_fwd'] / r['sdpa_fwd']:.0%} / {r['ours_fwdbwd'] / r['sdpa_fwdbwd']:.0%}"
+        ratios, ratio_flex = [], "-"
+        for m in ratio_methods:
+            keys = (f"{m}_fwd", "sdpa_fwd", f"{m}_fwdbwd", "sdpa_fwdbwd")
+            if all(isinstance(r[x], float) for x in keys):
+                ratios.append(
+                    f"{r[m + '_fwd'] / r['sdpa_fwd']:.0%} / {r[m + '_fwdbwd'] / r['sdpa_fwdbwd']:.0%}"
+                )
+            else:
+                ratios.append("-")
         if (
             "flex" in methods
             and isinstance(r.get("flex_fwdbwd"), float)
@@ -268,13 +308,14 @@ def main():
         lines.append(
             f"| {r['d']} | {'yes' if r['causal'] else 'no'} | {r['L']} | "
             + " | ".join(cells_)
-            + f" | {ratio} | {ratio_flex} | {mem} |"
+            + "".join(f" | {x}" for x in ratios)
+            + f" | {ratio_flex} | {mem} |"
         )
-    if packed:
+    for name, packed in packed_all.items():
         o, p = packed["one_doc"], packed["eight_docs"]
         lines += [
             "",
-            f"Packed (ours, B=8, L=4096, D=64, non-causal): one document {fmt(o['fwd_ms'], 3)} ms fwd / "
+            f"Packed ({name}, B=8, L=4096, D=64, non-causal): one document {fmt(o['fwd_ms'], 3)} ms fwd / "
             f"{fmt(o['fwdbwd_ms'], 3)} ms fwd+bwd; 8 documents {packed['doc_lengths']} {fmt(p['fwd_ms'], 3)} "
             f"ms / {fmt(p['fwdbwd_ms'], 3)} ms; speedup {fmt(packed.get('speedup_fwd', '-'), 2)}x fwd, "
             f"{fmt(packed.get('speedup_fwdbwd', '-'), 2)}x fwd+bwd.",

@@ -5,6 +5,9 @@ Rule (DESIGN.md): the kernel's max error against the float64 reference on the sa
 dtype, plus a small floor relative to the reference's magnitude (float32 errors are near rounding).
 On CPU the kernels run in the Triton interpreter (tiny shapes, float32/float16); ``gpu`` tests run bf16 on
 CUDA at larger shapes. Outputs are poisoned with NaN before the kernels write them.
+Both inner-loop variants ("branch", "split": ``at.set_variant``) are checked. They differ only for the T5
+bias, so the "split" variant runs the T5 cases, including ones with a small max distance W where tiles lie
+wholly below -W, near the diagonal and wholly beyond +W, and must match the "branch" variant bit for bit.
 """
 
 from __future__ import annotations
@@ -22,6 +25,12 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     monkeypatch.setattr(at, "_POISON", True)
+
+
+@pytest.fixture(params=at.VARIANTS)
+def variant(request, monkeypatch):
+    monkeypatch.setattr(at, "_VARIANT", request.param)
+    return request.param
 
 
 def _lowp_attention(
@@ -185,15 +194,58 @@ CASES = {
         bias="t5",
         kw=dict(causal=True, rel_bidirectional=False, rel_max_distance=24),
     ),
+    # W = max(max distance, buckets) = 8 with 16-wide blocks: far tiles on both sides of the near band
+    "t5_near_far": dict(shape=(1, 2, 100, 130, 16), bias="t5", buckets=8, kw=dict(rel_max_distance=8)),
+    "t5_near_far_causal_kpm": dict(
+        shape=(2, 1, 130, 130, 16),
+        bias="t5",
+        buckets=8,
+        kpm=True,
+        kw=dict(causal=True, rel_bidirectional=False, rel_max_distance=8),
+    ),
+    "t5_near_far_segments": dict(
+        shape=(2, 1, 96, 96, 16), seg=3, bias="t5", buckets=8, kw=dict(rel_max_distance=8)
+    ),
+    "t5_near_far_q_offset": dict(
+        shape=(1, 2, 70, 33, 16), q_offset=-20, bias="t5", buckets=8, kw=dict(rel_max_distance=8)
+    ),
 }
+T5_CASES = [name for name, case in CASES.items() if case.get("bias") == "t5"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_reference(name, dtype):
+def test_matches_reference(name, dtype, variant):
     if DEV == "cuda":
         pytest.skip("interpreter-sized case; the gpu tests cover CUDA")
+    if variant == "split" and name not in T5_CASES:
+        pytest.skip("the split variant runs the same code as the default without a T5 bias")
     _check(CASES[name], dtype, DEV)
+
+
+@pytest.mark.parametrize("name", [n for n in T5_CASES if "near_far" in n] + ["segments_causal_t5"])
+def test_variants_bitwise_equal(name, monkeypatch):
+    """Same tiles, same order, same arithmetic: the split loops only drop the per-tile branch."""
+    if DEV == "cuda":
+        pytest.skip("interpreter-sized case")
+    results = []
+    for v in at.VARIANTS:
+        monkeypatch.setattr(at, "_VARIANT", v)
+        gen = torch.Generator().manual_seed(4)
+        leaves, kw = _make(CASES[name], torch.float32, DEV, gen)
+        out, args = _call(at.flash_attention, leaves, kw)
+        grads = torch.autograd.grad(out, list(args.values()), torch.randn(out.shape, generator=gen))
+        results.append((out, *grads))
+    for x, y in zip(*results):
+        assert torch.equal(x, y)
+
+
+def test_set_variant(monkeypatch):
+    monkeypatch.setattr(at, "_VARIANT", at.get_variant())
+    at.set_variant("split")
+    assert at.get_variant() == "split"
+    with pytest.raises(ValueError, match="unknown attention kernel variant"):
+        at.set_variant("fast")
 
 
 def _table_grad(case, device, dtype):
@@ -204,7 +256,7 @@ def _table_grad(case, device, dtype):
     return torch.autograd.grad(out, args["rel_table"], grad_out)[0]
 
 
-def test_table_grad_deterministic():
+def test_table_grad_deterministic(variant):
     case = dict(shape=(1, 2, 37, 70, 32), bias="t5", kw=dict(rel_max_distance=16))
     g1, g2 = (_table_grad(case, DEV, torch.float32) for _ in range(2))
     assert torch.equal(g1, g2)
@@ -247,12 +299,14 @@ GPU_CASES = {
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(GPU_CASES))
-def test_matches_reference_gpu_bf16(name):
+def test_matches_reference_gpu_bf16(name, variant):
+    if variant == "split" and GPU_CASES[name].get("bias") != "t5":
+        pytest.skip("the split variant runs the same code as the default without a T5 bias")
     _check(GPU_CASES[name], torch.bfloat16, "cuda")
 
 
 @pytest.mark.gpu
-def test_table_grad_deterministic_gpu():
+def test_table_grad_deterministic_gpu(variant):
     case = dict(shape=(4, 8, 1024, 1024, 64), bias="t5")
     g1, g2 = (_table_grad(case, "cuda", torch.bfloat16) for _ in range(2))
     assert torch.equal(g1, g2)

@@ -24,6 +24,20 @@ side; near tiles reduce dS per diagonal (a ``tl.gather`` skew) into a per-progra
 Each key-block program writes its own row of a partial buffer; the host sums those rows in a fixed order and
 maps distances to buckets with a one-hot matmul, so d(rel_table) is bitwise deterministic.
 
+Inner-loop variants for the T5 bias (same function, bit for bit; selected per launch):
+  "branch" (default): one loop per key range; each tile decides far-below / near / far-beyond with a branch.
+  "split": each program computes, from its tile bounds, where its tiles stop being wholly below -W and start
+  being wholly beyond +W, and runs three branch-free loops (constant bias, gathered bias, constant bias), so
+  the compiler can software-pipeline each one (the branch may keep it from pipelining the K/V loads). The
+  masked last tiles keep one small loop (forward, dq: gathered bias, exact on any tile; dk/dv: per-tile,
+  so the table gradient is summed exactly as in "branch"). Select with ``FAT5_ATTN_SPLIT=1`` in the
+  environment (read at import) or ``set_variant("split" | "branch")``; the backward uses the variant
+  current when it runs. Without a T5 bias both variants run the same code.
+
+The forward op also returns (as outputs the backward saves; no gradient) the T5 distance vector and the
+segment-range tables, so the backward does not rebuild them; bucket one-hot matrices and placeholder
+tensors are cached per device (never while a CUDA graph is being captured).
+
 Masks: key padding (B, N) bool; causal against query positions ``q_offset + i`` (``q_offset`` a python int
 or a 0-dim integer tensor read in-kernel: no host sync, CUDA-graph safe); packed documents via segment ids.
 Fully masked tiles are skipped: causal by tile bounds; segments by per-16-row/column groups whose visible
@@ -84,7 +98,12 @@ else:
     # few configs: every one is compiled per (head dim, bias kind, masks) on first use
     _FWD_CONFIGS = [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3)]
     # key-block kernel: BLOCK_M (queries per step) <= BLOCK_N (keys held) -- the diagonal skew needs it
-    _DKV_CONFIGS = [_cfg(64, 128, 8, 3), _cfg(32, 128, 4, 3), _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3)]
+    # (with the T5 table gradient, offline ptxas -v for sm_90a shows the 4-warp 64/128-wide tiles spilling
+    # 150-1000 bytes; the 8-warp and 16-row ones below do not, so autotune can choose them)
+    _DKV_CONFIGS = [
+        _cfg(64, 128, 8, 3), _cfg(32, 128, 8, 3), _cfg(32, 64, 8, 3), _cfg(16, 128, 8, 3),
+        _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3), _cfg(16, 64, 4, 3),
+    ]  # fmt: skip
     _DQ_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3)]
     if (
         os.environ.get("FAT5_ATTN_AUTOTUNE", "1") == "0"
@@ -93,6 +112,22 @@ else:
 
 # debug aid for tests: fill outputs with NaN before the kernels write them, so an unwritten element shows
 _POISON = os.environ.get("FAT5_ATTN_POISON") == "1"
+
+# inner-loop variant for the T5 bias (see the module docstring): "branch" (default) or "split"
+VARIANTS = ("branch", "split")
+_VARIANT = "split" if os.environ.get("FAT5_ATTN_SPLIT", "0") == "1" else "branch"
+
+
+def set_variant(name: str) -> None:
+    """Select the T5-bias inner loops of the kernels launched from now on: "branch" or "split"."""
+    global _VARIANT
+    if name not in VARIANTS:
+        raise ValueError(f"unknown attention kernel variant {name!r}; choose one of {VARIANTS}")
+    _VARIANT = name
+
+
+def get_variant() -> str:
+    return _VARIANT
 
 
 def _prune_by_smem(configs, named_args, **kwargs):
@@ -114,18 +149,55 @@ def _prune_by_smem(configs, named_args, **kwargs):
 
 
 # --------------------------------------------------------------------------------------------- helpers
+# REL_MODE: which T5 bias a loop adds. TILE decides per tile (the "branch" variant); the "split" variant runs
+# separate branch-free loops over the tiles it already knows to be far below -W (LO), near (NEAR) or far
+# beyond +W (HI). NEAR gathers with clamped distances, so it is exact on any tile.
+REL_LO, REL_NEAR, REL_HI, REL_TILE = -1, 0, 1, 2
+
+
 @triton.jit
-def _rel_bias(RB_h, b_lo, b_hi, rel_lo, rel_hi, kpos2, qpos2, W, ROWS: tl.constexpr, COLS: tl.constexpr):
+def _rel_bias(
+    RB_h,
+    b_lo,
+    b_hi,
+    rel_lo,
+    rel_hi,
+    kpos2,
+    qpos2,
+    W,
+    ROWS: tl.constexpr,
+    COLS: tl.constexpr,
+    REL_MODE: tl.constexpr,
+):
     """T5 bias tile (log2 units). rel_lo/rel_hi bound key-minus-query distance over the tile: beyond +-W the
     bucket is constant, so far tiles add one scalar and only near-diagonal tiles gather."""
-    if rel_lo >= W:
-        bias = tl.zeros((ROWS, COLS), tl.float32) + b_hi
-    elif rel_hi <= -W:
-        bias = tl.zeros((ROWS, COLS), tl.float32) + b_lo
-    else:
+    if REL_MODE == 2:
+        if rel_lo >= W:
+            bias = tl.zeros((ROWS, COLS), tl.float32) + b_hi
+        elif rel_hi <= -W:
+            bias = tl.zeros((ROWS, COLS), tl.float32) + b_lo
+        else:
+            rel = tl.minimum(tl.maximum(kpos2 - qpos2, -W), W)
+            bias = tl.load(RB_h + rel + W)
+    elif REL_MODE == 0:
         rel = tl.minimum(tl.maximum(kpos2 - qpos2, -W), W)
         bias = tl.load(RB_h + rel + W)
+    elif REL_MODE == -1:
+        bias = tl.zeros((ROWS, COLS), tl.float32) + b_lo
+    else:
+        bias = tl.zeros((ROWS, COLS), tl.float32) + b_hi
     return bias
+
+
+@triton.jit
+def _split_bounds(start, end, first_near, first_far, STEP: tl.constexpr):
+    """Split the tiles start, start + STEP, ... < end into [start, e1) before ``first_near``, [e1, e2) and
+    [e2, end) from ``first_far`` on: e1 (e2) is the first tile start >= first_near (first_far), clamped."""
+    e1 = start + (tl.maximum(first_near - start, 0) + STEP - 1) // STEP * STEP
+    e2 = start + (tl.maximum(first_far - start, 0) + STEP - 1) // STEP * STEP
+    e1 = tl.minimum(e1, tl.maximum(end, start))
+    e2 = tl.minimum(tl.maximum(e2, e1), tl.maximum(end, start))
+    return e1, e2
 
 
 @triton.jit
@@ -145,9 +217,10 @@ def _add_bias(
     W,
     ROWS: tl.constexpr,
     COLS: tl.constexpr,
+    REL_MODE: tl.constexpr,
 ):
     if BIAS_KIND == 1:
-        s += _rel_bias(RB_h, b_lo, b_hi, rel_lo, rel_hi, kpos2, qpos2, W, ROWS, COLS)
+        s += _rel_bias(RB_h, b_lo, b_hi, rel_lo, rel_hi, kpos2, qpos2, W, ROWS, COLS, REL_MODE)
     elif BIAS_KIND == 2:
         s += slope * tl.abs(kpos2 - qpos2).to(tl.float32)
     elif BIAS_KIND == 3:
@@ -169,27 +242,52 @@ def _rel_grad(
     BLOCK_N: tl.constexpr,
     WIN: tl.constexpr,
     RB: tl.constexpr,
+    REL_MODE: tl.constexpr,
 ):
     """Accumulate dS^T (keys x queries, distance R0 + n - m) into per-distance sums: acc_rel over (-W, W),
     s_lo / s_hi for the clamped ends. A near tile is skewed so that each diagonal (one distance) becomes a row."""
-    if rel_lo >= W:
+    if REL_MODE == 2:
+        if rel_lo >= W:
+            s_hi += tl.sum(tl.sum(dsT, 1), 0)
+        elif rel_hi <= -W:
+            s_lo += tl.sum(tl.sum(dsT, 1), 0)
+        else:
+            acc_rel, s_lo, s_hi = _rel_grad_near(dsT, acc_rel, s_lo, s_hi, R0, W, BLOCK_M, BLOCK_N, WIN, RB)
+    elif REL_MODE == 1:
         s_hi += tl.sum(tl.sum(dsT, 1), 0)
-    elif rel_hi <= -W:
+    elif REL_MODE == -1:
         s_lo += tl.sum(tl.sum(dsT, 1), 0)
     else:
-        dd = tl.arange(0, WIN)[:, None]
-        mm = tl.arange(0, BLOCK_M)[None, :]
-        nidx = dd - (BLOCK_M - 1) + mm  # row of dsT on diagonal dd at column mm
-        ok = (nidx >= 0) & (nidx < BLOCK_N)
-        x = tl.gather(dsT, tl.where(ok, nidx, 0), axis=0)  # (WIN, BLOCK_M)
-        diag = tl.sum(tl.where(ok, x, 0.0), 1)  # (WIN,): sum of one diagonal = one distance
-        drel = R0 - (BLOCK_M - 1) + tl.arange(0, WIN)
-        s_lo += tl.sum(tl.where(drel <= -W, diag, 0.0), 0)
-        s_hi += tl.sum(tl.where(drel >= W, diag, 0.0), 0)
-        r = tl.arange(0, RB)
-        src = r - W - (R0 - (BLOCK_M - 1))
-        okr = (r > 0) & (r < 2 * W) & (src >= 0) & (src < WIN)
-        acc_rel += tl.where(okr, tl.gather(diag, tl.where(okr, src, 0), axis=0), 0.0)
+        acc_rel, s_lo, s_hi = _rel_grad_near(dsT, acc_rel, s_lo, s_hi, R0, W, BLOCK_M, BLOCK_N, WIN, RB)
+    return acc_rel, s_lo, s_hi
+
+
+@triton.jit
+def _rel_grad_near(
+    dsT,
+    acc_rel,
+    s_lo,
+    s_hi,
+    R0,
+    W,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WIN: tl.constexpr,
+    RB: tl.constexpr,
+):
+    dd = tl.arange(0, WIN)[:, None]
+    mm = tl.arange(0, BLOCK_M)[None, :]
+    nidx = dd - (BLOCK_M - 1) + mm  # row of dsT on diagonal dd at column mm
+    ok = (nidx >= 0) & (nidx < BLOCK_N)
+    x = tl.gather(dsT, tl.where(ok, nidx, 0), axis=0)  # (WIN, BLOCK_M)
+    diag = tl.sum(tl.where(ok, x, 0.0), 1)  # (WIN,): sum of one diagonal = one distance
+    drel = R0 - (BLOCK_M - 1) + tl.arange(0, WIN)
+    s_lo += tl.sum(tl.where(drel <= -W, diag, 0.0), 0)
+    s_hi += tl.sum(tl.where(drel >= W, diag, 0.0), 0)
+    r = tl.arange(0, RB)
+    src = r - W - (R0 - (BLOCK_M - 1))
+    okr = (r > 0) & (r < 2 * W) & (src >= 0) & (src < WIN)
+    acc_rel += tl.where(okr, tl.gather(diag, tl.where(okr, src, 0), axis=0), 0.0)
     return acc_rel, s_lo, s_hi
 
 
@@ -246,6 +344,109 @@ def _fwd_inner(
     DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    NPART: tl.constexpr,
+    REL_MODE: tl.constexpr,
+):
+    # NPART 1: one loop over [start, end) adding the T5 bias by REL_MODE; NPART 3 ("split" variant): three
+    # branch-free loops, tiles wholly below -W (distance = key - query), near the diagonal, wholly beyond +W
+    e1 = start
+    e2 = end
+    if NPART == 3:
+        e1, e2 = _split_bounds(start, end, qp0 - W - BLOCK_N + 2, qp0 + BLOCK_M - 1 + W, BLOCK_N)
+    for part in tl.static_range(NPART):
+        p_lo = start if part == 0 else (e1 if part == 1 else e2)
+        p_hi = end if part == NPART - 1 else (e1 if part == 0 else e2)
+        acc, l_i, m_i = _fwd_tiles(
+            acc,
+            l_i,
+            m_i,
+            q,
+            qpos,
+            qseg,
+            K_bh,
+            V_bh,
+            KPM_b,
+            KSEG_b,
+            BIAS_bh,
+            RB_h,
+            b_lo,
+            b_hi,
+            slope,
+            offs_m,
+            offs_d,
+            p_lo,
+            p_hi,
+            qp0,
+            qk_scale,
+            M,
+            N,
+            D,
+            W,
+            skn,
+            skd,
+            svn,
+            svd,
+            sbm,
+            sbn,
+            skp,
+            sks,
+            MASK,
+            CAUSAL,
+            BIAS_KIND,
+            HAS_KPM,
+            HAS_SEG,
+            DOT_PREC,
+            BLOCK_M,
+            BLOCK_N,
+            REL_MODE if NPART == 1 else part - 1,
+        )
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_tiles(
+    acc,
+    l_i,
+    m_i,
+    q,
+    qpos,
+    qseg,
+    K_bh,
+    V_bh,
+    KPM_b,
+    KSEG_b,
+    BIAS_bh,
+    RB_h,
+    b_lo,
+    b_hi,
+    slope,
+    offs_m,
+    offs_d,
+    start,
+    end,
+    qp0,
+    qk_scale,
+    M,
+    N,
+    D,
+    W,
+    skn,
+    skd,
+    svn,
+    svd,
+    sbm,
+    sbn,
+    skp,
+    sks,
+    MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BIAS_KIND: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_SEG: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    REL_MODE: tl.constexpr,
 ):
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -271,6 +472,7 @@ def _fwd_inner(
             W,
             BLOCK_M,
             BLOCK_N,
+            REL_MODE,
         )
         if MASK:
             keep = kpos[None, :] < N
@@ -296,7 +498,7 @@ def _fwd_inner(
 
 
 @triton.autotune(
-    configs=_FWD_CONFIGS, key=["BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "M_BUCKET", "N_BUCKET"]
+    configs=_FWD_CONFIGS, key=["BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "NPART", "M_BUCKET", "N_BUCKET"]
 )
 @triton.jit
 def _fwd_kernel(
@@ -355,6 +557,7 @@ def _fwd_kernel(
     HAS_SEG: tl.constexpr,
     QOFF_FROM_PTR: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    NPART: tl.constexpr,
     RBW: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -457,6 +660,8 @@ def _fwd_kernel(
         DOT_PREC,
         BLOCK_M,
         BLOCK_N,
+        NPART,
+        2,
     )
     acc, l_i, m_i = _fwd_inner(
         acc,
@@ -500,6 +705,8 @@ def _fwd_kernel(
         DOT_PREC,
         BLOCK_M,
         BLOCK_N,
+        1,
+        0 if NPART == 3 else 2,  # the last tile(s): gathering is exact on any tile
     )
     empty = l_i == 0.0  # no visible key: output zeros, lse=+inf makes the backward's P exactly 0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -596,6 +803,122 @@ def _dkv_inner(
     BLOCK_N: tl.constexpr,
     WIN: tl.constexpr,
     RB: tl.constexpr,
+    NPART: tl.constexpr,
+    REL_MODE: tl.constexpr,
+):
+    # as _fwd_inner; here distance = k0 - query falls as the loop goes on: beyond +W, near, below -W
+    e1 = start
+    e2 = end
+    if NPART == 3:
+        e1, e2 = _split_bounds(
+            start, end, k0 - q_off - BLOCK_M + 2 - W, k0 + BLOCK_N - 1 + W - q_off, BLOCK_M
+        )
+    for part in tl.static_range(NPART):
+        p_lo = start if part == 0 else (e1 if part == 1 else e2)
+        p_hi = end if part == NPART - 1 else (e1 if part == 0 else e2)
+        dk, dv, acc_rel, s_lo, s_hi = _dkv_tiles(
+            dk,
+            dv,
+            acc_rel,
+            s_lo,
+            s_hi,
+            k,
+            v,
+            kpos,
+            kseg,
+            kp,
+            Q_bh,
+            DO_bh,
+            LSE_bh,
+            DELTA_bh,
+            QSEG_b,
+            RB_h,
+            b_lo,
+            b_hi,
+            slope,
+            BIAS_bh,
+            offs_d,
+            p_lo,
+            p_hi,
+            q_off,
+            k0,
+            qk_scale,
+            M,
+            N,
+            D,
+            W,
+            sqm,
+            sqd,
+            sdom,
+            sdod,
+            sbm,
+            sbn,
+            sqs,
+            MASK,
+            BIAS_KIND,
+            REL_GRAD,
+            HAS_KPM,
+            HAS_SEG,
+            DOT_PREC,
+            BLOCK_M,
+            BLOCK_N,
+            WIN,
+            RB,
+            REL_MODE if NPART == 1 else 1 - part,
+        )
+    return dk, dv, acc_rel, s_lo, s_hi
+
+
+@triton.jit
+def _dkv_tiles(
+    dk,
+    dv,
+    acc_rel,
+    s_lo,
+    s_hi,
+    k,
+    v,
+    kpos,
+    kseg,
+    kp,
+    Q_bh,
+    DO_bh,
+    LSE_bh,
+    DELTA_bh,
+    QSEG_b,
+    RB_h,
+    b_lo,
+    b_hi,
+    slope,
+    BIAS_bh,
+    offs_d,
+    start,
+    end,
+    q_off,
+    k0,
+    qk_scale,
+    M,
+    N,
+    D,
+    W,
+    sqm,
+    sqd,
+    sdom,
+    sdod,
+    sbm,
+    sbn,
+    sqs,
+    MASK: tl.constexpr,
+    BIAS_KIND: tl.constexpr,
+    REL_GRAD: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_SEG: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    WIN: tl.constexpr,
+    RB: tl.constexpr,
+    REL_MODE: tl.constexpr,
 ):
     for start_m in range(start, end, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -627,6 +950,7 @@ def _dkv_inner(
             W,
             BLOCK_N,
             BLOCK_M,
+            REL_MODE,
         )
         if MASK:
             sT = tl.where(kpos[:, None] <= qpos[None, :], sT, float("-inf"))
@@ -643,14 +967,14 @@ def _dkv_inner(
         if REL_GRAD:
             dsT = tl.where(kpos[:, None] < N, dsT, 0.0)  # key rows past N hold garbage scores
             acc_rel, s_lo, s_hi = _rel_grad(
-                dsT, acc_rel, s_lo, s_hi, rel_lo, rel_hi, k0 - qp0, W, BLOCK_M, BLOCK_N, WIN, RB
+                dsT, acc_rel, s_lo, s_hi, rel_lo, rel_hi, k0 - qp0, W, BLOCK_M, BLOCK_N, WIN, RB, REL_MODE
             )
     return dk, dv, acc_rel, s_lo, s_hi
 
 
 @triton.autotune(
     configs=_DKV_CONFIGS,
-    key=["BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "M_BUCKET", "N_BUCKET"],
+    key=["BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "NPART", "M_BUCKET", "N_BUCKET"],
     prune_configs_by={"early_config_prune": _prune_by_smem},
 )
 @triton.heuristics({"WIN": lambda a: triton.next_power_of_2(a["BLOCK_M"] + a["BLOCK_N"] - 1)})
@@ -727,6 +1051,7 @@ def _dkv_kernel(
     HAS_SEG: tl.constexpr,
     QOFF_FROM_PTR: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    NPART: tl.constexpr,
     RBW: tl.constexpr,
     RB: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -838,6 +1163,8 @@ def _dkv_kernel(
         BLOCK_N,
         WIN,
         RB,
+        1,
+        2,  # per tile, so that the table gradient sums exactly as in the branch variant
     )
     dk, dv, acc_rel, s_lo, s_hi = _dkv_inner(
         dk,
@@ -887,6 +1214,8 @@ def _dkv_kernel(
         BLOCK_N,
         WIN,
         RB,
+        NPART,
+        2,
     )
     dk = dk * scale
     tl.store(
@@ -952,6 +1281,116 @@ def _dq_inner(
     DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    NPART: tl.constexpr,
+    REL_MODE: tl.constexpr,
+):
+    # as _fwd_inner
+    e1 = start
+    e2 = end
+    if NPART == 3:
+        e1, e2 = _split_bounds(start, end, qp0 - W - BLOCK_N + 2, qp0 + BLOCK_M - 1 + W, BLOCK_N)
+    for part in tl.static_range(NPART):
+        p_lo = start if part == 0 else (e1 if part == 1 else e2)
+        p_hi = end if part == NPART - 1 else (e1 if part == 0 else e2)
+        dq = _dq_tiles(
+            dq,
+            q,
+            do,
+            lse,
+            delta,
+            qpos,
+            qseg,
+            K_bh,
+            V_bh,
+            KPM_b,
+            KSEG_b,
+            BIAS_bh,
+            DB_bh,
+            RB_h,
+            b_lo,
+            b_hi,
+            slope,
+            offs_m,
+            offs_d,
+            p_lo,
+            p_hi,
+            qp0,
+            qk_scale,
+            M,
+            N,
+            D,
+            W,
+            skn,
+            skd,
+            svn,
+            svd,
+            sbm,
+            sbn,
+            sdbm,
+            skp,
+            sks,
+            MASK,
+            CAUSAL,
+            BIAS_KIND,
+            BIAS_GRAD,
+            HAS_KPM,
+            HAS_SEG,
+            DOT_PREC,
+            BLOCK_M,
+            BLOCK_N,
+            REL_MODE if NPART == 1 else part - 1,
+        )
+    return dq
+
+
+@triton.jit
+def _dq_tiles(
+    dq,
+    q,
+    do,
+    lse,
+    delta,
+    qpos,
+    qseg,
+    K_bh,
+    V_bh,
+    KPM_b,
+    KSEG_b,
+    BIAS_bh,
+    DB_bh,
+    RB_h,
+    b_lo,
+    b_hi,
+    slope,
+    offs_m,
+    offs_d,
+    start,
+    end,
+    qp0,
+    qk_scale,
+    M,
+    N,
+    D,
+    W,
+    skn,
+    skd,
+    svn,
+    svd,
+    sbm,
+    sbn,
+    sdbm,
+    skp,
+    sks,
+    MASK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BIAS_KIND: tl.constexpr,
+    BIAS_GRAD: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HAS_SEG: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    REL_MODE: tl.constexpr,
 ):
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
@@ -979,6 +1418,7 @@ def _dq_inner(
             W,
             BLOCK_M,
             BLOCK_N,
+            REL_MODE,
         )
         if MASK:
             keep = kpos[None, :] < N
@@ -1002,7 +1442,7 @@ def _dq_inner(
 
 @triton.autotune(
     configs=_DQ_CONFIGS,
-    key=["BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "M_BUCKET", "N_BUCKET"],
+    key=["BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "NPART", "M_BUCKET", "N_BUCKET"],
     prune_configs_by={"early_config_prune": _prune_by_smem},
 )
 @triton.jit
@@ -1071,6 +1511,7 @@ def _dq_kernel(
     HAS_SEG: tl.constexpr,
     QOFF_FROM_PTR: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    NPART: tl.constexpr,
     RBW: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -1181,6 +1622,8 @@ def _dq_kernel(
         DOT_PREC,
         BLOCK_M,
         BLOCK_N,
+        NPART,
+        2,
     )
     dq = _dq_inner(
         dq,
@@ -1228,6 +1671,8 @@ def _dq_kernel(
         DOT_PREC,
         BLOCK_M,
         BLOCK_N,
+        1,
+        0 if NPART == 3 else 2,
     )
     dq = dq * scale
     tl.store(
@@ -1243,10 +1688,26 @@ def _pow2(x: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _distance_buckets(nb: int, bidirectional: bool, max_distance: int, device: torch.device) -> torch.Tensor:
+def _distance_buckets(nb: int, bidirectional: bool, max_distance: int, device: torch.device):
     w = max(int(max_distance), nb)
     dist = torch.arange(-w, w + 1, device=device)
-    return relative_position_bucket(dist, bidirectional, nb, max_distance)  # (2W+1,)
+    buckets = relative_position_bucket(dist, bidirectional, nb, max_distance)  # (2W+1,)
+    return buckets, torch.nn.functional.one_hot(buckets, nb).float()  # (2W+1,), (2W+1, nb)
+
+
+@functools.lru_cache(maxsize=16)
+def _dummy_cached(device: torch.device) -> torch.Tensor:
+    return torch.empty(1, device=device, dtype=torch.float32)
+
+
+def _capturing(dev: torch.device) -> bool:
+    return dev.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _dummy(dev: torch.device) -> torch.Tensor:
+    """Placeholder pointer for absent kernel arguments (never read or written): one per device, except that a
+    tensor allocated during CUDA-graph capture must not outlive the graph."""
+    return torch.empty(1, device=dev, dtype=torch.float32) if _capturing(dev) else _dummy_cached(dev)
 
 
 def _rel_setup(rel_table: torch.Tensor, bidirectional: bool, max_distance: int):
@@ -1254,13 +1715,13 @@ def _rel_setup(rel_table: torch.Tensor, bidirectional: bool, max_distance: int):
 
     They depend only on the bucketing parameters, so they are computed once per device (about 15 small
     kernels saved per attention call) — except while a CUDA graph is being captured, where kernels do not
-    run and a tensor created then must not be reused outside the graph."""
+    run and a tensor created then must not be reused outside the graph. Returns W, the buckets and their
+    one-hot matrix (used to map the distance gradient to buckets)."""
     nb = rel_table.shape[0]
     w = max(int(max_distance), nb)
     dev = rel_table.device
-    if dev.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return w, _distance_buckets.__wrapped__(nb, bool(bidirectional), int(max_distance), dev)
-    return w, _distance_buckets(nb, bool(bidirectional), int(max_distance), dev)
+    fn = _distance_buckets.__wrapped__ if _capturing(dev) else _distance_buckets
+    return (w, *fn(nb, bool(bidirectional), int(max_distance), dev))
 
 
 def _segment_ranges(q_seg: torch.Tensor, kv_seg: torch.Tensor, m: int, n: int):
@@ -1314,12 +1775,13 @@ class _Args:
         key_padding_mask,
         q_segment_ids,
         kv_segment_ids,
+        saved=None,
     ):
         self.b, self.h, self.m, self.d = q.shape
         self.n = k.shape[2]
         b, h, m, n = self.b, self.h, self.m, self.n
         dev = q.device
-        self.dummy = torch.empty(1, device=dev, dtype=torch.float32)
+        self.dummy = _dummy(dev)
         self.block_d = max(16, _pow2(self.d))
         self.dot_prec = "ieee" if q.dtype == torch.float32 else "tf32"
         self.qk_scale = float(scale) * LOG2E
@@ -1330,9 +1792,12 @@ class _Args:
         self.bias_kind, self.rbv, self.w, self.rbw, self.buckets = BIAS_NONE, self.dummy, 0, 1, None
         self.bias, self.bias_strides = self.dummy, (0, 0, 0, 0)
         if rel_table is not None:
-            self.w, self.buckets = _rel_setup(rel_table, rel_bidirectional, rel_max_distance)
-            # (H, 2W+1) bias per clamped distance, pre-multiplied by log2(e) for the exp2 softmax
-            self.rbv = (rel_table.float()[self.buckets].t() * LOG2E).contiguous()
+            self.w, self.buckets, self.onehot = _rel_setup(rel_table, rel_bidirectional, rel_max_distance)
+            if saved is not None:
+                self.rbv = saved[0]
+            else:
+                # (H, 2W+1) bias per clamped distance, pre-multiplied by log2(e) for the exp2 softmax
+                self.rbv = rel_table.t().float().index_select(1, self.buckets).mul_(LOG2E)
             self.bias_kind, self.rbw = BIAS_REL, self.rbv.shape[1]
         elif alibi_slopes is not None:
             self.bias_kind = BIAS_ALIBI
@@ -1342,6 +1807,7 @@ class _Args:
             full = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)).expand(b, h, m, n)
             self.bias, self.bias_strides = full, full.stride()
         self.rb = _pow2(2 * self.w + 1)
+        self.npart = 3 if _VARIANT == "split" and self.bias_kind == BIAS_REL else 1
         self.kpm, self.kpm_strides = self.dummy, (0, 0)
         if key_padding_mask is not None:
             kpm = key_padding_mask
@@ -1353,12 +1819,24 @@ class _Args:
         if self.has_seg:
             self.qseg, self.kseg = q_segment_ids, kv_segment_ids
             self.qs_strides, self.ks_strides = q_segment_ids.stride(), kv_segment_ids.stride()
-            self.kv_lo, self.kv_hi, self.q_lo, self.q_hi = _segment_ranges(
-                q_segment_ids, kv_segment_ids, m, n
-            )
+            if saved is not None:
+                self.kv_lo, self.kv_hi, self.q_lo, self.q_hi = saved[1:]
+            else:
+                self.kv_lo, self.kv_hi, self.q_lo, self.q_hi = _segment_ranges(
+                    q_segment_ids, kv_segment_ids, m, n
+                )
         self.ngq = triton.cdiv(m, SEG_G)
         self.ngk = triton.cdiv(n, SEG_G)
         self.m_bucket, self.n_bucket = _pow2(m), _pow2(n)
+
+    def saved(self, dev):
+        """What the backward reuses instead of recomputing: the T5 distance vector and the segment ranges
+        (fresh empty tensors where absent: a custom op's outputs must not alias anything)."""
+        none = lambda dtype: torch.empty(0, device=dev, dtype=dtype)
+        rbv = self.rbv if self.bias_kind == BIAS_REL else none(torch.float32)
+        if self.has_seg:
+            return rbv, self.kv_lo, self.kv_hi, self.q_lo, self.q_hi
+        return (rbv, *(none(torch.int32) for _ in range(4)))
 
 
 def _forward(q, k, v, a: _Args):
@@ -1409,6 +1887,7 @@ def _forward(q, k, v, a: _Args):
         HAS_SEG=a.has_seg,
         QOFF_FROM_PTR=a.qoff_from_ptr,
         DOT_PREC=a.dot_prec,
+        NPART=a.npart,
         RBW=a.rbw,
         BLOCK_D=a.block_d,
     )
@@ -1488,6 +1967,7 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
         HAS_SEG=a.has_seg,
         QOFF_FROM_PTR=a.qoff_from_ptr,
         DOT_PREC=a.dot_prec,
+        NPART=a.npart,
         RBW=a.rbw,
         RB=a.rb,
         BLOCK_D=a.block_d,
@@ -1540,6 +2020,7 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
         HAS_SEG=a.has_seg,
         QOFF_FROM_PTR=a.qoff_from_ptr,
         DOT_PREC=a.dot_prec,
+        NPART=a.npart,
         RBW=a.rbw,
         BLOCK_D=a.block_d,
     )
@@ -1547,8 +2028,7 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
     if rel_grad:
         # fixed-order reductions: over (batch, key block), then distances -> buckets by a one-hot matmul
         g = drel.view(b, h, nkb, a.rb)[..., : 2 * a.w + 1].sum(dim=(0, 2))  # (H, 2W+1)
-        onehot = torch.nn.functional.one_hot(a.buckets, rel_table.shape[0]).float()  # (2W+1, num_buckets)
-        d_table = (g @ onehot).t().to(rel_table.dtype).contiguous()  # (num_buckets, H)
+        d_table = (g @ a.onehot).t().to(rel_table.dtype).contiguous()  # (num_buckets, H); onehot (2W+1, nb)
     d_bias = torch.empty(0, device=dev)
     if bias_grad:
         shape4 = (1,) * (4 - bias.dim()) + tuple(bias.shape)
@@ -1577,7 +2057,8 @@ def _fwd_op(
     key_padding_mask: Optional[torch.Tensor],
     q_segment_ids: Optional[torch.Tensor],
     kv_segment_ids: Optional[torch.Tensor],
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out, lse, *saved): saved = (T5 distance vector, kv_lo, kv_hi, q_lo, q_hi) for the backward."""
     a = _Args(
         q,
         k,
@@ -1594,7 +2075,8 @@ def _fwd_op(
         q_segment_ids,
         kv_segment_ids,
     )
-    return _forward(q, k, v, a)
+    out, lse = _forward(q, k, v, a)
+    return (out, lse, *a.saved(q.device))
 
 
 @_fwd_op.register_fake
@@ -1616,8 +2098,18 @@ def _fwd_fake(
     kv_segment_ids,
 ):
     b, h, m, d = q.shape
+    n = k.shape[2]
     out = q.new_empty((b, m, h, d)).transpose(1, 2)
-    return out, q.new_empty((b, h, m), dtype=torch.float32)
+    lse = q.new_empty((b, h, m), dtype=torch.float32)
+    rbv = q.new_empty(0, dtype=torch.float32)
+    if rel_table is not None:
+        w = max(int(rel_max_distance), rel_table.shape[0])
+        rbv = q.new_empty((h, 2 * w + 1), dtype=torch.float32)
+    gq, gk = (b, triton.cdiv(m, SEG_G)), (b, triton.cdiv(n, SEG_G))
+    if q_segment_ids is None:
+        gq = gk = (0,)
+    ranges = [q.new_empty(shape, dtype=torch.int32) for shape in (gq, gq, gk, gk)]
+    return (out, lse, rbv, *ranges)
 
 
 @torch.library.custom_op("fat5::flash_attention_bwd", mutates_args=())
@@ -1640,6 +2132,11 @@ def _bwd_op(
     key_padding_mask: Optional[torch.Tensor],
     q_segment_ids: Optional[torch.Tensor],
     kv_segment_ids: Optional[torch.Tensor],
+    rbv: torch.Tensor,
+    kv_lo: torch.Tensor,
+    kv_hi: torch.Tensor,
+    q_lo: torch.Tensor,
+    q_hi: torch.Tensor,
     need_drel: bool,
     need_dbias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -1658,6 +2155,7 @@ def _bwd_op(
         key_padding_mask,
         q_segment_ids,
         kv_segment_ids,
+        saved=(rbv, kv_lo, kv_hi, q_lo, q_hi),
     )
     return _backward(do, q, k, v, out, lse, a, scale, need_drel, need_dbias, rel_table, bias)
 
@@ -1682,6 +2180,11 @@ def _bwd_fake(
     key_padding_mask,
     q_segment_ids,
     kv_segment_ids,
+    rbv,
+    kv_lo,
+    kv_hi,
+    q_lo,
+    q_hi,
     need_drel,
     need_dbias,
 ):
@@ -1703,6 +2206,11 @@ _SAVED = (
     "key_padding_mask",
     "q_segment_ids",
     "kv_segment_ids",
+    "rbv",
+    "kv_lo",
+    "kv_hi",
+    "q_lo",
+    "q_hi",
 )
 
 
@@ -1724,7 +2232,8 @@ def _setup_context(ctx, inputs, output):
         q_segment_ids,
         kv_segment_ids,
     ) = inputs
-    out, lse = output
+    out, lse, rbv, kv_lo, kv_hi, q_lo, q_hi = output
+    ctx.mark_non_differentiable(rbv)
     ctx.save_for_backward(
         q,
         k,
@@ -1738,11 +2247,16 @@ def _setup_context(ctx, inputs, output):
         key_padding_mask,
         q_segment_ids,
         kv_segment_ids,
+        rbv,
+        kv_lo,
+        kv_hi,
+        q_lo,
+        q_hi,
     )
     ctx.static = (scale, causal, q_offset, rel_bidirectional, rel_max_distance)
 
 
-def _backward_rule(ctx, dout, dlse):
+def _backward_rule(ctx, dout, *_):  # lse and the saved tensors get no gradient
     s = dict(zip(_SAVED, ctx.saved_tensors))
     scale, causal, q_offset, rel_bidirectional, rel_max_distance = ctx.static
     need_dbias, need_drel = ctx.needs_input_grad[7], ctx.needs_input_grad[8]
@@ -1765,6 +2279,11 @@ def _backward_rule(ctx, dout, dlse):
         s["key_padding_mask"],
         s["q_segment_ids"],
         s["kv_segment_ids"],
+        s["rbv"],
+        s["kv_lo"],
+        s["kv_hi"],
+        s["q_lo"],
+        s["q_hi"],
         need_drel,
         need_dbias,
     )
@@ -1868,7 +2387,7 @@ def flash_attention(
                 f"{tuple(q_offset.shape)}"
             )
         q_offset_t, q_offset = q_offset.to(q.device), 0
-    out, _ = _fwd_op(
+    out = _fwd_op(
         q,
         k,
         v,
@@ -1884,5 +2403,5 @@ def flash_attention(
         key_padding_mask,
         q_segment_ids,
         kv_segment_ids,
-    )
+    )[0]
     return out

@@ -1,0 +1,126 @@
+"""Registers and spills of every autotune config of the attention kernels, for sm_90a, without a GPU.
+
+Triton compiles for a target given by hand, and the ptxas bundled with Triton reports registers and spill
+bytes (`ptxas -v`). A fake driver makes each kernel launch a compile-only warm-up, and the autotuner
+compiles every config instead of timing it. Spills are the first thing to check when a kernel runs far
+below its roofline; this costs no device time. Run on a CPU machine (TRITON_INTERPRET unset):
+`.venv/bin/python benchmarks/attention_registers.py --out benchmarks/results`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+
+class CompileOnlyDriver:
+    """Just enough of a driver for JITFunction.run(warmup=True) to compile for sm_90a."""
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+compiled: list[tuple[str, dict, object]] = []
+_jit_run = JITFunction.run
+
+
+def _compile_only(self, *args, grid, warmup, **kw):
+    kernel = _jit_run(self, *args, grid=grid, warmup=True, **kw)
+    compiled.append((self.fn.__name__, kw, kernel))
+    return kernel
+
+
+def _compile_every_config(self, *args, **kwargs):
+    kwargs = {k: v for k, v in kwargs.items() if k != "warmup"}
+    self.nargs = dict(zip(self.arg_names, args))
+    for cfg in self.prune_configs(kwargs):
+        self.fn.run(*args, warmup=True, **kwargs, **cfg.all_kwargs())
+
+
+def ptxas_report(ptx: str) -> tuple[int, int]:
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    r = subprocess.run(
+        [ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True, text=True
+    )
+    os.remove(f.name)
+    regs = re.search(r"Used (\d+) registers", r.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", r.stderr)
+    return int(regs.group(1)) if regs else -1, int(spill.group(1)) if spill else 0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--head-dims", default="64,128")
+    p.add_argument("--kinds", default="t5,none")
+    args = p.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: this compiles real sm_90a code")
+    driver.set_active(CompileOnlyDriver())
+    JITFunction.run = _compile_only
+    Autotuner.run = _compile_every_config
+    from fat5.ops import attention_triton as A
+
+    rows = []
+    t0 = time.time()
+    for d in map(int, args.head_dims.split(",")):
+        for kind in args.kinds.split(","):
+            for causal in (False, True):
+                compiled.clear()
+                q = torch.randn(2, 2, 300, d, dtype=torch.bfloat16, requires_grad=True)
+                k, v = torch.randn_like(q, requires_grad=True), torch.randn_like(q, requires_grad=True)
+                extra = {}
+                if kind == "t5":
+                    extra = dict(
+                        rel_table=torch.randn(32, 2, requires_grad=True), rel_bidirectional=not causal
+                    )
+                A.flash_attention(q, k, v, causal=causal, **extra).float().sum().backward()
+                for name, kw, kernel in compiled:
+                    if "BLOCK_N" not in kw:  # the tiled kernels (not the small delta pass)
+                        continue
+                    regs, spill = ptxas_report(kernel.asm["ptx"])
+                    cfg = f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{kernel.metadata.num_warps} s{kernel.metadata.num_stages}"
+                    rows.append((d, kind, causal, name.strip("_"), cfg, regs, spill))
+                    print(rows[-1], flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    day = time.strftime("%Y-%m-%d")
+    lines = [
+        f"# Attention kernels: registers and spills per autotune config, sm_90a ({day})",
+        "",
+        f"triton {triton.__version__}, ptxas bundled with it; compiled offline (no GPU), "
+        f"{time.time() - t0:.0f}s. Command: `.venv/bin/python benchmarks/attention_registers.py`.",
+        "",
+        "| head dim | bias | causal | kernel | config | registers | spill bytes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {d} | {kind} | {c} | {n} | {cfg} | {r} | {s} |" for d, kind, c, n, cfg, r, s in rows]
+    (out / f"attention_registers_{day}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[-len(rows) :]))
+
+
+if __name__ == "__main__":
+    main()
