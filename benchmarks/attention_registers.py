@@ -3,7 +3,7 @@
 Triton compiles for a target given by hand, and the ptxas bundled with Triton reports registers and spill
 bytes (`ptxas -v`). A fake driver makes each kernel launch a compile-only warm-up, and the autotuner
 compiles every config instead of timing it. Spills are the first thing to check when a kernel runs far
-below its roofline; this costs no device time. Run on a CPU machine (TRITON_INTERPRET unset):
+below its roofline; this needs no GPU. Run on a CPU machine (TRITON_INTERPRET unset):
 `.venv/bin/python benchmarks/attention_registers.py --out benchmarks/results`.
 """
 

@@ -1,6 +1,6 @@
 """Attention with a T5 relative-position bias: our Triton kernel vs the strongest alternatives, one process.
 
-Setting of shared/ANCHORS.md: bf16, 12 heads, head dim 64 (and 128 rows), batch*length = 32768 tokens, scale 1.0,
+Setting: bf16, 12 heads, head dim 64 (and 128 rows), batch*length = 32768 tokens, scale 1.0,
 T5 buckets 32 / max distance 128. Methods:
   sdpa        F.scaled_dot_product_attention without bias (the ceiling: flash backend)
   sdpa_bias   SDPA with the (1, H, L, L) bias materialized from the table in each call (gradient to the table)

@@ -1,12 +1,12 @@
 """Generation speed: fat5 `generate` (static KV cache + CUDA-graph decode step) vs transformers T5 `generate`.
 
 Question: how many tokens/s and ms per decode step does fat5 reach against `transformers`'
-T5ForConditionalGeneration.generate on the same weights and GPU? Shape of /work/shared/ANCHORS.md: T5 v1.1
+T5ForConditionalGeneration.generate on the same weights and GPU? Setting: T5 v1.1
 base (fat5 preset `base`, random init, bf16 weights), 512 input tokens, exactly 128 new tokens
 (min_new_tokens = max_new_tokens), greedy at batch 1/16/64 and 4 beams at batch 1/64.
 
 tokens/s counts returned new tokens (batch * 128, beams not counted); ms per decode step = wall time of one
-whole `generate` call (encoder included) / 128, as in ANCHORS.md. Median of --repeats calls after a warm-up
+whole `generate` call (encoder included) / 128. Median of --repeats calls after a warm-up
 call (which captures fat5's graph). Before timing it checks on the GPU: graph replay == eager decoding
 (token-exact), and token agreement with transformers' greedy output (bf16: not expected to be 100%).
 
@@ -36,8 +36,8 @@ from fat5 import FAT5Config, FAT5ForConditionalGeneration, ops  # noqa: E402
 from fat5.generation import generate  # noqa: E402
 from fat5.hf import hf_config_dict, hf_state_dict  # noqa: E402
 
-# ANCHORS.md, measured on the same kind of H200 (beams, batch) -> (tokens/s, ms per step)
-ANCHORS = {
+# transformers' figures from an earlier reference measurement on an H200 (beams, batch) -> (tokens/s, ms/step)
+REFERENCE_HF = {
     (1, 1): (54, 18.6),
     (1, 16): (1024, 15.6),
     (1, 64): (3744, 17.1),
@@ -170,7 +170,7 @@ def main() -> None:
             row[f"{name}_ms_step"] = 1000 * sec / new
             row[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         ours._fat5_graph_step = None  # free the captured graph's buffers before the next shape
-        anchor = ANCHORS.get((beams, batch)) if args.preset == "base" else None
+        anchor = REFERENCE_HF.get((beams, batch)) if args.preset == "base" else None
         if anchor:
             row["anchor_tok_s"], row["anchor_ms_step"] = anchor
         if "hf_tok_s" in row:
@@ -247,7 +247,7 @@ def write_report(out: Path, args, env, check, rows, targets, notes) -> None:
         f"{args.out}`.",
         "",
         "| beams | batch | fat5 tokens/s | fat5 ms/step | transformers tokens/s | transformers ms/step | speedup | "
-        "fat5 / transformers peak GiB | ANCHORS.md transformers tokens/s, ms/step |",
+        "fat5 / transformers peak GiB | earlier reference: transformers tokens/s, ms/step |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -324,7 +324,7 @@ class Trainer:
         self.on_step_end: list[Callable[[Trainer], None]] = []
         self.step = 0
         self.bad_steps = 0
-        self.history: list[float] = []  # global mean train loss per optimizer step (this session)
+        self.history: list[float] = []  # global mean train loss per optimizer step (since this Trainer started)
         self._stop = False
         self._signal_count = 0
         self._resume_from = latest_checkpoint(self.out) if resume else None
@@ -528,7 +528,7 @@ class Trainer:
         return loss_v, gnorm_v, tokens_v
 
     def fit(self) -> list[float]:
-        """Train to ``train.max_steps`` (or until a stop request); returns this session's loss per step."""
+        """Train to ``train.max_steps`` (or until a stop request); returns the loss per step of this call."""
         t = self.cfg.train
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
