@@ -324,7 +324,9 @@ class Trainer:
         self.on_step_end: list[Callable[[Trainer], None]] = []
         self.step = 0
         self.bad_steps = 0
-        self.history: list[float] = []  # global mean train loss per optimizer step (since this Trainer started)
+        self.history: list[
+            float
+        ] = []  # global mean train loss per optimizer step (since this Trainer started)
         self._stop = False
         self._signal_count = 0
         self._resume_from = latest_checkpoint(self.out) if resume else None
