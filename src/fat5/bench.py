@@ -1,12 +1,7 @@
 """Training-step throughput of fat5 against transformers' T5 on the same GPU, weights and batch.
 
-Model FLOPs per training step (the MFU numerator; matmul FLOPs only, as in PaLM's MFU):
-  forward = 2 * (encoder matmul params) * B * L_enc
-          + 2 * (decoder matmul params + output embedding) * B * L_dec
-          + per layer attention: 4 * B * H * D * (L_enc^2 [enc self] + L_dec^2 / 2 [dec causal] + L_dec * L_enc [cross])
-  training step = 3 * forward (backward is twice the forward).
-MFU = FLOPs / step time / the bf16 matmul rate measured in the same run (8192^3 product), so the figure is
-relative to what this GPU actually reaches, not to a datasheet.
+MFU = model FLOPs per step (fat5.flops.step_flops) / step time / the bf16 matmul rate measured in the same
+run (8192^3 product), so the figure is relative to what this GPU actually reaches, not to a datasheet.
 """
 
 from __future__ import annotations
@@ -22,21 +17,8 @@ from pathlib import Path
 import torch
 
 from .config import FAT5Config
+from .flops import step_flops
 from .model import FAT5ForConditionalGeneration
-
-
-def step_flops(c: FAT5Config, batch: int, l_enc: int, l_dec: int) -> float:
-    d, f, h, dk = c.d_model, c.d_ff, c.num_heads, c.d_kv
-    inner = h * dk
-    ff = d * f * (3 if c.is_gated_act else 2)
-    enc_layer = 4 * d * inner + ff
-    dec_layer = 8 * d * inner + ff
-    fwd = 2 * enc_layer * c.num_layers * batch * l_enc
-    fwd += 2 * (dec_layer * c.num_decoder_layers + d * c.vocab_size) * batch * l_dec
-    attn = 4 * batch * h * dk
-    fwd += attn * c.num_layers * l_enc * l_enc
-    fwd += attn * c.num_decoder_layers * (l_dec * l_dec / 2 + l_dec * l_enc)
-    return 3.0 * fwd
 
 
 def matmul_tflops(n: int = 8192) -> float:

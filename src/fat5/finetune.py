@@ -341,8 +341,9 @@ def run_finetune(args) -> None:
             show_progress=not args.quiet,
         )
         if dist.is_main:
+            n = sum(p.numel() for p in trainer.model.parameters())
             print(
-                f"finetuning {args.model} ({trainer.params['total'] / 1e6:.2f}M parameters) on "
+                f"finetuning {args.model} ({n / 1e6:.2f}M parameters) on "
                 f"{len(train_pairs)} examples, {dist.device} x{dist.world_size}, precision {trainer.precision}"
             )
         trainer.fit()

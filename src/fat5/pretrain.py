@@ -150,7 +150,7 @@ def run_pretrain(args) -> None:
             cfg, model, train, out, val_fn, dist, resume=args.resume, show_progress=not args.quiet
         )
         if dist.is_main:
-            n = trainer.params["total"]
+            n = sum(p.numel() for p in model.parameters())
             print(
                 f"model {cfg.model.preset}: {n / 1e6:.2f}M parameters on {dist.device} x{dist.world_size}, "
                 f"precision {trainer.precision}; {len(train_ds)} training documents "

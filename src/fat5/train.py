@@ -17,11 +17,8 @@ Precision (``train.precision``): ``fp32``; ``bf16-autocast`` (fp32 master weight
 ``bf16-kahan`` (bf16 weights and states, Kahan-compensated AdamWScale updates); ``bf16`` (pure bf16, no
 compensation). ``auto``: bf16-autocast on a bf16-capable GPU, else fp32.
 
-Throughput and MFU: model FLOPs per step are counted on the padded batch shapes (what the hardware computes)
-as ``6 * (P_enc * T_enc + (P_dec + P_head) * T_dec)`` (forward + backward over the non-embedding matmul
-weights: encoder weights see encoder tokens, decoder weights and the output projection decoder tokens) plus
-attention ``12 * h * d_kv * B * (n_enc * L_enc^2 + n_dec * (L_dec^2 + L_dec * L_enc))`` (QK^T and AV,
-forward + backward; causal masking is not discounted, as in PaLM's formula). MFU divides by the peak:
+Throughput and MFU: model FLOPs per step come from ``fat5.flops.step_flops`` (counted on the padded batch
+shapes, what the hardware computes; the same formula as ``fat5 bench``). MFU divides by the peak:
 ``--peak-tflops`` / ``train.peak_tflops``, else a dense-bf16 table value for known GPUs; on CPU no MFU is
 shown unless a peak is given. tokens/s counts real (non-padding) encoder + decoder tokens.
 
@@ -53,6 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed as D
+from .flops import step_flops
 from .model import FAT5ForConditionalGeneration
 from .optim import build_optimizer, build_scheduler
 from .runconfig import RunConfig, load_run_config, model_config_diff, save_run_config
@@ -93,30 +91,6 @@ def default_peak_tflops(device: torch.device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-
-
-def step_flops(config, batch_size: int, enc_len: int, dec_len: int, params: dict[str, int]) -> float:
-    """Training FLOPs of one forward+backward on a (batch_size, enc_len) -> (batch_size, dec_len) batch."""
-    t_enc, t_dec = batch_size * enc_len, batch_size * dec_len
-    dense = 6 * (params["encoder"] * t_enc + (params["decoder"] + params["head"]) * t_dec)
-    inner = config.num_heads * config.d_kv
-    attn = (
-        12
-        * inner
-        * batch_size
-        * (config.num_layers * enc_len**2 + config.num_decoder_layers * (dec_len**2 + dec_len * enc_len))
-    )
-    return float(dense + attn)
-
-
-def param_counts(model: FAT5ForConditionalGeneration) -> dict[str, int]:
-    c = model.config
-    return {
-        "encoder": sum(p.numel() for p in model.encoder.parameters()),
-        "decoder": sum(p.numel() for p in model.decoder.parameters()),
-        "head": c.vocab_size * c.d_model,  # lm_head, or the tied embedding used as the output projection
-        "total": sum(p.numel() for p in model.parameters()),
-    }
 
 
 # ------------------------------------------------------------------------------------------- logging
@@ -351,7 +325,6 @@ class Trainer:
         else:
             raise ValueError(f"unknown precision {self.precision!r}")
         self.model.to(self.device)
-        self.params = param_counts(self.model)
         self.engine = D.wrap_model(self.model, self.dist, t.parallel)
         if t.compile:
             self.engine = torch.compile(self.engine)
@@ -562,9 +535,7 @@ class Trainer:
                 self.history.append(loss)
                 b, le = micro[0]["input_ids"].shape
                 ld = micro[0]["labels"].shape[1]
-                window_flops += (
-                    len(micro) * self.dist.world_size * step_flops(self.model.config, b, le, ld, self.params)
-                )
+                window_flops += len(micro) * self.dist.world_size * step_flops(self.model.config, b, le, ld)
                 window_tokens += tokens
                 window_steps += 1
                 bar.update(1)
