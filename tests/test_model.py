@@ -28,9 +28,15 @@ def tiny(pe="t5", **kw):
 
 
 def test_presets_build_configs():
-    for name in PRESETS:
+    # T5 v1.1 checkpoint shapes: (d_model, d_ff, layers, heads)
+    v11 = {"small": (512, 1024, 8, 6), "base": (768, 2048, 12, 12), "large": (1024, 2816, 24, 16),
+           "xl": (2048, 5120, 24, 32), "xxl": (4096, 10240, 24, 64)}  # fmt: skip
+    for name, shape in v11.items():
         c = FAT5Config.from_preset(name)
-        assert c.d_model % c.num_heads == 0 or c.d_kv * c.num_heads > 0
+        assert (c.d_model, c.d_ff, c.num_layers, c.num_heads) == shape, name
+        assert c.num_decoder_layers == c.num_layers and c.d_kv == 64 and c.vocab_size == 32128
+        assert c.feed_forward_proj == "gated-gelu" and not c.tie_word_embeddings
+    assert set(PRESETS) == {"tiny", "fat5-small", *v11}
     small = FAT5Config.from_preset("fat5-small")
     assert (small.num_layers, small.d_model, small.d_ff, small.num_heads, small.vocab_size) == (
         12,
@@ -39,6 +45,7 @@ def test_presets_build_configs():
         8,
         32768,
     )
+    FAT5ForConditionalGeneration(FAT5Config.from_preset("tiny"))  # the CPU preset builds
 
 
 def test_bad_config_names_choices():
@@ -147,16 +154,19 @@ def test_all_labels_ignored_gives_zero_loss():
 
 
 def test_rope_leaves_values_and_cross_attention_alone():
-    model = tiny("rope")
-    # RoPE is a rotation: permuting nothing but positions of identical tokens must not change values path;
-    # with all-equal decoder inputs and one encoder token, cross-attention output is position independent.
-    ids = torch.full((1, 1), 5)
-    dec = torch.full((1, 4), 7)
-    h = model.decoder.layers[0].cross_attn
-    x = torch.randn(1, 4, 32).expand(1, 4, 32).clone()
-    x[:] = x[:, :1]
     from fat5.model import AttentionContext
 
-    out = h(x, AttentionContext(), kv_input=torch.randn(1, 3, 32))
+    model = tiny("rope")
+    rope = model.decoder.rope
+    # cross-attention: identical query rows at different positions must give identical outputs
+    cross = model.decoder.layers[0].cross_attn
+    x = torch.randn(1, 1, 32).expand(1, 4, 32).contiguous()
+    out = cross(x, AttentionContext(rope=rope, q_offset=3), kv_input=torch.randn(1, 3, 32))
     assert torch.allclose(out[0, 0], out[0, 3], atol=1e-6)
-    del ids, dec
+    # values: one token attending to itself outputs o(v(x)) at any position; RoPE on v would move it
+    self_attn = model.decoder.layers[0].attn
+    one = torch.randn(1, 1, 32)
+    at0 = self_attn(one, AttentionContext(rope=rope, q_offset=0))
+    at7 = self_attn(one, AttentionContext(rope=rope, q_offset=7))
+    assert torch.allclose(at0, at7, atol=1e-6)
+    assert torch.allclose(at0, self_attn.o(self_attn.v(one)), atol=1e-6)
