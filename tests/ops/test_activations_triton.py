@@ -6,28 +6,13 @@ Error rule (DESIGN.md): in low precision the kernel's max error against the floa
 
 import pytest
 import torch
+from kernel_checks import _assert_within, _poison_empty  # noqa: F401  (autouse fixture)
 
 from fat5.ops.activations import ACTIVATIONS, gated_act_ref, gated_act_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # the CPU interpreter evaluates sigmoid with numpy, which warns when exp(-x) overflows to inf (result still 0/1)
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
-
-
-@pytest.fixture(autouse=True)
-def _poison_empty():
-    # deterministic mode fills torch.empty with NaN: any element a kernel forgets to write shows up
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    yield
-    torch.use_deterministic_algorithms(prev)
-
-
-def _assert_within(name, got, ref_lp, ref64, factor, floor):
-    err = (got.double() - ref64).abs().max().item()
-    ref_err = (ref_lp.double() - ref64).abs().max().item()
-    bound = factor * ref_err + floor * max(1.0, ref64.abs().max().item())
-    assert err <= bound, f"{name}: error {err:.3e} > {bound:.3e} (reference's own error {ref_err:.3e})"
 
 
 def _run(fn, gate, up, act, dout):

@@ -10,26 +10,11 @@ import importlib
 
 import pytest
 import torch
+from kernel_checks import _assert_within, _poison_empty  # noqa: F401  (autouse fixture)
 
 ce = importlib.import_module("fat5.ops.cross_entropy")  # fat5.ops.cross_entropy is also a function name
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture(autouse=True)
-def _poison_empty():
-    # deterministic mode fills torch.empty with NaN: any element a kernel forgets to write shows up
-    prev = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    yield
-    torch.use_deterministic_algorithms(prev)
-
-
-def _assert_within(name, got, ref_lp, ref64, factor, floor):
-    err = (got.double() - ref64).abs().max().item()
-    ref_err = (ref_lp.double() - ref64).abs().max().item()
-    bound = factor * ref_err + floor * max(1.0, ref64.abs().max().item())
-    assert err <= bound, f"{name}: error {err:.3e} > {bound:.3e} (reference's own error {ref_err:.3e})"
 
 
 def _labels(t, v, n_ignored, device):
