@@ -76,6 +76,12 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--head-dims", default="64,128")
     p.add_argument("--kinds", default="t5,none")
+    p.add_argument(
+        "--variants", default="branch,split", help="inner-loop variants (split differs only with t5)"
+    )
+    p.add_argument(
+        "--segments", default="no,yes", help="compile without and/or with packed-document segment ids"
+    )
     args = p.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: this compiles real sm_90a code")
@@ -86,25 +92,44 @@ def main() -> None:
 
     rows = []
     t0 = time.time()
-    for d in map(int, args.head_dims.split(",")):
-        for kind in args.kinds.split(","):
-            for causal in (False, True):
-                compiled.clear()
-                q = torch.randn(2, 2, 300, d, dtype=torch.bfloat16, requires_grad=True)
-                k, v = torch.randn_like(q, requires_grad=True), torch.randn_like(q, requires_grad=True)
-                extra = {}
-                if kind == "t5":
-                    extra = dict(
-                        rel_table=torch.randn(32, 2, requires_grad=True), rel_bidirectional=not causal
-                    )
-                A.flash_attention(q, k, v, causal=causal, **extra).float().sum().backward()
-                for name, kw, kernel in compiled:
-                    if "BLOCK_N" not in kw:  # the tiled kernels (not the small delta pass)
-                        continue
-                    regs, spill = ptxas_report(kernel.asm["ptx"])
-                    cfg = f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{kernel.metadata.num_warps} s{kernel.metadata.num_stages}"
-                    rows.append((d, kind, causal, name.strip("_"), cfg, regs, spill))
-                    print(rows[-1], flush=True)
+    errors = []
+    for variant in args.variants.split(","):
+        A.set_variant(variant)
+        for d in map(int, args.head_dims.split(",")):
+            for kind in args.kinds.split(","):
+                if variant != "branch" and kind != "t5":
+                    continue
+                for causal in (False, True):
+                    for seg in args.segments.split(","):
+                        compiled.clear()
+                        q = torch.randn(2, 2, 300, d, dtype=torch.bfloat16, requires_grad=True)
+                        k, v = (
+                            torch.randn_like(q, requires_grad=True),
+                            torch.randn_like(q, requires_grad=True),
+                        )
+                        extra = {}
+                        if kind == "t5":
+                            extra = dict(
+                                rel_table=torch.randn(32, 2, requires_grad=True), rel_bidirectional=not causal
+                            )
+                        if seg == "yes":
+                            ids = torch.tensor([[1] * 120 + [2] * 180] * 2)
+                            extra.update(q_segment_ids=ids, kv_segment_ids=ids)
+                        try:
+                            A.flash_attention(q, k, v, causal=causal, **extra).float().sum().backward()
+                        except Exception as e:  # a kernel that does not compile is the finding
+                            errors.append(
+                                f"{variant} d{d} {kind} causal={causal} seg={seg}: {type(e).__name__}: {e}"
+                            )
+                            continue
+                        for name, kw, kernel in compiled:
+                            if "BLOCK_N" not in kw:  # the tiled kernels (not the small delta pass)
+                                continue
+                            regs, spill = ptxas_report(kernel.asm["ptx"])
+                            nw, ns = kernel.metadata.num_warps, kernel.metadata.num_stages
+                            cfg = f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{nw} s{ns}"
+                            rows.append((variant, d, kind, causal, seg, name.strip("_"), cfg, regs, spill))
+                            print(rows[-1], flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     day = time.strftime("%Y-%m-%d")
@@ -114,12 +139,15 @@ def main() -> None:
         f"triton {triton.__version__}, ptxas bundled with it; compiled offline (no GPU), "
         f"{time.time() - t0:.0f}s. Command: `.venv/bin/python benchmarks/attention_registers.py`.",
         "",
-        "| head dim | bias | causal | kernel | config | registers | spill bytes |",
-        "|---|---|---|---|---|---|---|",
+        f"{len(rows)} kernels compiled, {len(errors)} specialisations failed to compile"
+        + ("".join(f"\n- {e}" for e in errors) if errors else "."),
+        "",
+        "| variant | head dim | bias | causal | segments | kernel | config | registers | spill bytes |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {d} | {kind} | {c} | {n} | {cfg} | {r} | {s} |" for d, kind, c, n, cfg, r, s in rows]
+    lines += [f"| {' | '.join(map(str, r))} |" for r in rows]
     (out / f"attention_registers_{day}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines[-len(rows) :]))
+    print(lines[4])
 
 
 if __name__ == "__main__":
