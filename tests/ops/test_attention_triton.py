@@ -7,7 +7,8 @@ On CPU the kernels run in the Triton interpreter (tiny shapes, float32/float16);
 CUDA at larger shapes. Outputs are poisoned with NaN before the kernels write them.
 Both inner-loop variants ("branch", "split": ``at.set_variant``) are checked. They differ only for the T5
 bias, so the "split" variant runs the T5 cases, including ones with a small max distance W where tiles lie
-wholly below -W, near the diagonal and wholly beyond +W, and must match the "branch" variant bit for bit.
+wholly below -W, near the diagonal and wholly beyond +W. Its near-diagonal tiles are narrower (16 keys or
+queries per step instead of the block size), so it matches the "branch" variant to float32 rounding.
 """
 
 from __future__ import annotations
@@ -224,8 +225,8 @@ def test_matches_reference(name, dtype, variant):
 
 
 @pytest.mark.parametrize("name", [n for n in T5_CASES if "near_far" in n] + ["segments_causal_t5"])
-def test_variants_bitwise_equal(name, monkeypatch):
-    """Same tiles, same order, same arithmetic: the split loops only drop the per-tile branch."""
+def test_variants_agree(name, monkeypatch):
+    """The split loops compute the same function with narrower near-diagonal tiles: equal to fp32 rounding."""
     if DEV == "cuda":
         pytest.skip("interpreter-sized case")
     results = []
@@ -237,7 +238,8 @@ def test_variants_bitwise_equal(name, monkeypatch):
         grads = torch.autograd.grad(out, list(args.values()), torch.randn(out.shape, generator=gen))
         results.append((out, *grads))
     for x, y in zip(*results):
-        assert torch.equal(x, y)
+        assert not torch.equal(x, torch.zeros_like(x))
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
 def test_set_variant(monkeypatch):

@@ -91,9 +91,10 @@ def _cfg(bm, bn, w, s):
 
 
 if _INTERPRET:  # the interpreter is slow and autotuning there measures nothing: one small config
-    _FWD_CONFIGS = [_cfg(16, 16, 1, 1)]
-    _DKV_CONFIGS = [_cfg(16, 16, 1, 1)]
-    _DQ_CONFIGS = [_cfg(16, 16, 1, 1)]
+    # 32-wide key (dkv: query) steps, so the 16-wide near-diagonal tiles of the split variant are exercised
+    _FWD_CONFIGS = [_cfg(16, 32, 1, 1)]
+    _DKV_CONFIGS = [_cfg(32, 32, 1, 1)]
+    _DQ_CONFIGS = [_cfg(16, 32, 1, 1)]
 else:
     # few configs: every one is compiled per (head dim, bias kind, masks) on first use
     _FWD_CONFIGS = [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3)]
@@ -220,7 +221,21 @@ def _add_bias(
     REL_MODE: tl.constexpr,
 ):
     if BIAS_KIND == 1:
-        s += _rel_bias(RB_h, b_lo, b_hi, rel_lo, rel_hi, kpos2, qpos2, W, ROWS, COLS, REL_MODE)
+        # every branch yields the score tile itself (MMA layout): a branch that yields a separate bias tile
+        # gets its own layout and costs a shared-memory layout conversion of the whole tile on every tile
+        if REL_MODE == 2:
+            if rel_lo >= W:
+                s += b_hi
+            elif rel_hi <= -W:
+                s += b_lo
+            else:
+                s += tl.load(RB_h + tl.minimum(tl.maximum(kpos2 - qpos2, -W), W) + W)
+        elif REL_MODE == 0:
+            s += tl.load(RB_h + tl.minimum(tl.maximum(kpos2 - qpos2, -W), W) + W)
+        elif REL_MODE == -1:
+            s += b_lo
+        else:
+            s += b_hi
     elif BIAS_KIND == 2:
         s += slope * tl.abs(kpos2 - qpos2).to(tl.float32)
     elif BIAS_KIND == 3:
@@ -346,6 +361,7 @@ def _fwd_inner(
     BLOCK_N: tl.constexpr,
     NPART: tl.constexpr,
     REL_MODE: tl.constexpr,
+    NEAR_N: tl.constexpr,
 ):
     # NPART 1: one loop over [start, end) adding the T5 bias by REL_MODE; NPART 3 ("split" variant): three
     # branch-free loops, tiles wholly below -W (distance = key - query), near the diagonal, wholly beyond +W
@@ -397,7 +413,7 @@ def _fwd_inner(
             HAS_SEG,
             DOT_PREC,
             BLOCK_M,
-            BLOCK_N,
+            BLOCK_N if (NPART == 1 or part != 1) else NEAR_N,
             REL_MODE if NPART == 1 else part - 1,
         )
     return acc, l_i, m_i
@@ -500,6 +516,9 @@ def _fwd_tiles(
 @triton.autotune(
     configs=_FWD_CONFIGS, key=["BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "NPART", "M_BUCKET", "N_BUCKET"]
 )
+# gathered (near-diagonal) tiles use at most 32 keys: a gather holds one pointer per element in registers,
+# and at full width it pushes the kernel to the register limit (255 at 128x64, half the occupancy)
+@triton.heuristics({"NEAR_N": lambda a: min(a["BLOCK_N"], 16)})
 @triton.jit
 def _fwd_kernel(
     Q,
@@ -562,6 +581,7 @@ def _fwd_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    NEAR_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -662,6 +682,7 @@ def _fwd_kernel(
         BLOCK_N,
         NPART,
         2,
+        NEAR_N,
     )
     acc, l_i, m_i = _fwd_inner(
         acc,
@@ -704,9 +725,10 @@ def _fwd_kernel(
         HAS_SEG,
         DOT_PREC,
         BLOCK_M,
-        BLOCK_N,
+        NEAR_N if NPART == 3 else BLOCK_N,
         1,
         0 if NPART == 3 else 2,  # the last tile(s): gathering is exact on any tile
+        NEAR_N,
     )
     empty = l_i == 0.0  # no visible key: output zeros, lse=+inf makes the backward's P exactly 0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -805,6 +827,8 @@ def _dkv_inner(
     RB: tl.constexpr,
     NPART: tl.constexpr,
     REL_MODE: tl.constexpr,
+    NEAR_M: tl.constexpr,
+    NEAR_WIN: tl.constexpr,
 ):
     # as _fwd_inner; here distance = k0 - query falls as the loop goes on: beyond +W, near, below -W
     e1 = start
@@ -860,9 +884,9 @@ def _dkv_inner(
             HAS_KPM,
             HAS_SEG,
             DOT_PREC,
-            BLOCK_M,
+            BLOCK_M if (NPART == 1 or part != 1) else NEAR_M,
             BLOCK_N,
-            WIN,
+            WIN if (NPART == 1 or part != 1) else NEAR_WIN,
             RB,
             REL_MODE if NPART == 1 else 1 - part,
         )
@@ -977,7 +1001,14 @@ def _dkv_tiles(
     key=["BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "NPART", "M_BUCKET", "N_BUCKET"],
     prune_configs_by={"early_config_prune": _prune_by_smem},
 )
-@triton.heuristics({"WIN": lambda a: triton.next_power_of_2(a["BLOCK_M"] + a["BLOCK_N"] - 1)})
+@triton.heuristics(
+    {
+        "WIN": lambda a: triton.next_power_of_2(a["BLOCK_M"] + a["BLOCK_N"] - 1),
+        # near-diagonal (gathered) tiles step over at most 16 queries, as in _fwd_kernel
+        "NEAR_M": lambda a: min(a["BLOCK_M"], 16),
+        "NEAR_WIN": lambda a: triton.next_power_of_2(min(a["BLOCK_M"], 16) + a["BLOCK_N"] - 1),
+    }
+)
 @triton.jit
 def _dkv_kernel(
     Q,
@@ -1058,6 +1089,8 @@ def _dkv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     WIN: tl.constexpr,
+    NEAR_M: tl.constexpr,
+    NEAR_WIN: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -1159,12 +1192,14 @@ def _dkv_kernel(
         HAS_KPM,
         HAS_SEG,
         DOT_PREC,
-        BLOCK_M,
+        NEAR_M if NPART == 3 else BLOCK_M,
         BLOCK_N,
-        WIN,
+        NEAR_WIN if NPART == 3 else WIN,
         RB,
         1,
-        2,  # per tile, so that the table gradient sums exactly as in the branch variant
+        2,  # per tile (branching); only the masked last tiles run here
+        NEAR_M,
+        NEAR_WIN,
     )
     dk, dv, acc_rel, s_lo, s_hi = _dkv_inner(
         dk,
@@ -1216,6 +1251,8 @@ def _dkv_kernel(
         RB,
         NPART,
         2,
+        NEAR_M,
+        NEAR_WIN,
     )
     dk = dk * scale
     tl.store(
@@ -1283,6 +1320,7 @@ def _dq_inner(
     BLOCK_N: tl.constexpr,
     NPART: tl.constexpr,
     REL_MODE: tl.constexpr,
+    NEAR_N: tl.constexpr,
 ):
     # as _fwd_inner
     e1 = start
@@ -1337,7 +1375,7 @@ def _dq_inner(
             HAS_SEG,
             DOT_PREC,
             BLOCK_M,
-            BLOCK_N,
+            BLOCK_N if (NPART == 1 or part != 1) else NEAR_N,
             REL_MODE if NPART == 1 else part - 1,
         )
     return dq
@@ -1445,6 +1483,7 @@ def _dq_tiles(
     key=["BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "NPART", "M_BUCKET", "N_BUCKET"],
     prune_configs_by={"early_config_prune": _prune_by_smem},
 )
+@triton.heuristics({"NEAR_N": lambda a: min(a["BLOCK_N"], 16)})  # as _fwd_kernel
 @triton.jit
 def _dq_kernel(
     Q,
@@ -1516,6 +1555,7 @@ def _dq_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    NEAR_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -1624,6 +1664,7 @@ def _dq_kernel(
         BLOCK_N,
         NPART,
         2,
+        NEAR_N,
     )
     dq = _dq_inner(
         dq,
@@ -1670,9 +1711,10 @@ def _dq_kernel(
         HAS_SEG,
         DOT_PREC,
         BLOCK_M,
-        BLOCK_N,
+        NEAR_N if NPART == 3 else BLOCK_N,
         1,
         0 if NPART == 3 else 2,
+        NEAR_N,
     )
     dq = dq * scale
     tl.store(

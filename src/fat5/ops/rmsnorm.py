@@ -35,7 +35,7 @@ def rms_norm_ref(
 # Triton kernels. Forward: a tile of BLOCK_M rows x next_pow2(d) columns per program, fp32 statistics, saves
 # 1/rms per row (4 bytes a row) so the backward needs no second reduction over x^2. Backward: a fixed number of
 # programs (a few per SM) each walk a contiguous band of rows, write dx and keep their own fp32 partial sum of
-# dy * x_hat for dweight; the partials are summed afterwards in torch: deterministic, no atomics.
+# dy * x_hat for dweight; a second small kernel sums the partials in a fixed order: deterministic, no atomics.
 #   x_hat = h * rstd,  y = x_hat * w,  dh = rstd * (dy*w - x_hat * mean(dy*w * x_hat)),  dw = sum_rows dy*x_hat
 # where h = x (+ residual). With residual, d(residual) = d(x) = dh + grad of the returned new residual.
 # Limits: rows up to 65536 wide (one row lives in registers); x is viewed as (rows, d) and copied if its rows
@@ -79,38 +79,69 @@ def _rms_norm_bwd_kernel(
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     start = pid * ROWS_PER_PROGRAM
+    # the next tile's loads are issued before this tile's math (by hand: the loop carries them), so each
+    # program keeps two tiles of h and dy in flight instead of waiting on every load
+    rows = start + tl.arange(0, BLOCK_M)
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    h_n = tl.load(H + offs, mask=mask, other=0.0)
+    dy_n = tl.load(DY + offs, mask=mask, other=0.0)
+    rstd_n = tl.load(RSTD + rows, mask=rows < M, other=0.0)
     for i in range(0, ROWS_PER_PROGRAM, BLOCK_M):
-        rows = start + i + tl.arange(0, BLOCK_M)
-        row_ok = rows < M
+        h = h_n.to(tl.float32)
+        dy = dy_n.to(tl.float32)
+        rstd = rstd_n
+        cur_offs = offs
+        cur_mask = mask
+        rows = start + i + BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = (rows < M) & (i + BLOCK_M + tl.arange(0, BLOCK_M) < ROWS_PER_PROGRAM)
         mask = row_ok[:, None] & col_ok[None, :]
         offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-        h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        h_n = tl.load(H + offs, mask=mask, other=0.0)
+        dy_n = tl.load(DY + offs, mask=mask, other=0.0)
+        rstd_n = tl.load(RSTD + rows, mask=row_ok, other=0.0)
         xhat = h * rstd[:, None]
         wdy = dy * w[None, :]
         c = tl.sum(xhat * wdy, axis=1) / N
         dx = (wdy - xhat * c[:, None]) * rstd[:, None]
         if HAS_DRES:
-            dx += tl.load(DRES + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            dx += tl.load(DRES + cur_offs, mask=cur_mask, other=0.0).to(tl.float32)
+        tl.store(DX + cur_offs, dx.to(DX.dtype.element_ty), mask=cur_mask)
         dw += dy * xhat
     tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, tl.sum(dw, axis=0), mask=col_ok)
 
 
+@triton.jit
+def _sum_rows_kernel(P, OUT, R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """OUT[n] = sum over the R rows of P[:, n] in a fixed order, cast to OUT's dtype (one launch)."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        m = (rows < R)[:, None] & (cols < N)[None, :]
+        acc += tl.load(P + rows.to(tl.int64)[:, None] * N + cols[None, :], mask=m, other=0.0)
+    tl.store(OUT + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=cols < N)
+
+
+# tile overrides for benchmarks/rmsnorm_sweep.py: {"fwd": (BLOCK_M, num_warps), "bwd": (BLOCK_M, num_warps,
+# programs per SM)}; empty = the defaults below
+TUNE: dict = {}
+
+
 def _tile(n: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): about 4096 elements a tile, so narrow rows are batched per program."""
+    """(BLOCK_M, BLOCK_N, num_warps): about 2048 elements a tile, so narrow rows are batched per program (a
+    sweep on the H200, benchmarks/rmsnorm_sweep.py, put the forward at 90-100% of copy bandwidth this way)."""
     block_n = triton.next_power_of_2(n)
-    block_m = max(1, min(16, 4096 // block_n))
-    num_warps = min(16, max(4, block_m * block_n // 512))
+    block_m = max(1, min(16, 2048 // block_n))
+    num_warps = min(8, max(4, block_m * block_n // 512))
     return block_m, block_n, num_warps
 
 
 @functools.cache
-def _num_programs(device: torch.device) -> int:
+def _num_programs(device: torch.device, per_sm: int | None = None) -> int:
     if device.type == "cuda":
         # 8 per SM keeps enough loads in flight; the fp32 partials stay ~1% of the traffic at 32k rows
-        return 8 * torch.cuda.get_device_properties(device).multi_processor_count
+        return (per_sm or 8) * torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # the CPU interpreter runs programs one by one: few and long is fastest
 
 
@@ -125,6 +156,8 @@ def _rms_norm_fwd(
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     if m:
         block_m, block_n, warps = _tile(n)
+        if "fwd" in TUNE:
+            block_m, warps = TUNE["fwd"]
         _rms_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
             x, residual if residual is not None else x, y, h if residual is not None else y, weight, rstd,
             m, n, eps, HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
@@ -146,9 +179,14 @@ def _rms_norm_bwd(
     m, n = h.shape
     dx = torch.empty_like(h)
     block_m, block_n, warps = _tile(n)
+    per_sm = None
+    if "bwd" in TUNE:
+        block_m, warps, per_sm = TUNE["bwd"]
     # Each program's band is a power of two >= BLOCK_M rows: whole tiles, and a compile-time loop count (few
     # recompiles across batch sizes; the interpreter with numpy >= 2.4 also fails on runtime loop bounds).
-    rows_per_program = max(block_m, triton.next_power_of_2(triton.cdiv(max(m, 1), _num_programs(h.device))))
+    rows_per_program = max(
+        block_m, triton.next_power_of_2(triton.cdiv(max(m, 1), _num_programs(h.device, per_sm)))
+    )
     programs = triton.cdiv(m, rows_per_program)
     partial = torch.empty(programs, n, dtype=torch.float32, device=h.device)
     if m:
@@ -156,7 +194,12 @@ def _rms_norm_bwd(
             dy, dres if dres is not None else dy, h, weight, rstd, dx, partial, m, n,
             ROWS_PER_PROGRAM=rows_per_program, HAS_DRES=dres is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         )  # fmt: skip
-    return dx, partial.sum(0).to(weight.dtype)
+    dw = torch.empty_like(weight)
+    if m:
+        _sum_rows_kernel[(triton.cdiv(n, 128),)](partial, dw, programs, n, BLOCK_R=16, BLOCK_N=128)
+    else:
+        dw.zero_()
+    return dx, dw
 
 
 @_rms_norm_bwd.register_fake

@@ -1,0 +1,156 @@
+"""Where the attention kernels' time goes: device time per kernel (torch.profiler) for one forward+backward,
+the autotuner's chosen configs, and the host time per call, for a few cells of the bench_attention setting.
+
+Cells: no bias vs T5 bias (both inner-loop variants), causal and not, the packed 8-document row; SDPA
+without bias as the reference. Prints one JSON line per cell and writes attention_profile_<date>.json.
+
+    PYTHONPATH=src python3 benchmarks/attention_profile.py --out OUT_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from fat5.ops import attention_triton as at  # noqa: E402
+
+H, BUCKETS, MAXDIST, TOKENS = 12, 32, 128, 32768
+
+
+def inputs(length, d, seed=0):
+    b = max(TOKENS // length, 1)
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    mk = lambda: torch.randn(b, H, length, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k, v = (mk().requires_grad_(True) for _ in range(3))
+    with torch.no_grad():
+        q.mul_(0.1)
+    table = (torch.randn(BUCKETS, H, device="cuda", generator=g) * 0.5).requires_grad_(True)
+    return q, k, v, table
+
+
+def run_ours(q, k, v, table, causal, bias, seg):
+    kw = {}
+    if bias == "t5":
+        kw = dict(rel_table=table, rel_bidirectional=not causal, rel_max_distance=MAXDIST)
+    return at.flash_attention(q, k, v, causal=causal, q_segment_ids=seg, kv_segment_ids=seg, **kw)
+
+
+def run_sdpa(q, k, v, table, causal, bias, seg):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=1.0)
+
+
+def profile(fn, args, grad):
+    """Per-kernel device time (us) of one fwd+bwd, averaged over 5 profiled repetitions."""
+    from torch.profiler import ProfilerActivity, profile as tprof
+
+    for _ in range(3):
+        fn(*args).backward(grad)
+    torch.cuda.synchronize()
+    with tprof(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            fn(*args).backward(grad)
+        torch.cuda.synchronize()
+    per = collections.defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per[e.name[:60]] += e.device_time / 5
+    return dict(sorted(per.items(), key=lambda kv: -kv[1]))
+
+
+def host_us(fn, args, grad, n=20):
+    """Host time of issuing one fwd+bwd (the GPU is kept busy by a large matmul first so this is host-only)."""
+    torch.cuda.synchronize()
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(20):
+        x @ x  # noqa: B018  (queue ~20 ms of GPU work so the launches below never wait for the GPU)
+    t = time.perf_counter()
+    for _ in range(n):
+        fn(*args).backward(grad)
+    dt = (time.perf_counter() - t) / n * 1e6
+    torch.cuda.synchronize()
+    return dt
+
+
+def best_configs():
+    out = {}
+    for name in ("_fwd_kernel", "_dkv_kernel", "_dq_kernel"):
+        kern = getattr(at, name)
+        out[name] = {str(k): str(v) for k, v in getattr(kern, "cache", {}).items()}
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    args = ap.parse_args()
+    cells = [
+        ("sdpa", 64, 4096, False, "none", None, "branch"),
+        ("ours", 64, 4096, False, "none", None, "branch"),
+        ("ours", 64, 4096, False, "t5", None, "branch"),
+        ("ours", 64, 4096, False, "t5", None, "split"),
+        ("sdpa", 64, 1024, True, "none", None, "branch"),
+        ("ours", 64, 1024, True, "t5", None, "branch"),
+        ("ours", 64, 4096, False, "t5", "packed", "split"),
+        ("ours", 64, 4096, False, "t5", None, "split"),  # the same cell again: the run-to-run spread
+    ]
+    results = []
+    for impl, d, length, causal, bias, seg_kind, variant in cells:
+        at.set_variant(variant)
+        q, k, v, table = inputs(length, d)
+        seg = None
+        if seg_kind == "packed":
+            cuts = torch.tensor([277, 1459, 2057, 2185, 2237, 2626, 3566])
+            seg = torch.bucketize(torch.arange(length), cuts, right=True).to(torch.int32)
+            seg = seg[None].expand(q.shape[0], length).contiguous().cuda()
+        fn = run_ours if impl == "ours" else run_sdpa
+        a = (q, k, v, table, causal, bias, seg)
+        grad = torch.randn_like(q)
+        flops = 4 * q.shape[0] * H * length * length * d / (2 if causal else 1)
+        fwd = triton.testing.do_bench(lambda: fn(*a), warmup=10, rep=40, return_mode="median")  # noqa: B023
+        fb = triton.testing.do_bench(
+            lambda: fn(*a).backward(grad),  # noqa: B023
+            warmup=10,
+            rep=40,
+            grad_to_none=[q, k, v, table],
+            return_mode="median",
+        )
+        row = {
+            "impl": impl,
+            "d": d,
+            "L": length,
+            "causal": causal,
+            "bias": bias,
+            "seg": seg_kind,
+            "variant": variant,
+            "fwd_ms": round(fwd, 4),
+            "fwdbwd_ms": round(fb, 4),
+            "fwd_tflops": round(flops / fwd / 1e9, 1),
+            "fwdbwd_tflops": round(3.5 * flops / fb / 1e9, 1),
+            "kernels_us": {k_: round(v_, 1) for k_, v_ in profile(fn, a, grad).items()},
+            "host_us": round(host_us(fn, a, grad), 1),
+        }
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        del q, k, v, table, grad
+        torch.cuda.empty_cache()
+    cfg = best_configs()
+    print(json.dumps(cfg, indent=1))
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"attention_profile_{datetime.date.today().isoformat()}.json")
+    meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "rows": results, "best_configs": cfg}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

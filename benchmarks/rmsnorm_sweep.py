@@ -1,0 +1,107 @@
+"""RMSNorm tile sweep: GPU time (CUDA-graph replay) of the forward kernel, the backward kernel and the weight-
+gradient reduction on their own, for several tile shapes, at 32768 tokens x d in {512, 768, 1024, 4096} bf16.
+
+Picks the defaults of ``fat5.ops.rmsnorm._tile`` / ``_num_programs`` from measurements instead of guesses.
+
+    PYTHONPATH=src python3 benchmarks/rmsnorm_sweep.py --out OUT_DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+
+import torch
+import triton
+from triton.testing import do_bench, do_bench_cudagraph
+
+from fat5.ops import rmsnorm as rn
+
+TOKENS = 32768
+
+
+def graph_us(fn):
+    fn()
+    return 1e3 * do_bench_cudagraph(fn, rep=50, return_mode="median")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--widths", default="512,768,1024,4096")
+    ap.add_argument("--kinds", default="fwd,bwd", help="which kernels to sweep")
+    args = ap.parse_args()
+    x0 = torch.randn(2**28, device="cuda", dtype=torch.bfloat16)
+    y0 = torch.empty_like(x0)
+    copy_gbs = 2 * x0.numel() * 2 / do_bench(lambda: y0.copy_(x0), rep=100, return_mode="median") / 1e6
+    del x0, y0
+    print(f"copy {copy_gbs:.0f} GB/s")
+    rows = []
+    for d in (int(s) for s in args.widths.split(",")):
+        x = torch.randn(TOKENS, d, device="cuda", dtype=torch.bfloat16)
+        w = (1 + 0.1 * torch.randn(d, device="cuda")).to(torch.bfloat16)
+        dy = torch.randn_like(x)
+        bn = triton.next_power_of_2(d)
+        ideal_fwd = 2 * x.numel() * 2 / copy_gbs / 1e3  # us
+        ideal_bwd = 3 * x.numel() * 2 / copy_gbs / 1e3
+        rn.TUNE.clear()
+        _, _, rstd = rn._rms_norm_fwd(x, w, None, 1e-6)
+        best = {}
+        for bm in (1, 2, 4, 8, 16) if "fwd" in args.kinds else ():
+            if bm * bn > 32768 or bm * bn < 512:
+                continue
+            for nw in (2, 4, 8):
+                if nw * 32 * 4 > bm * bn * 2 or nw * 32 > bm * bn:
+                    continue
+                rn.TUNE.clear()
+                rn.TUNE["fwd"] = (bm, nw)
+                us = graph_us(lambda: rn._rms_norm_fwd(x, w, None, 1e-6))
+                r = dict(
+                    d=d, kind="fwd", block_m=bm, warps=nw, us=round(us, 2), pct=round(100 * ideal_fwd / us)
+                )
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+                if us < best.get("fwd", (1e9,))[0]:
+                    best["fwd"] = (us, bm, nw)
+        for per_sm in (1, 2, 4, 8) if "bwd" in args.kinds else ():
+            for bm in (1, 2, 4, 8):
+                if bm * bn > 16384:
+                    continue
+                for nw in (4, 8):
+                    if nw * 32 > bm * bn or nw * 32 * 8 > bm * bn * 4:
+                        continue
+                    rn.TUNE.clear()
+                    rn.TUNE["bwd"] = (bm, nw, per_sm)
+                    us = graph_us(lambda: rn._rms_norm_bwd(dy, None, x, w, rstd))
+                    r = dict(
+                        d=d, kind="bwd", per_sm=per_sm, block_m=bm, warps=nw, us=round(us, 2),
+                        pct=round(100 * ideal_bwd / us),
+                    )  # fmt: skip
+                    rows.append(r)
+                    print(json.dumps(r), flush=True)
+                    if us < best.get("bwd", (1e9,))[0]:
+                        best["bwd"] = (us, bm, nw, per_sm)
+        for per_sm in (1, 2, 4, 8) if "reduce" in args.kinds else ():
+            progs = per_sm * torch.cuda.get_device_properties(0).multi_processor_count
+            part = torch.randn(progs, d, device="cuda")
+            us = graph_us(
+                lambda: rn._sum_rows_kernel[(triton.cdiv(d, 128),)](
+                    part, w, progs, d, BLOCK_R=16, BLOCK_N=128
+                )
+            )  # noqa: B023
+            r = dict(d=d, kind="dw_reduce", per_sm=per_sm, us=round(us, 2))
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+        print(f"d={d}: best {best}; ideal fwd {ideal_fwd:.1f} us, bwd {ideal_bwd:.1f} us", flush=True)
+        rows.append(dict(d=d, kind="best", best=best, ideal_fwd_us=ideal_fwd, ideal_bwd_us=ideal_bwd))
+    rn.TUNE.clear()
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"rmsnorm_sweep_{datetime.date.today().isoformat()}.json")
+    with open(path, "w") as f:
+        json.dump({"gpu": torch.cuda.get_device_name(), "copy_gbs": copy_gbs, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
