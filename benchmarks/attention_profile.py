@@ -51,7 +51,8 @@ def run_sdpa(q, k, v, table, causal, bias, seg):
 
 def profile(fn, args, grad):
     """Per-kernel device time (us) of one fwd+bwd, averaged over 5 profiled repetitions."""
-    from torch.profiler import ProfilerActivity, profile as tprof
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as tprof
 
     for _ in range(3):
         fn(*args).backward(grad)
@@ -141,7 +142,7 @@ def main():
         }
         results.append(row)
         print(json.dumps(row), flush=True)
-        del q, k, v, table, grad
+        del q, k, v, table
         torch.cuda.empty_cache()
     cfg = best_configs()
     print(json.dumps(cfg, indent=1))

@@ -36,7 +36,6 @@ def main():
     x0 = torch.randn(2**28, device="cuda", dtype=torch.bfloat16)
     y0 = torch.empty_like(x0)
     copy_gbs = 2 * x0.numel() * 2 / do_bench(lambda: y0.copy_(x0), rep=100, return_mode="median") / 1e6
-    del x0, y0
     print(f"copy {copy_gbs:.0f} GB/s")
     rows = []
     for d in (int(s) for s in args.widths.split(",")):
@@ -57,7 +56,7 @@ def main():
                     continue
                 rn.TUNE.clear()
                 rn.TUNE["fwd"] = (bm, nw)
-                us = graph_us(lambda: rn._rms_norm_fwd(x, w, None, 1e-6))
+                us = graph_us(lambda x=x, w=w: rn._rms_norm_fwd(x, w, None, 1e-6))
                 r = dict(
                     d=d, kind="fwd", block_m=bm, warps=nw, us=round(us, 2), pct=round(100 * ideal_fwd / us)
                 )
@@ -74,7 +73,7 @@ def main():
                         continue
                     rn.TUNE.clear()
                     rn.TUNE["bwd"] = (bm, nw, per_sm)
-                    us = graph_us(lambda: rn._rms_norm_bwd(dy, None, x, w, rstd))
+                    us = graph_us(lambda dy=dy, x=x, w=w, rstd=rstd: rn._rms_norm_bwd(dy, None, x, w, rstd))
                     r = dict(
                         d=d, kind="bwd", per_sm=per_sm, block_m=bm, warps=nw, us=round(us, 2),
                         pct=round(100 * ideal_bwd / us),
@@ -87,10 +86,10 @@ def main():
             progs = per_sm * torch.cuda.get_device_properties(0).multi_processor_count
             part = torch.randn(progs, d, device="cuda")
             us = graph_us(
-                lambda: rn._sum_rows_kernel[(triton.cdiv(d, 128),)](
-                    part, w, progs, d, BLOCK_R=16, BLOCK_N=128
+                lambda part=part, w=w, progs=progs, d=d: rn._sum_rows_kernel[(triton.cdiv(d, 32),)](
+                    part, w, progs, d, BLOCK_R=64, BLOCK_N=32
                 )
-            )  # noqa: B023
+            )
             r = dict(d=d, kind="dw_reduce", per_sm=per_sm, us=round(us, 2))
             rows.append(r)
             print(json.dumps(r), flush=True)

@@ -24,15 +24,19 @@ side; near tiles reduce dS per diagonal (a ``tl.gather`` skew) into a per-progra
 Each key-block program writes its own row of a partial buffer; the host sums those rows in a fixed order and
 maps distances to buckets with a one-hot matmul, so d(rel_table) is bitwise deterministic.
 
-Inner-loop variants for the T5 bias (same function, bit for bit; selected per launch):
-  "branch" (default): one loop per key range; each tile decides far-below / near / far-beyond with a branch.
-  "split": each program computes, from its tile bounds, where its tiles stop being wholly below -W and start
-  being wholly beyond +W, and runs three branch-free loops (constant bias, gathered bias, constant bias), so
-  the compiler can software-pipeline each one (the branch may keep it from pipelining the K/V loads). The
-  masked last tiles keep one small loop (forward, dq: gathered bias, exact on any tile; dk/dv: per-tile,
-  so the table gradient is summed exactly as in "branch"). Select with ``FAT5_ATTN_SPLIT=1`` in the
-  environment (read at import) or ``set_variant("split" | "branch")``; the backward uses the variant
-  current when it runs. Without a T5 bias both variants run the same code.
+Inner-loop variants for the T5 bias (same function; selected per launch):
+  "split" (default): each program computes, from its tile bounds, where its tiles stop being wholly below -W
+  and start being wholly beyond +W, and runs three branch-free loops (constant bias, gathered bias, constant
+  bias). The near-diagonal loop steps over 16 keys (dk/dv: 16 queries) at a time: a gathered tile holds one
+  pointer per element in registers, and at full block width the kernels hit the 255-register limit (the
+  dk/dv kernel spilled 600-750 bytes; sm_90a ptxas). The masked last tiles keep one small loop (forward,
+  dq: gathered bias, exact on any tile; dk/dv: per-tile branch).
+  "branch": one loop per key range; each tile decides far-below / near / far-beyond with a branch. Measured
+  slower on the H200 (benchmarks/results/attention_profile_2026-12-02.json): the branch keeps the softmax
+  tiles out of the MMA layout, costing a shared-memory layout conversion of every tile.
+  Select with ``FAT5_ATTN_SPLIT=0`` (branch) in the environment (read at import) or
+  ``set_variant("split" | "branch")``; the backward uses the variant current when it runs. Without a T5 bias
+  both variants run the same code.
 
 The forward op also returns (as outputs the backward saves; no gradient) the T5 distance vector and the
 segment-range tables, so the backward does not rebuild them; bucket one-hot matrices and placeholder
@@ -114,9 +118,9 @@ else:
 # debug aid for tests: fill outputs with NaN before the kernels write them, so an unwritten element shows
 _POISON = os.environ.get("FAT5_ATTN_POISON") == "1"
 
-# inner-loop variant for the T5 bias (see the module docstring): "branch" (default) or "split"
+# inner-loop variant for the T5 bias (see the module docstring): "split" (default) or "branch"
 VARIANTS = ("branch", "split")
-_VARIANT = "split" if os.environ.get("FAT5_ATTN_SPLIT", "0") == "1" else "branch"
+_VARIANT = "branch" if os.environ.get("FAT5_ATTN_SPLIT", "1") == "0" else "split"
 
 
 def set_variant(name: str) -> None:
@@ -154,40 +158,6 @@ def _prune_by_smem(configs, named_args, **kwargs):
 # separate branch-free loops over the tiles it already knows to be far below -W (LO), near (NEAR) or far
 # beyond +W (HI). NEAR gathers with clamped distances, so it is exact on any tile.
 REL_LO, REL_NEAR, REL_HI, REL_TILE = -1, 0, 1, 2
-
-
-@triton.jit
-def _rel_bias(
-    RB_h,
-    b_lo,
-    b_hi,
-    rel_lo,
-    rel_hi,
-    kpos2,
-    qpos2,
-    W,
-    ROWS: tl.constexpr,
-    COLS: tl.constexpr,
-    REL_MODE: tl.constexpr,
-):
-    """T5 bias tile (log2 units). rel_lo/rel_hi bound key-minus-query distance over the tile: beyond +-W the
-    bucket is constant, so far tiles add one scalar and only near-diagonal tiles gather."""
-    if REL_MODE == 2:
-        if rel_lo >= W:
-            bias = tl.zeros((ROWS, COLS), tl.float32) + b_hi
-        elif rel_hi <= -W:
-            bias = tl.zeros((ROWS, COLS), tl.float32) + b_lo
-        else:
-            rel = tl.minimum(tl.maximum(kpos2 - qpos2, -W), W)
-            bias = tl.load(RB_h + rel + W)
-    elif REL_MODE == 0:
-        rel = tl.minimum(tl.maximum(kpos2 - qpos2, -W), W)
-        bias = tl.load(RB_h + rel + W)
-    elif REL_MODE == -1:
-        bias = tl.zeros((ROWS, COLS), tl.float32) + b_lo
-    else:
-        bias = tl.zeros((ROWS, COLS), tl.float32) + b_hi
-    return bias
 
 
 @triton.jit

@@ -129,19 +129,27 @@ TUNE: dict = {}
 
 
 def _tile(n: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps): about 2048 elements a tile, so narrow rows are batched per program (a
-    sweep on the H200, benchmarks/rmsnorm_sweep.py, put the forward at 90-100% of copy bandwidth this way)."""
+    """Forward (BLOCK_M, BLOCK_N, num_warps): about 2048 elements a tile, so narrow rows are batched per
+    program (a sweep on the H200, benchmarks/rmsnorm_sweep.py, put the forward at 90-100% of copy bandwidth)."""
     block_n = triton.next_power_of_2(n)
     block_m = max(1, min(16, 2048 // block_n))
     num_warps = min(8, max(4, block_m * block_n // 512))
     return block_m, block_n, num_warps
 
 
+def _bwd_tile(n: int) -> tuple[int, int, int]:
+    """Backward (BLOCK_M, BLOCK_N, num_warps): the best of the H200 sweep at d = 512, 768, 1024 and 4096
+    (4096-element tiles, 2 programs per SM with the prefetching loop)."""
+    block_n = triton.next_power_of_2(n)
+    block_m = max(1, min(8, 4096 // block_n))
+    return block_m, block_n, 4 if block_n <= 512 else 8
+
+
 @functools.cache
 def _num_programs(device: torch.device, per_sm: int | None = None) -> int:
     if device.type == "cuda":
-        # 8 per SM keeps enough loads in flight; the fp32 partials stay ~1% of the traffic at 32k rows
-        return (per_sm or 8) * torch.cuda.get_device_properties(device).multi_processor_count
+        # 2 per SM with the prefetching loop (best in the sweep); the fp32 partials stay tiny
+        return (per_sm or 2) * torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # the CPU interpreter runs programs one by one: few and long is fastest
 
 
@@ -178,7 +186,7 @@ def _rms_norm_bwd(
     """dy, dres (grad of the returned residual, or None), h: (M, N) contiguous. Returns (dh, dweight)."""
     m, n = h.shape
     dx = torch.empty_like(h)
-    block_m, block_n, warps = _tile(n)
+    block_m, block_n, warps = _bwd_tile(n)
     per_sm = None
     if "bwd" in TUNE:
         block_m, warps, per_sm = TUNE["bwd"]
@@ -196,7 +204,7 @@ def _rms_norm_bwd(
         )  # fmt: skip
     dw = torch.empty_like(weight)
     if m:
-        _sum_rows_kernel[(triton.cdiv(n, 128),)](partial, dw, programs, n, BLOCK_R=16, BLOCK_N=128)
+        _sum_rows_kernel[(triton.cdiv(n, 32),)](partial, dw, programs, n, BLOCK_R=64, BLOCK_N=32)
     else:
         dw.zero_()
     return dx, dw
