@@ -57,6 +57,22 @@ def test_bad_config_names_choices():
         FAT5Config.from_preset("huge")
 
 
+def test_t5_bucket_range_checked():
+    """max_distance at or below the exact range would divide by log(<= 1): a clear error, not garbage ids."""
+    from fat5.positions import relative_position_bucket
+
+    with pytest.raises(ValueError, match="relative_attention_max_distance"):
+        FAT5Config(relative_attention_num_buckets=32, relative_attention_max_distance=16)
+    FAT5Config(position_encoding="rope", relative_attention_max_distance=16)  # unused without T5 buckets
+    dist = torch.arange(-300, 301)
+    with pytest.raises(ValueError, match="must exceed the exact range"):
+        relative_position_bucket(dist, False, 32, 16)
+    ok = relative_position_bucket(dist, True, 32, 16)  # bidirectional: exact range 8
+    assert ok.min() >= 0 and ok.max() <= 31
+    hf = relative_position_bucket(dist, False, 32, 128)
+    assert (hf[300:] == 0).all() and hf[:300].unique().tolist() == list(range(1, 32))
+
+
 @pytest.mark.parametrize("pe", ENCODINGS)
 def test_padding_content_never_leaks(pe):
     model = tiny(pe)

@@ -66,6 +66,15 @@ class FAT5Config(PretrainedConfig):
             raise ValueError(
                 f"unknown feed_forward_proj {feed_forward_proj!r}; valid choices: {', '.join(FEED_FORWARD_PROJ)}"
             )
+        if (
+            position_encoding == "t5"
+            and relative_attention_max_distance <= relative_attention_num_buckets // 2
+        ):
+            raise ValueError(
+                f"relative_attention_max_distance ({relative_attention_max_distance}) must exceed "
+                f"relative_attention_num_buckets // 2 ({relative_attention_num_buckets // 2}), the exact range of "
+                "the decoder's buckets; T5 uses 32 buckets and 128"
+            )
         if pooling not in ("mean", "first", "eos"):
             raise ValueError(f"unknown pooling {pooling!r}; valid choices: mean, first, eos")
         self.vocab_size = vocab_size

@@ -23,6 +23,15 @@ def relative_position_bucket(
     relative_position: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int
 ) -> torch.Tensor:
     """HF T5's bucketing, bit-for-bit (same float ops), for any integer tensor of key-minus-query distances."""
+    # the log-spaced buckets span distances max_exact..max_distance: a max_distance at or below max_exact
+    # divides by log(<= 1) and gives garbage bucket ids (HF T5 does the same silently)
+    max_exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
+    if max_exact < 1 or max_distance <= max_exact:
+        raise ValueError(
+            f"T5 relative buckets: max_distance ({max_distance}) must exceed the exact range "
+            f"({max_exact} = num_buckets {num_buckets} // {4 if bidirectional else 2}) and num_buckets must be "
+            f">= {4 if bidirectional else 2}; raise relative_attention_max_distance or lower the bucket count"
+        )
     buckets = torch.zeros_like(relative_position)
     if bidirectional:
         num_buckets //= 2

@@ -314,6 +314,37 @@ def test_table_grad_deterministic_gpu(variant):
     assert torch.equal(g1, g2)
 
 
+def test_eager_and_compiled_paths_agree():
+    """Eager calls go through an autograd.Function, torch.compile traces the torch.library custom ops (fake
+    kernels, registered backward): both give the same outputs and gradients, without a graph break."""
+    if DEV == "cuda":
+        pytest.skip("interpreter-sized case; the gpu test covers torch.compile on CUDA")
+    gen = torch.Generator().manual_seed(5)
+    case = dict(shape=(1, 2, 40, 40, 16), bias="t5", buckets=8, seg=2, kw=dict(rel_max_distance=8))
+    leaves, kw = _make(case, torch.float32, DEV, gen)
+    grad = torch.randn(1, 2, 40, 16, generator=gen)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    from torch._dynamo.backends.debugging import aot_eager
+
+    results = []
+    for fn in (at.flash_attention, torch.compile(at.flash_attention, backend=backend, fullgraph=True)):
+        out, args = _call(
+            fn, {n: t.detach().clone().requires_grad_(t.requires_grad) for n, t in leaves.items()}, kw
+        )
+        diff = [t for t in args.values() if t.requires_grad]
+        results.append((out, *torch.autograd.grad(out, diff, grad)))
+    assert len(results[0]) >= 5  # out and the gradients of q, k, v and the bias table
+    targets = [node.target for gm in graphs for node in gm.graph.nodes]
+    assert torch.ops.fat5.flash_attention_fwd.default in targets
+    for x, y in zip(*results):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
 @pytest.mark.gpu
 def test_torch_compile_and_cuda_graph():
     gen = torch.Generator().manual_seed(2)

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .registration import op_pair
+
 ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
 
 
@@ -120,8 +122,7 @@ def _check(gate: torch.Tensor, up: torch.Tensor | None, act: str) -> None:
         )
 
 
-@torch.library.custom_op("fat5::gated_act_fwd", mutates_args=())
-def _gated_act_fwd(gate: torch.Tensor, up: torch.Tensor | None, act: str) -> torch.Tensor:
+def _gated_act_fwd_impl(gate: torch.Tensor, up: torch.Tensor | None, act: str) -> torch.Tensor:
     gate = gate.contiguous()
     up = up.contiguous() if up is not None else None
     out = torch.empty_like(gate)
@@ -141,13 +142,11 @@ def _gated_act_fwd(gate: torch.Tensor, up: torch.Tensor | None, act: str) -> tor
     return out
 
 
-@_gated_act_fwd.register_fake
-def _(gate, up, act):
+def _gated_act_fwd_fake(gate, up, act):
     return torch.empty_like(gate, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("fat5::gated_act_bwd", mutates_args=())
-def _gated_act_bwd(
+def _gated_act_bwd_impl(
     grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor | None, act: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     grad_out, gate = grad_out.contiguous(), gate.contiguous()
@@ -173,8 +172,7 @@ def _gated_act_bwd(
     return dgate, dup
 
 
-@_gated_act_bwd.register_fake
-def _(grad_out, gate, up, act):
+def _gated_act_bwd_fake(grad_out, gate, up, act):
     dgate = torch.empty_like(gate, memory_format=torch.contiguous_format)
     dup = torch.empty_like(up, memory_format=torch.contiguous_format) if up is not None else gate.new_empty(0)
     return dgate, dup
@@ -187,16 +185,24 @@ def _gated_act_setup(ctx, inputs, output):
     ctx.save_for_backward(gate, up)
 
 
-def _gated_act_backward(ctx, grad_out):
+def _gated_act_backward(ctx, grad_out, bwd):
     gate, up = ctx.saved_tensors
-    dgate, dup = _gated_act_bwd(grad_out, gate, up, ctx.act)
+    dgate, dup = bwd(grad_out, gate, up, ctx.act)
     return dgate.view_as(gate), (dup.view_as(up) if ctx.has_up else None), None
 
 
-_gated_act_fwd.register_autograd(_gated_act_backward, setup_context=_gated_act_setup)
+_gated_act, _gated_act_fwd, _gated_act_bwd = op_pair(
+    "gated_act",
+    _gated_act_fwd_impl,
+    _gated_act_fwd_fake,
+    _gated_act_bwd_impl,
+    _gated_act_bwd_fake,
+    _gated_act_setup,
+    _gated_act_backward,
+)
 
 
 def gated_act_triton(gate: torch.Tensor, up: torch.Tensor | None, act: str) -> torch.Tensor:
     """act(gate) * up (or act(gate) when up is None) with fused Triton forward and backward kernels."""
     _check(gate, up, act)
-    return _gated_act_fwd(gate, up, act)
+    return _gated_act(gate, up, act)

@@ -65,6 +65,7 @@ import triton
 import triton.language as tl
 
 from ..positions import relative_position_bucket
+from .registration import op_pair
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -2050,10 +2051,10 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
 
 
 # ------------------------------------------------------------------------- torch.library registration
+# (through ops/registration.py: custom ops under torch.compile, an autograd.Function in eager mode)
 # Optional arguments are spelled out (no **kwargs) so the schema can be inferred; q_offset arrives either as
 # an int or as a 0-dim tensor (q_offset_t) that the kernels read on the device.
-@torch.library.custom_op("fat5::flash_attention_fwd", mutates_args=())
-def _fwd_op(
+def _fwd_impl(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -2091,7 +2092,6 @@ def _fwd_op(
     return (out, lse, *a.saved(q.device))
 
 
-@_fwd_op.register_fake
 def _fwd_fake(
     q,
     k,
@@ -2124,8 +2124,7 @@ def _fwd_fake(
     return (out, lse, rbv, *ranges)
 
 
-@torch.library.custom_op("fat5::flash_attention_bwd", mutates_args=())
-def _bwd_op(
+def _bwd_impl(
     do: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -2172,7 +2171,6 @@ def _bwd_op(
     return _backward(do, q, k, v, out, lse, a, scale, need_drel, need_dbias, rel_table, bias)
 
 
-@_bwd_op.register_fake
 def _bwd_fake(
     do,
     q,
@@ -2268,11 +2266,11 @@ def _setup_context(ctx, inputs, output):
     ctx.static = (scale, causal, q_offset, rel_bidirectional, rel_max_distance)
 
 
-def _backward_rule(ctx, dout, *_):  # lse and the saved tensors get no gradient
+def _backward_rule(ctx, dout, *_, bwd):  # lse and the saved tensors get no gradient
     s = dict(zip(_SAVED, ctx.saved_tensors))
     scale, causal, q_offset, rel_bidirectional, rel_max_distance = ctx.static
     need_dbias, need_drel = ctx.needs_input_grad[7], ctx.needs_input_grad[8]
-    dq, dk, dv, d_table, d_bias = _bwd_op(
+    dq, dk, dv, d_table, d_bias = bwd(
         dout,
         s["q"],
         s["k"],
@@ -2318,7 +2316,9 @@ def _backward_rule(ctx, dout, *_):  # lse and the saved tensors get no gradient
     )
 
 
-_fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
+_attention, _fwd_op, _bwd_op = op_pair(
+    "flash_attention", _fwd_impl, _fwd_fake, _bwd_impl, _bwd_fake, _setup_context, _backward_rule
+)
 
 
 # --------------------------------------------------------------------------------------------- public
@@ -2399,7 +2399,7 @@ def flash_attention(
                 f"{tuple(q_offset.shape)}"
             )
         q_offset_t, q_offset = q_offset.to(q.device), 0
-    out = _fwd_op(
+    out = _attention(
         q,
         k,
         v,

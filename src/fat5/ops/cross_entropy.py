@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .registration import op_pair
+
 
 def cross_entropy_ref(
     logits: torch.Tensor,
@@ -196,8 +198,7 @@ def _check_labels(logits_rows: int, labels: torch.Tensor) -> None:
 # ---- cross-entropy on given logits: forward saves lse (4 bytes a row); backward is one read + one write pass ----
 
 
-@torch.library.custom_op("fat5::cross_entropy_fwd", mutates_args=())
-def _ce_fwd(
+def _ce_fwd_impl(
     logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, z_loss: float, label_smoothing: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     n = logits.shape[0]
@@ -209,14 +210,12 @@ def _ce_fwd(
     return loss_rows.sum() * inv_n + z, z, lse
 
 
-@_ce_fwd.register_fake
-def _(logits, labels, ignore_index, z_loss, label_smoothing):
+def _ce_fwd_fake(logits, labels, ignore_index, z_loss, label_smoothing):
     scalar = logits.new_empty((), dtype=torch.float32)
     return scalar, torch.empty_like(scalar), logits.new_empty(logits.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("fat5::cross_entropy_bwd", mutates_args=())
-def _ce_bwd(
+def _ce_bwd_impl(
     grad_loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
     ignore_index: int, z_loss: float, label_smoothing: float,
 ) -> torch.Tensor:  # fmt: skip
@@ -231,8 +230,7 @@ def _ce_bwd(
     return grad
 
 
-@_ce_bwd.register_fake
-def _(grad_loss, logits, labels, lse, ignore_index, z_loss, label_smoothing):
+def _ce_bwd_fake(grad_loss, logits, labels, lse, ignore_index, z_loss, label_smoothing):
     return torch.empty_like(logits)
 
 
@@ -244,13 +242,15 @@ def _ce_setup(ctx, inputs, output):
     ctx.save_for_backward(logits, labels, lse)
 
 
-def _ce_backward(ctx, grad_loss, grad_z, grad_lse):
+def _ce_backward(ctx, grad_loss, grad_z, grad_lse, bwd):
     logits, labels, lse = ctx.saved_tensors
-    grad = _ce_bwd(grad_loss, logits, labels, lse, ctx.ignore_index, ctx.z_loss, ctx.label_smoothing)
+    grad = bwd(grad_loss, logits, labels, lse, ctx.ignore_index, ctx.z_loss, ctx.label_smoothing)
     return grad, None, None, None, None
 
 
-_ce_fwd.register_autograd(_ce_backward, setup_context=_ce_setup)
+_ce, _ce_fwd, _ce_bwd = op_pair(
+    "cross_entropy", _ce_fwd_impl, _ce_fwd_fake, _ce_bwd_impl, _ce_bwd_fake, _ce_setup, _ce_backward
+)
 
 
 def cross_entropy_triton(
@@ -266,7 +266,7 @@ def cross_entropy_triton(
     _check_labels(logits.shape[0], labels)
     if logits.stride(-1) != 1:
         logits = logits.contiguous()
-    loss, z, _ = _ce_fwd(logits, labels.contiguous(), ignore_index, float(z_loss), float(label_smoothing))
+    loss, z, _ = _ce(logits, labels.contiguous(), ignore_index, float(z_loss), float(label_smoothing))
     return loss, z
 
 

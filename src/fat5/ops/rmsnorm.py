@@ -5,7 +5,8 @@ returns ``(normed, new_residual)``: the pre-norm block's add and norm in one pas
 
 ``rms_norm_triton`` is the same op as two Triton kernels (forward: add + norm in one read of each input;
 backward: dx, d residual and per-program dweight partials in one pass), registered as ``fat5::rms_norm_fwd`` /
-``fat5::rms_norm_bwd`` through ``torch.library`` so ``torch.compile`` keeps them in one graph. Limits: rows of
+``fat5::rms_norm_bwd`` through ``torch.library`` so ``torch.compile`` keeps them in one graph (eager calls use
+an autograd.Function over the same code: ``ops/registration.py``). Limits: rows of
 at most 65536 elements; the tensors must be on the device Triton runs on (CPU only under TRITON_INTERPRET=1).
 """
 
@@ -16,6 +17,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
+from .registration import op_pair
 
 
 def rms_norm_ref(
@@ -153,8 +156,7 @@ def _num_programs(device: torch.device, per_sm: int | None = None) -> int:
     return 4  # the CPU interpreter runs programs one by one: few and long is fastest
 
 
-@torch.library.custom_op("fat5::rms_norm_fwd", mutates_args=())
-def _rms_norm_fwd(
+def _rms_norm_fwd_impl(
     x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x, residual: (M, N) contiguous. Returns (y, h, rstd); h is x + residual, or empty without residual."""
@@ -173,14 +175,12 @@ def _rms_norm_fwd(
     return y, h, rstd
 
 
-@_rms_norm_fwd.register_fake
-def _(x, weight, residual, eps):
+def _rms_norm_fwd_fake(x, weight, residual, eps):
     h = torch.empty_like(x) if residual is not None else x.new_empty(0)
     return torch.empty_like(x), h, x.new_empty(x.shape[0], dtype=torch.float32)
 
 
-@torch.library.custom_op("fat5::rms_norm_bwd", mutates_args=())
-def _rms_norm_bwd(
+def _rms_norm_bwd_impl(
     dy: torch.Tensor, dres: torch.Tensor | None, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dy, dres (grad of the returned residual, or None), h: (M, N) contiguous. Returns (dh, dweight)."""
@@ -210,8 +210,7 @@ def _rms_norm_bwd(
     return dx, dw
 
 
-@_rms_norm_bwd.register_fake
-def _(dy, dres, h, weight, rstd):
+def _rms_norm_bwd_fake(dy, dres, h, weight, rstd):
     return torch.empty_like(h), torch.empty_like(weight)
 
 
@@ -222,14 +221,22 @@ def _rms_norm_setup(ctx, inputs, output):
     ctx.save_for_backward(h if residual is not None else x, weight, rstd)
 
 
-def _rms_norm_backward(ctx, dy, dh_out, drstd):
+def _rms_norm_backward(ctx, dy, dh_out, drstd, bwd):
     h, weight, rstd = ctx.saved_tensors
     dres = dh_out if ctx.has_res else None
-    dx, dw = _rms_norm_bwd(dy.contiguous(), dres.contiguous() if dres is not None else None, h, weight, rstd)
+    dx, dw = bwd(dy.contiguous(), dres.contiguous() if dres is not None else None, h, weight, rstd)
     return dx, dw, (dx if ctx.has_res else None), None
 
 
-_rms_norm_fwd.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
+_rms_norm, _rms_norm_fwd, _rms_norm_bwd = op_pair(
+    "rms_norm",
+    _rms_norm_fwd_impl,
+    _rms_norm_fwd_fake,
+    _rms_norm_bwd_impl,
+    _rms_norm_bwd_fake,
+    _rms_norm_setup,
+    _rms_norm_backward,
+)
 
 
 def rms_norm_triton(
@@ -251,7 +258,7 @@ def rms_norm_triton(
             x, residual = x.to(dtype), residual.to(dtype)
         residual = residual.reshape(-1, n).contiguous()
     x2 = x.reshape(-1, n).contiguous()  # (M, N) view; copies only if rows are not contiguous
-    y, h, _ = _rms_norm_fwd(x2, weight.contiguous(), residual, eps)
+    y, h, _ = _rms_norm(x2, weight.contiguous(), residual, eps)
     if residual is None:
         return y.view(shape)
     return y.view(shape), h.view(shape)
