@@ -15,6 +15,9 @@ from collections.abc import Callable
 
 import torch
 
+# benchmarks/host_overhead.py sets this to time the custom-op dispatch in eager mode against the twin
+FORCE_CUSTOM_OPS = False
+
 
 def op_pair(
     name: str,
@@ -52,6 +55,6 @@ def op_pair(
     )
 
     def call(*inputs):
-        return (fwd_op if torch.compiler.is_compiling() else eager.apply)(*inputs)
+        return (fwd_op if FORCE_CUSTOM_OPS or torch.compiler.is_compiling() else eager.apply)(*inputs)
 
     return call, fwd_op, bwd_op
