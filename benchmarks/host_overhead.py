@@ -24,9 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 if os.environ.get("TRITON_INTERPRET") == "1":
     raise SystemExit("unset TRITON_INTERPRET: launches are replaced by sm_90a compiles")
 
-import attention_registers as R  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
+
+import attention_registers as R  # noqa: E402
 
 driver.set_active(R.CompileOnlyDriver())
 JITFunction.run = R._compile_only
