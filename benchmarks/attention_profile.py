@@ -103,6 +103,8 @@ def main():
         ("ours", 64, 1024, True, "t5", None, "branch"),
         ("ours", 64, 4096, False, "t5", "packed", "split"),
         ("ours", 64, 4096, False, "t5", None, "split"),  # the same cell again: the run-to-run spread
+        ("ours", 64, 4096, False, "t5", None, "table"),
+        ("ours", 64, 1024, True, "t5", None, "table"),
     ]
     results = []
     for impl, d, length, causal, bias, seg_kind, variant in cells:

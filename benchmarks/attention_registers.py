@@ -77,7 +77,7 @@ def main() -> None:
     p.add_argument("--head-dims", default="64,128")
     p.add_argument("--kinds", default="t5,none")
     p.add_argument(
-        "--variants", default="branch,split", help="inner-loop variants (split differs only with t5)"
+        "--variants", default="branch,split,table", help="inner-loop variants (they differ only with t5)"
     )
     p.add_argument(
         "--segments", default="no,yes", help="compile without and/or with packed-document segment ids"

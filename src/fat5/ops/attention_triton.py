@@ -34,9 +34,13 @@ Inner-loop variants for the T5 bias (same function; selected per launch):
   "branch": one loop per key range; each tile decides far-below / near / far-beyond with a branch. Measured
   slower on the H200 (benchmarks/results/attention_profile_2026-12-02.json): the branch keeps the softmax
   tiles out of the MMA layout, costing a shared-memory layout conversion of every tile.
+  "table": as "split", but a near-diagonal tile's bias is read from a per-head Toeplitz table (rows
+  q - ref + W + 128, 128 columns, ref = the tile's first key, or the key block's start in dk/dv) placed before
+  the distance vector in the same buffer: contiguous rows, so vector loads with no per-element distance
+  arithmetic (sm_90a forward at 128x64: 133 registers against 147 for "split"). Not yet timed on a GPU: opt-in.
   Select with ``FAT5_ATTN_SPLIT=0`` (branch) in the environment (read at import) or
-  ``set_variant("split" | "branch")``; the backward uses the variant current when it runs. Without a T5 bias
-  both variants run the same code.
+  ``set_variant("split" | "branch" | "table")``; the backward uses the variant current when it runs. Without a
+  T5 bias all variants run the same code.
 
 The forward op also returns (as outputs the backward saves; no gradient) the T5 distance vector and the
 segment-range tables, so the backward does not rebuild them; bucket one-hot matrices and placeholder
@@ -88,6 +92,8 @@ LOG2E = 1.4426950408889634
 SEG_G = 16  # granularity (rows/columns) of the device-side segment-range tables; <= every block size
 
 BIAS_NONE, BIAS_REL, BIAS_ALIBI, BIAS_TENSOR = 0, 1, 2, 3
+# columns of the "table" variant's near-diagonal Toeplitz table: >= every BLOCK_N and BLOCK_M of the configs
+NT_COLS = tl.constexpr(128)
 
 
 # --------------------------------------------------------------------------------------------- configs
@@ -116,16 +122,22 @@ else:
     ):  # tests: skip the tuning sweep, keep the first config
         _FWD_CONFIGS, _DKV_CONFIGS, _DQ_CONFIGS = _FWD_CONFIGS[:1], _DKV_CONFIGS[:1], _DQ_CONFIGS[:1]
 
+# the "table" variant's Toeplitz table covers blocks of up to NT_COLS rows and columns
+assert (
+    max(max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _FWD_CONFIGS + _DKV_CONFIGS + _DQ_CONFIGS)
+    <= 128
+)
+
 # debug aid for tests: fill outputs with NaN before the kernels write them, so an unwritten element shows
 _POISON = os.environ.get("FAT5_ATTN_POISON") == "1"
 
 # inner-loop variant for the T5 bias (see the module docstring): "split" (default) or "branch"
-VARIANTS = ("branch", "split")
+VARIANTS = ("branch", "split", "table")
 _VARIANT = "branch" if os.environ.get("FAT5_ATTN_SPLIT", "1") == "0" else "split"
 
 
 def set_variant(name: str) -> None:
-    """Select the T5-bias inner loops of the kernels launched from now on: "branch" or "split"."""
+    """Select the T5-bias inner loops of the kernels launched from now on: "split", "branch" or "table"."""
     global _VARIANT
     if name not in VARIANTS:
         raise ValueError(f"unknown attention kernel variant {name!r}; choose one of {VARIANTS}")
@@ -186,6 +198,7 @@ def _add_bias(
     rel_hi,
     kpos2,
     qpos2,
+    ref,
     W,
     ROWS: tl.constexpr,
     COLS: tl.constexpr,
@@ -203,6 +216,12 @@ def _add_bias(
                 s += tl.load(RB_h + tl.minimum(tl.maximum(kpos2 - qpos2, -W), W) + W)
         elif REL_MODE == 0:
             s += tl.load(RB_h + tl.minimum(tl.maximum(kpos2 - qpos2, -W), W) + W)
+        elif REL_MODE == 3:
+            # near-diagonal tile from the per-head Toeplitz table (the "table" variant): row q - ref + K,
+            # column k - ref, with ref the tile's first key (forward, dq) or the key block's (dk/dv); the rows
+            # are contiguous, so these are vector loads with no per-element distance arithmetic
+            nt_h = RB_h - (2 * W + 3 * NT_COLS) * NT_COLS
+            s += tl.load(nt_h + (qpos2 - ref + W + NT_COLS) * NT_COLS + (kpos2 - ref))
         elif REL_MODE == -1:
             s += b_lo
         else:
@@ -385,7 +404,7 @@ def _fwd_inner(
             DOT_PREC,
             BLOCK_M,
             BLOCK_N if (NPART == 1 or part != 1) else NEAR_N,
-            REL_MODE if NPART == 1 else part - 1,
+            REL_MODE if NPART == 1 else (3 if (part == 1 and REL_MODE == 3) else part - 1),
         )
     return acc, l_i, m_i
 
@@ -456,6 +475,7 @@ def _fwd_tiles(
             rel_hi,
             kpos[None, :],
             qpos[:, None],
+            start_n,
             W,
             BLOCK_M,
             BLOCK_N,
@@ -548,6 +568,7 @@ def _fwd_kernel(
     QOFF_FROM_PTR: tl.constexpr,
     DOT_PREC: tl.constexpr,
     NPART: tl.constexpr,
+    NEAR_TABLE: tl.constexpr,
     RBW: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -590,6 +611,8 @@ def _fwd_kernel(
     slope = 0.0
     if BIAS_KIND == 1:
         RB_h = RBV + h * RBW
+        if NEAR_TABLE:  # the Toeplitz table comes first in each head's row (see _rel_buffer)
+            RB_h += (2 * W + 3 * NT_COLS) * NT_COLS
         b_lo = tl.load(RB_h)
         b_hi = tl.load(RB_h + 2 * W)
     if BIAS_KIND == 2:
@@ -652,7 +675,7 @@ def _fwd_kernel(
         BLOCK_M,
         BLOCK_N,
         NPART,
-        2,
+        3 if NEAR_TABLE else 2,
         NEAR_N,
     )
     acc, l_i, m_i = _fwd_inner(
@@ -859,7 +882,7 @@ def _dkv_inner(
             BLOCK_N,
             WIN if (NPART == 1 or part != 1) else NEAR_WIN,
             RB,
-            REL_MODE if NPART == 1 else 1 - part,
+            REL_MODE if NPART == 1 else (3 if (part == 1 and REL_MODE == 3) else 1 - part),
         )
     return dk, dv, acc_rel, s_lo, s_hi
 
@@ -942,6 +965,7 @@ def _dkv_tiles(
             rel_hi,
             kpos[:, None],
             qpos[None, :],
+            k0,
             W,
             BLOCK_N,
             BLOCK_M,
@@ -1054,6 +1078,7 @@ def _dkv_kernel(
     QOFF_FROM_PTR: tl.constexpr,
     DOT_PREC: tl.constexpr,
     NPART: tl.constexpr,
+    NEAR_TABLE: tl.constexpr,
     RBW: tl.constexpr,
     RB: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -1100,6 +1125,8 @@ def _dkv_kernel(
     slope = 0.0
     if BIAS_KIND == 1:
         RB_h = RBV + h * RBW
+        if NEAR_TABLE:  # the Toeplitz table comes first in each head's row (see _rel_buffer)
+            RB_h += (2 * W + 3 * NT_COLS) * NT_COLS
         b_lo = tl.load(RB_h)
         b_hi = tl.load(RB_h + 2 * W)
     if BIAS_KIND == 2:
@@ -1221,7 +1248,7 @@ def _dkv_kernel(
         WIN,
         RB,
         NPART,
-        2,
+        3 if NEAR_TABLE else 2,
         NEAR_M,
         NEAR_WIN,
     )
@@ -1347,7 +1374,7 @@ def _dq_inner(
             DOT_PREC,
             BLOCK_M,
             BLOCK_N if (NPART == 1 or part != 1) else NEAR_N,
-            REL_MODE if NPART == 1 else part - 1,
+            REL_MODE if NPART == 1 else (3 if (part == 1 and REL_MODE == 3) else part - 1),
         )
     return dq
 
@@ -1424,6 +1451,7 @@ def _dq_tiles(
             rel_hi,
             kpos[None, :],
             qpos[:, None],
+            start_n,
             W,
             BLOCK_M,
             BLOCK_N,
@@ -1522,6 +1550,7 @@ def _dq_kernel(
     QOFF_FROM_PTR: tl.constexpr,
     DOT_PREC: tl.constexpr,
     NPART: tl.constexpr,
+    NEAR_TABLE: tl.constexpr,
     RBW: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -1568,6 +1597,8 @@ def _dq_kernel(
     slope = 0.0
     if BIAS_KIND == 1:
         RB_h = RBV + h * RBW
+        if NEAR_TABLE:  # the Toeplitz table comes first in each head's row (see _rel_buffer)
+            RB_h += (2 * W + 3 * NT_COLS) * NT_COLS
         b_lo = tl.load(RB_h)
         b_hi = tl.load(RB_h + 2 * W)
     if BIAS_KIND == 2:
@@ -1634,7 +1665,7 @@ def _dq_kernel(
         BLOCK_M,
         BLOCK_N,
         NPART,
-        2,
+        3 if NEAR_TABLE else 2,
         NEAR_N,
     )
     dq = _dq_inner(
@@ -1721,6 +1752,40 @@ def _dummy(dev: torch.device) -> torch.Tensor:
     """Placeholder pointer for absent kernel arguments (never read or written): one per device, except that a
     tensor allocated during CUDA-graph capture must not outlive the graph."""
     return torch.empty(1, device=dev, dtype=torch.float32) if _capturing(dev) else _dummy_cached(dev)
+
+
+def _nt_rows(w: int) -> int:
+    # rows q - ref + W + NT_COLS of near-diagonal tiles span [0, 2W + 3 NT_COLS) for blocks <= NT_COLS
+    return 2 * w + 3 * NT_COLS.value
+
+
+def _rel_width(w: int, table: bool) -> int:
+    """Per-head row length of the distance buffer: [Toeplitz table | 2W+1 distances | pad to 16 bytes]."""
+    if not table:
+        return 2 * w + 1
+    return _nt_rows(w) * NT_COLS.value + (2 * w + 1 + 3) // 4 * 4
+
+
+@functools.lru_cache(maxsize=16)
+def _nt_index_cached(w: int, device: torch.device) -> torch.Tensor:
+    return _nt_index(w, device)
+
+
+def _nt_index(w: int, device: torch.device) -> torch.Tensor:
+    """(R * NT_COLS,) index into the 2W+1 clamped distances: table[r, c] = bias(distance c - r + W + NT_COLS)."""
+    r = torch.arange(_nt_rows(w), device=device)[:, None]
+    c = torch.arange(NT_COLS.value, device=device)[None, :]
+    return ((c - r + w + NT_COLS.value).clamp(-w, w) + w).reshape(-1)
+
+
+def _rel_buffer(rbv: torch.Tensor, w: int) -> torch.Tensor:
+    """(H, 2W+1) distance biases -> (H, _rel_width) rows [Toeplitz table (R x NT_COLS) | the 2W+1 | pad]: the
+    "table" variant loads near-diagonal tiles from the table, everything else reads the distance vector."""
+    h = rbv.shape[0]
+    fn = _nt_index if _capturing(rbv.device) else _nt_index_cached
+    table = rbv.index_select(1, fn(w, rbv.device))
+    pad = rbv.new_zeros(h, _rel_width(w, True) - table.shape[1] - rbv.shape[1])
+    return torch.cat([table, rbv, pad], dim=1)
 
 
 def _rel_setup(rel_table: torch.Tensor, bidirectional: bool, max_distance: int):
@@ -1811,6 +1876,8 @@ class _Args:
             else:
                 # (H, 2W+1) bias per clamped distance, pre-multiplied by log2(e) for the exp2 softmax
                 self.rbv = rel_table.t().float().index_select(1, self.buckets).mul_(LOG2E)
+                if _VARIANT == "table":
+                    self.rbv = _rel_buffer(self.rbv, self.w)
             self.bias_kind, self.rbw = BIAS_REL, self.rbv.shape[1]
         elif alibi_slopes is not None:
             self.bias_kind = BIAS_ALIBI
@@ -1820,7 +1887,8 @@ class _Args:
             full = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)).expand(b, h, m, n)
             self.bias, self.bias_strides = full, full.stride()
         self.rb = _pow2(2 * self.w + 1)
-        self.npart = 3 if _VARIANT == "split" and self.bias_kind == BIAS_REL else 1
+        self.npart = 3 if _VARIANT in ("split", "table") and self.bias_kind == BIAS_REL else 1
+        self.near_table = _VARIANT == "table" and self.bias_kind == BIAS_REL
         self.kpm, self.kpm_strides = self.dummy, (0, 0)
         if key_padding_mask is not None:
             kpm = key_padding_mask
@@ -1901,6 +1969,7 @@ def _forward(q, k, v, a: _Args):
         QOFF_FROM_PTR=a.qoff_from_ptr,
         DOT_PREC=a.dot_prec,
         NPART=a.npart,
+        NEAR_TABLE=a.near_table,
         RBW=a.rbw,
         BLOCK_D=a.block_d,
     )
@@ -1981,6 +2050,7 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
         QOFF_FROM_PTR=a.qoff_from_ptr,
         DOT_PREC=a.dot_prec,
         NPART=a.npart,
+        NEAR_TABLE=a.near_table,
         RBW=a.rbw,
         RB=a.rb,
         BLOCK_D=a.block_d,
@@ -2034,6 +2104,7 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
         QOFF_FROM_PTR=a.qoff_from_ptr,
         DOT_PREC=a.dot_prec,
         NPART=a.npart,
+        NEAR_TABLE=a.near_table,
         RBW=a.rbw,
         BLOCK_D=a.block_d,
     )
@@ -2116,7 +2187,7 @@ def _fwd_fake(
     rbv = q.new_empty(0, dtype=torch.float32)
     if rel_table is not None:
         w = max(int(rel_max_distance), rel_table.shape[0])
-        rbv = q.new_empty((h, 2 * w + 1), dtype=torch.float32)
+        rbv = q.new_empty((h, _rel_width(w, _VARIANT == "table")), dtype=torch.float32)
     gq, gk = (b, triton.cdiv(m, SEG_G)), (b, triton.cdiv(n, SEG_G))
     if q_segment_ids is None:
         gq = gk = (0,)
