@@ -43,7 +43,7 @@ def main():
             at.set_variant(variant)
             leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v, table)]
 
-            def fwd(leaves=leaves):
+            def fwd(leaves=leaves, causal=causal):
                 return at.flash_attention(
                     *leaves[:3], causal=causal, rel_table=leaves[3], rel_bidirectional=not causal
                 )
@@ -61,7 +61,7 @@ def main():
                 ]
             t_f = triton.testing.do_bench(fwd, warmup=5, rep=args.rep, return_mode="median")
             t_fb = triton.testing.do_bench(
-                lambda fwd=fwd: fwd().backward(do),
+                lambda fwd=fwd, do=do: fwd().backward(do),
                 warmup=5,
                 rep=args.rep,
                 grad_to_none=leaves,
