@@ -5,9 +5,9 @@ T5 buckets 32 / max distance 128. Methods:
   sdpa        F.scaled_dot_product_attention without bias (the ceiling: flash backend)
   sdpa_bias   SDPA with the (1, H, L, L) bias materialized from the table in each call (gradient to the table)
   flex        torch.compile(flex_attention), score_mod gathering a 1-D per-distance table (block mask if causal)
-  ours        fat5.ops.attention_triton.flash_attention(rel_table=...), default ("split") inner loops
+  ours        fat5.ops.attention_triton.flash_attention(rel_table=...), default ("table") inner loops
+  ours_split  the same with the "split" inner loops (near-diagonal tiles gathered per element)
   ours_branch the same with the "branch" inner loops (attention_triton.set_variant("branch"))
-  ours_table  the same with the "table" inner loops (near-diagonal tiles from a Toeplitz table)
 TFLOP/s: forward 4*B*H*L*L*D (halved if causal), forward+backward 3.5x that; median of triton.testing.do_bench.
 Memory: peak allocated during one forward+backward minus what was allocated before (inputs excluded).
 Packed row: 8 documents totalling L=4096 (segment ids) vs one document of 4096, our kernel (each variant).
@@ -96,7 +96,7 @@ def fn_flex(q, k, v, table, causal, **_):
 
 
 def fn_ours(q, k, v, table, causal, seg=None, **_):
-    set_variant("split")  # the backward (run before the next method's call) uses the same variant
+    set_variant("table")  # the backward (run before the next method's call) uses the same variant
     return _ours(q, k, v, table, causal, seg)
 
 
@@ -105,8 +105,8 @@ def fn_ours_branch(q, k, v, table, causal, seg=None, **_):
     return _ours(q, k, v, table, causal, seg)
 
 
-def fn_ours_table(q, k, v, table, causal, seg=None, **_):
-    set_variant("table")
+def fn_ours_split(q, k, v, table, causal, seg=None, **_):
+    set_variant("split")
     return _ours(q, k, v, table, causal, seg)
 
 
@@ -130,12 +130,12 @@ METHODS = {
     "flex": fn_flex,
     "ours": fn_ours,
     "ours_branch": fn_ours_branch,
-    "ours_table": fn_ours_table,
+    "ours_split": fn_ours_split,
 }
-OURS = ("ours", "ours_branch", "ours_table")
+OURS = ("ours", "ours_branch", "ours_split")
 # --quick: (head dim, L, causal) rows that show the gaps of the 2026-11-29 report, plus the packed row
 QUICK_CELLS = [(64, 512, False), (64, 1024, False), (64, 1024, True), (64, 4096, False), (64, 4096, True)]
-QUICK_METHODS = "sdpa,ours,ours_table"
+QUICK_METHODS = "sdpa,ours,ours_split"
 
 
 def bench(fn, q, k, v, table, causal, warmup, rep, **kw):
@@ -186,7 +186,7 @@ def main():
     ap.add_argument("--lengths", default="512,1024,2048,4096,8192,16384")
     ap.add_argument("--d128-lengths", default="1024,4096")
     ap.add_argument("--flex-lengths", default="512,1024,2048,4096", help="flex compiles per shape: keep few")
-    ap.add_argument("--methods", default="sdpa,sdpa_bias,flex,ours,ours_table")
+    ap.add_argument("--methods", default="sdpa,sdpa_bias,flex,ours,ours_split")
     ap.add_argument(
         "--quick",
         action="store_true",

@@ -8,7 +8,7 @@ out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 python3 -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests.log" | tail -3
 if [ "${1:-}" = quick ]; then
-  python3 benchmarks/bench_attention.py --quick --rep 30 --out "$out"   # default (split) vs table variant
+  python3 benchmarks/bench_attention.py --quick --rep 30 --out "$out"   # default (table) vs split variant
   python3 benchmarks/bench_model.py --impls fat5,hf --shapes 0,3 --steps 4 --out "$out" --tag=_quick
 else
   python3 benchmarks/bench_attention.py --out "$out"

@@ -72,6 +72,9 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 def shutdown() -> None:
     if dist.is_initialized():
+        # every rank finishes its last collective (and rank 0 its checkpoint) before the group is torn down:
+        # a rank destroying gloo's group while a peer still uses it can abort that peer at exit
+        dist.barrier()
         dist.destroy_process_group()
 
 

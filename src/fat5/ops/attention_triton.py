@@ -25,7 +25,7 @@ Each key-block program writes its own row of a partial buffer; the host sums tho
 maps distances to buckets with a one-hot matmul, so d(rel_table) is bitwise deterministic.
 
 Inner-loop variants for the T5 bias (same function; selected per launch):
-  "split" (default): each program computes, from its tile bounds, where its tiles stop being wholly below -W
+  "split": each program computes, from its tile bounds, where its tiles stop being wholly below -W
   and start being wholly beyond +W, and runs three branch-free loops (constant bias, gathered bias, constant
   bias). The near-diagonal loop steps over 16 keys (dk/dv: 16 queries) at a time: a gathered tile holds one
   pointer per element in registers, and at full block width the kernels hit the 255-register limit (the
@@ -34,12 +34,14 @@ Inner-loop variants for the T5 bias (same function; selected per launch):
   "branch": one loop per key range; each tile decides far-below / near / far-beyond with a branch. Measured
   slower on the H200 (benchmarks/results/attention_profile_2026-12-02.json): the branch keeps the softmax
   tiles out of the MMA layout, costing a shared-memory layout conversion of every tile.
-  "table": as "split", but a near-diagonal tile's bias is read from a per-head Toeplitz table (rows
+  "table" (default): as "split", but a near-diagonal tile's bias is read from a per-head Toeplitz table (rows
   q - ref + W + 128, 128 columns, ref = the tile's first key, or the key block's start in dk/dv) placed before
   the distance vector in the same buffer: contiguous rows, so vector loads with no per-element distance
-  arithmetic (sm_90a forward at 128x64: 133 registers against 147 for "split"). Not yet timed on a GPU: opt-in.
-  Select with ``FAT5_ATTN_SPLIT=0`` (branch) in the environment (read at import) or
-  ``set_variant("split" | "branch" | "table")``; the backward uses the variant current when it runs. Without a
+  arithmetic (sm_90a forward at 128x64: 133 registers against 147 for "split"). Bitwise the same results
+  as "split", 1.20x its forward and 1.10x its forward+backward at L=4096 on the H200 with equal configs
+  (benchmarks/results/attention_variants_2026-12-02.md).
+  Select with ``FAT5_ATTN_VARIANT`` in the environment (read at import) or
+  ``set_variant("table" | "split" | "branch")``; the backward uses the variant current when it runs. Without a
   T5 bias all variants run the same code.
 
 The forward op also returns (as outputs the backward saves; no gradient) the T5 distance vector and the
@@ -131,13 +133,15 @@ assert (
 # debug aid for tests: fill outputs with NaN before the kernels write them, so an unwritten element shows
 _POISON = os.environ.get("FAT5_ATTN_POISON") == "1"
 
-# inner-loop variant for the T5 bias (see the module docstring): "split" (default) or "branch"
+# inner-loop variant for the T5 bias (see the module docstring): "table" (default), "split" or "branch"
 VARIANTS = ("branch", "split", "table")
-_VARIANT = "branch" if os.environ.get("FAT5_ATTN_SPLIT", "1") == "0" else "split"
+_VARIANT = os.environ.get("FAT5_ATTN_VARIANT", "table")
+if _VARIANT not in VARIANTS:
+    raise ValueError(f"FAT5_ATTN_VARIANT={_VARIANT!r}: choose one of {VARIANTS}")
 
 
 def set_variant(name: str) -> None:
-    """Select the T5-bias inner loops of the kernels launched from now on: "split", "branch" or "table"."""
+    """Select the T5-bias inner loops of the kernels launched from now on: "table", "split" or "branch"."""
     global _VARIANT
     if name not in VARIANTS:
         raise ValueError(f"unknown attention kernel variant {name!r}; choose one of {VARIANTS}")
