@@ -3,7 +3,8 @@ driver, as in attention_registers.py), so what is timed is the Python work per c
 autograd and torch.library layers, the autotuner and Triton's argument binding, and small torch ops on tiny
 CPU tensors. Compares, in one process and interleaved, eager calls through the custom ops (what every call paid
 before) and through their autograd.Function twins (ops/registration.py), for one flash_attention fwd+bwd and
-one training step (fwd+bwd) of a 12+12-layer model.
+one training step (fwd+bwd) of a 12+12-layer model; and the packed-document tile tables built by the torch
+reference (about 60 small ops) against the Triton kernel that replaced it.
 
     .venv/bin/python benchmarks/host_overhead.py      # on a CPU machine, TRITON_INTERPRET unset
 """
@@ -65,6 +66,17 @@ def main():
     g = torch.randn_like(q)
     ops_, twin = ab(lambda: A.flash_attention(q, k, v, rel_table=table).backward(g))
     print(f"flash_attention fwd+bwd: custom ops {ops_:.0f} us, eager twin {twin:.0f} us (median)")
+
+    seg = torch.tensor([[0] * 20 + [1] * 30 + [2] * 14])
+    times = {"ref": [], "kernel": []}
+    for _ in range(15):
+        for name, fn in (("ref", A._segment_ranges_ref), ("kernel", A._segment_ranges)):
+            t = time.perf_counter()
+            for _ in range(50):
+                fn(seg, seg, 64, 64)
+            times[name].append((time.perf_counter() - t) / 50 * 1e6)
+    ref_us, ker_us = (statistics.median(times[k]) for k in ("ref", "kernel"))
+    print(f"packed-document tables: torch reference {ref_us:.0f} us, one kernel x2 launches {ker_us:.0f} us")
 
     fat5.ops.set_backend("triton")
     cfg = fat5.FAT5Config.from_preset("base", vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_heads=4)

@@ -243,6 +243,25 @@ def test_variants_agree(name, monkeypatch):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("m,n", [(96, 96), (37, 70), (1, 33), (130, 17)])
+def test_segment_ranges_kernel_equals_reference(m, n):
+    """The device-side tile-skipping tables: one kernel against the torch reference, on packed rows, ids out of
+    order (a document split in two places) and lengths that are not multiples of the 16-element groups."""
+    gen = torch.Generator().manual_seed(m * 1000 + n)
+    for trial in range(3):
+        if trial == 0:
+            q_seg, kv_seg = _segments(3, m, 4, gen), _segments(3, n, 4, gen)
+        else:
+            q_seg = torch.randint(0, 4, (3, m), generator=gen)
+            kv_seg = torch.sort(torch.randint(0, 4, (3, n), generator=gen), dim=1).values
+        q_seg, kv_seg = q_seg.to(DEV), kv_seg.to(DEV)
+        got = at._segment_ranges(q_seg, kv_seg, m, n)
+        want = at._segment_ranges_ref(q_seg, kv_seg, m, n)
+        for x, y in zip(got, want):
+            assert x.dtype == torch.int32 and x.shape == y.shape
+            assert torch.equal(x, y), (x, y)
+
+
 def test_set_variant(monkeypatch):
     monkeypatch.setattr(at, "_VARIANT", at.get_variant())
     at.set_variant("split")

@@ -51,7 +51,8 @@ tensors are cached per device (never while a CUDA graph is being captured).
 Masks: key padding (B, N) bool; causal against query positions ``q_offset + i`` (``q_offset`` a python int
 or a 0-dim integer tensor read in-kernel: no host sync, CUDA-graph safe); packed documents via segment ids.
 Fully masked tiles are skipped: causal by tile bounds; segments by per-16-row/column groups whose visible
-key (query) range is computed on the device, so a program loops only over key blocks that can overlap.
+key (query) range is computed on the device (``_segment_ranges_kernel``: two launches; the torch version
+``_segment_ranges_ref`` is its specification), so a program loops only over key blocks that can overlap.
 
 Limits: dropout is not implemented (raises); head dim up to 256 (padded to a power of two, tuned for
 32/64/128); decode (M of a few rows) runs but uses a 16-row query block, not a split-KV kernel; the
@@ -1806,7 +1807,55 @@ def _rel_setup(rel_table: torch.Tensor, bidirectional: bool, max_distance: int):
     return (w, *fn(nb, bool(bidirectional), int(max_distance), dev))
 
 
+@triton.jit
+def _segment_ranges_kernel(
+    OUTER, INNER, LO, HI, sob, sos, sib, sis, L_OUT, L_IN, NG_OUT, NG_IN, BLOCK_G: tl.constexpr
+):  # fmt: skip
+    """One program per (16-element group of OUTER, batch row): the span [lo, hi) of INNER's 16-groups whose
+    segment-id range [min, max] overlaps this group's; lo = L_IN, hi = 0 when none does."""
+    g = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    big = 2**62
+    rows = g * 16 + tl.arange(0, 16)
+    ids = tl.load(OUTER + b * sob + rows * sos, mask=rows < L_OUT, other=0).to(tl.int64)
+    omn = tl.min(tl.where(rows < L_OUT, ids, big), 0)
+    omx = tl.max(tl.where(rows < L_OUT, ids, -big), 0)
+    first = NG_IN
+    last = -1
+    for j0 in range(0, NG_IN, BLOCK_G):
+        j = j0 + tl.arange(0, BLOCK_G)
+        cols = j[:, None] * 16 + tl.arange(0, 16)[None, :]  # (BLOCK_G, 16) elements of INNER
+        ok = cols < L_IN
+        kid = tl.load(INNER + b * sib + cols * sis, mask=ok, other=0).to(tl.int64)
+        imn = tl.min(tl.where(ok, kid, big), 1)
+        imx = tl.max(tl.where(ok, kid, -big), 1)
+        hit = (omn <= imx) & (omx >= imn) & (j < NG_IN)
+        first = tl.minimum(first, tl.min(tl.where(hit, j, NG_IN), 0))
+        last = tl.maximum(last, tl.max(tl.where(hit, j, -1), 0))
+    anyv = last >= 0
+    tl.store(LO + b * NG_OUT + g, tl.where(anyv, first * 16, L_IN).to(tl.int32))
+    tl.store(HI + b * NG_OUT + g, tl.where(anyv, tl.minimum((last + 1) * 16, L_IN), 0).to(tl.int32))
+
+
 def _segment_ranges(q_seg: torch.Tensor, kv_seg: torch.Tensor, m: int, n: int):
+    """_segment_ranges_ref in two launches of one kernel (the reference takes about 60 small torch ops)."""
+    b = q_seg.shape[0]
+    ngq, ngk = triton.cdiv(m, SEG_G), triton.cdiv(n, SEG_G)
+    new = lambda g: torch.empty((b, g), dtype=torch.int32, device=q_seg.device)
+    kv_lo, kv_hi, q_lo, q_hi = new(ngq), new(ngq), new(ngk), new(ngk)
+    block = min(64, _pow2(ngk)), min(64, _pow2(ngq))
+    if b and ngq:
+        _segment_ranges_kernel[(ngq, b)](
+            q_seg, kv_seg, kv_lo, kv_hi, *q_seg.stride(), *kv_seg.stride(), m, n, ngq, ngk, BLOCK_G=block[0]
+        )
+    if b and ngk:
+        _segment_ranges_kernel[(ngk, b)](
+            kv_seg, q_seg, q_lo, q_hi, *kv_seg.stride(), *q_seg.stride(), n, m, ngk, ngq, BLOCK_G=block[1]
+        )
+    return kv_lo, kv_hi, q_lo, q_hi
+
+
+def _segment_ranges_ref(q_seg: torch.Tensor, kv_seg: torch.Tensor, m: int, n: int):
     """Per 16-row query group: the key range [lo, hi) that can share a segment with it; per 16-column key group
     the same for queries. Device ops only (no sync); conservative, the kernels still mask exactly."""
     b = q_seg.shape[0]
