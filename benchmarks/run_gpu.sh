@@ -11,6 +11,7 @@ if [ "${1:-}" = quick ]; then
   python3 benchmarks/bench_attention.py --quick --rep 30 --out "$out"   # default (table) vs split variant
   python3 benchmarks/bench_model.py --impls fat5,hf --shapes 0,3 --steps 4 --out "$out" --tag=_quick
 else
+  python3 benchmarks/attention_profile.py --out "$out"   # per-kernel device time and host time per call
   python3 benchmarks/bench_attention.py --out "$out"
   python3 benchmarks/bench_kernels.py --out "$out"
   python3 benchmarks/bench_model.py --out "$out"
