@@ -262,6 +262,27 @@ def test_segment_ranges_kernel_equals_reference(m, n):
             assert torch.equal(x, y), (x, y)
 
 
+@pytest.mark.parametrize("fwd_variant,bwd_variant", [("table", "split"), ("split", "table")])
+def test_variant_changed_between_forward_and_backward(fwd_variant, bwd_variant, monkeypatch):
+    """The backward reads the distance buffer the forward saved, whose layout depends on the forward's variant:
+    switching variants in between must still give the gradients of a single-variant run."""
+    if DEV == "cuda":
+        pytest.skip("interpreter-sized case")
+    case = CASES["t5_near_far"]
+    results = []
+    for switch in (False, True):
+        monkeypatch.setattr(at, "_VARIANT", fwd_variant)
+        gen = torch.Generator().manual_seed(6)
+        leaves, kw = _make(case, torch.float32, DEV, gen)
+        out, args = _call(at.flash_attention, leaves, kw)
+        if switch:
+            monkeypatch.setattr(at, "_VARIANT", bwd_variant)
+        results.append(torch.autograd.grad(out, list(args.values()), torch.randn(out.shape, generator=gen)))
+    for x, y in zip(*results):
+        assert torch.isfinite(x).all()
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+
+
 def test_set_variant(monkeypatch):
     monkeypatch.setattr(at, "_VARIANT", at.get_variant())
     at.set_variant("split")

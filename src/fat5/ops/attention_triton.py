@@ -128,7 +128,7 @@ else:
 # the "table" variant's Toeplitz table covers blocks of up to NT_COLS rows and columns
 assert (
     max(max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _FWD_CONFIGS + _DKV_CONFIGS + _DQ_CONFIGS)
-    <= 128
+    <= NT_COLS.value
 )
 
 # debug aid for tests: fill outputs with NaN before the kernels write them, so an unwritten element shows
@@ -512,7 +512,7 @@ def _fwd_tiles(
 @triton.autotune(
     configs=_FWD_CONFIGS, key=["BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "NPART", "M_BUCKET", "N_BUCKET"]
 )
-# gathered (near-diagonal) tiles use at most 32 keys: a gather holds one pointer per element in registers,
+# near-diagonal tiles use at most 16 keys: a gather holds one pointer per element in registers,
 # and at full width it pushes the kernel to the register limit (255 at 128x64, half the occupancy)
 @triton.heuristics({"NEAR_N": lambda a: min(a["BLOCK_N"], 16)})
 @triton.jit
@@ -616,7 +616,7 @@ def _fwd_kernel(
     slope = 0.0
     if BIAS_KIND == 1:
         RB_h = RBV + h * RBW
-        if NEAR_TABLE:  # the Toeplitz table comes first in each head's row (see _rel_buffer)
+        if NEAR_TABLE:  # the Toeplitz table comes first in each head's row (see _rel_index)
             RB_h += (2 * W + 3 * NT_COLS) * NT_COLS
         b_lo = tl.load(RB_h)
         b_hi = tl.load(RB_h + 2 * W)
@@ -1130,7 +1130,7 @@ def _dkv_kernel(
     slope = 0.0
     if BIAS_KIND == 1:
         RB_h = RBV + h * RBW
-        if NEAR_TABLE:  # the Toeplitz table comes first in each head's row (see _rel_buffer)
+        if NEAR_TABLE:  # the Toeplitz table comes first in each head's row (see _rel_index)
             RB_h += (2 * W + 3 * NT_COLS) * NT_COLS
         b_lo = tl.load(RB_h)
         b_hi = tl.load(RB_h + 2 * W)
@@ -1602,7 +1602,7 @@ def _dq_kernel(
     slope = 0.0
     if BIAS_KIND == 1:
         RB_h = RBV + h * RBW
-        if NEAR_TABLE:  # the Toeplitz table comes first in each head's row (see _rel_buffer)
+        if NEAR_TABLE:  # the Toeplitz table comes first in each head's row (see _rel_index)
             RB_h += (2 * W + 3 * NT_COLS) * NT_COLS
         b_lo = tl.load(RB_h)
         b_hi = tl.load(RB_h + 2 * W)
@@ -1772,25 +1772,15 @@ def _rel_width(w: int, table: bool) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _nt_index_cached(w: int, device: torch.device) -> torch.Tensor:
-    return _nt_index(w, device)
-
-
-def _nt_index(w: int, device: torch.device) -> torch.Tensor:
-    """(R * NT_COLS,) index into the 2W+1 clamped distances: table[r, c] = bias(distance c - r + W + NT_COLS)."""
-    r = torch.arange(_nt_rows(w), device=device)[:, None]
-    c = torch.arange(NT_COLS.value, device=device)[None, :]
-    return ((c - r + w + NT_COLS.value).clamp(-w, w) + w).reshape(-1)
-
-
-def _rel_buffer(rbv: torch.Tensor, w: int) -> torch.Tensor:
-    """(H, 2W+1) distance biases -> (H, _rel_width) rows [Toeplitz table (R x NT_COLS) | the 2W+1 | pad]: the
-    "table" variant loads near-diagonal tiles from the table, everything else reads the distance vector."""
-    h = rbv.shape[0]
-    fn = _nt_index if _capturing(rbv.device) else _nt_index_cached
-    table = rbv.index_select(1, fn(w, rbv.device))
-    pad = rbv.new_zeros(h, _rel_width(w, True) - table.shape[1] - rbv.shape[1])
-    return torch.cat([table, rbv, pad], dim=1)
+def _rel_index(buckets: torch.Tensor, w: int) -> torch.Tensor:
+    """Bucket of every entry of a "table"-variant head row: table[r, c] holds distance c - r + W + NT_COLS
+    (clamped to +-W), then come the distances -W..W, then padding to 16 bytes (never read)."""
+    dev = buckets.device
+    r = torch.arange(_nt_rows(w), device=dev)[:, None]
+    c = torch.arange(NT_COLS.value, device=dev)[None, :]
+    table = (c - r + w + NT_COLS.value).clamp(-w, w) + w
+    pad = torch.zeros(_rel_width(w, True) - table.numel() - (2 * w + 1), dtype=torch.long, device=dev)
+    return buckets[torch.cat([table.reshape(-1), torch.arange(2 * w + 1, device=dev), pad])]
 
 
 def _rel_setup(rel_table: torch.Tensor, bidirectional: bool, max_distance: int):
@@ -1921,16 +1911,23 @@ class _Args:
         self.qoff_ptr = q_offset_t if q_offset_t is not None else self.dummy
         self.q_off_int = int(q_offset)
         self.bias_kind, self.rbv, self.w, self.rbw, self.buckets = BIAS_NONE, self.dummy, 0, 1, None
+        self.near_table = False
         self.bias, self.bias_strides = self.dummy, (0, 0, 0, 0)
         if rel_table is not None:
             self.w, self.buckets, self.onehot = _rel_setup(rel_table, rel_bidirectional, rel_max_distance)
             if saved is not None:
+                # the layout is the forward's: the variant may have been switched since
                 self.rbv = saved[0]
+                self.near_table = self.rbv.shape[1] != 2 * self.w + 1
             else:
-                # (H, 2W+1) bias per clamped distance, pre-multiplied by log2(e) for the exp2 softmax
-                self.rbv = rel_table.t().float().index_select(1, self.buckets).mul_(LOG2E)
-                if _VARIANT == "table":
-                    self.rbv = _rel_buffer(self.rbv, self.w)
+                # per head: [Toeplitz table ("table" variant only) | bias per clamped distance -W..W | pad],
+                # pre-multiplied by log2(e) for the exp2 softmax; one gather from the bucket table
+                self.near_table = _VARIANT == "table"
+                idx = self.buckets
+                if self.near_table:
+                    fn = _rel_index.__wrapped__ if _capturing(dev) else _rel_index
+                    idx = fn(self.buckets, self.w)
+                self.rbv = rel_table.t().float().index_select(1, idx).mul_(LOG2E)
             self.bias_kind, self.rbw = BIAS_REL, self.rbv.shape[1]
         elif alibi_slopes is not None:
             self.bias_kind = BIAS_ALIBI
@@ -1940,8 +1937,8 @@ class _Args:
             full = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape)).expand(b, h, m, n)
             self.bias, self.bias_strides = full, full.stride()
         self.rb = _pow2(2 * self.w + 1)
-        self.npart = 3 if _VARIANT in ("split", "table") and self.bias_kind == BIAS_REL else 1
-        self.near_table = _VARIANT == "table" and self.bias_kind == BIAS_REL
+        self.near_table = self.bias_kind == BIAS_REL and self.near_table
+        self.npart = 3 if self.bias_kind == BIAS_REL and (self.near_table or _VARIANT == "split") else 1
         self.kpm, self.kpm_strides = self.dummy, (0, 0)
         if key_padding_mask is not None:
             kpm = key_padding_mask

@@ -2,8 +2,8 @@
 
 The custom ops (schemas inferred from the implementations' annotations, fake kernels, a registered backward)
 keep ``torch.compile`` graphs whole. In eager mode their dispatch layer costs host time on every call (about
-50 us per forward+backward on a desktop CPU, measured with a trivial body; more on slow hosts), which short
-kernels cannot hide. So eager calls run the same implementations through a plain ``torch.autograd.Function``
+50 us per forward+backward with a trivial body on a 2-core server CPU; benchmarks/host_overhead.py measures
+it on real ops), which short kernels cannot hide. So eager calls run the same implementations through a plain ``torch.autograd.Function``
 with the same context setup and backward rule; the returned callable picks the path.
 
 Limits: the backward rule receives the backward implementation as ``bwd`` and must call only that.
