@@ -93,6 +93,9 @@ def best_configs():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument(
+        "--cells", choices=("all", "table"), default="all", help="table: only the default variant's rows and SDPA"
+    )
     args = ap.parse_args()
     cells = [
         ("sdpa", 64, 4096, False, "none", None, "branch"),
@@ -106,6 +109,15 @@ def main():
         ("ours", 64, 4096, False, "t5", None, "table"),
         ("ours", 64, 1024, True, "t5", None, "table"),
     ]
+    if args.cells == "table":
+        cells = [
+            ("sdpa", 64, 1024, False, "none", None, "table"),
+            ("ours", 64, 1024, False, "t5", None, "table"),
+            ("sdpa", 64, 4096, False, "none", None, "table"),
+            ("ours", 64, 4096, False, "t5", None, "table"),
+            ("ours", 64, 1024, True, "t5", None, "table"),
+            ("ours", 64, 4096, False, "t5", "packed", "table"),
+        ]
     results = []
     for impl, d, length, causal, bias, seg_kind, variant in cells:
         at.set_variant(variant)
@@ -149,7 +161,7 @@ def main():
     cfg = best_configs()
     print(json.dumps(cfg, indent=1))
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"attention_profile_{datetime.date.today().isoformat()}.json")
+    path = os.path.join(args.out, f"attention_profile_{datetime.date.today().isoformat()}_{args.cells}.json")
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     with open(path, "w") as f:
         json.dump({"meta": meta, "rows": results, "best_configs": cfg}, f, indent=1)

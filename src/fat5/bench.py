@@ -57,7 +57,61 @@ def _hf_twin(model: FAT5ForConditionalGeneration):
     return hf
 
 
-def run_one(impl: str, preset: str, l_enc: int, l_dec: int, batch: int, steps: int, peak: float) -> Result:
+# kernel name -> part of the step, first match wins (profile mode)
+PARTS = [
+    ("attention", ("_fwd_kernel", "_dkv_kernel", "_dq_kernel", "_delta_kernel", "_segment_ranges", "flash", "fmha", "sdpa")),
+    ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "splitkreduce", "wgmma")),
+    ("rmsnorm", ("_rms_norm", "_sum_rows")),
+    ("cross-entropy", ("_ce_", "cross_entropy", "log_softmax", "nll_loss")),
+    ("gated act", ("_gated_act",)),
+    ("optimizer", ("multi_tensor", "fused_adam", "adam")),
+    ("compiled glue", ("triton_",)),
+    ("copies", ("memcpy", "memset", "copy_")),
+]
+
+
+def _part(name: str) -> str:
+    low = name.lower()
+    for part, keys in PARTS:
+        if any(k.lower() in low for k in keys):
+            return part
+    return "other eager ops"
+
+
+def profile_step(step, n: int = 2) -> dict:
+    """Device time of `n` steps split by part (torch.profiler), top kernels, and the wall time around them.
+
+    One stream, so wall - device is time the GPU waited for the host (launch overhead, syncs)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) / n
+    parts: dict[str, float] = {}
+    kernels: dict[str, float] = {}
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = ev.device_time
+        parts[_part(ev.name)] = parts.get(_part(ev.name), 0.0) + us / n / 1e3
+        kernels[ev.name[:90]] = kernels.get(ev.name[:90], 0.0) + us / n / 1e3
+    top = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:25])
+    return {
+        "wall_ms": wall * 1e3,
+        "device_ms": sum(parts.values()),
+        "gpu_idle_ms": wall * 1e3 - sum(parts.values()),
+        "parts_ms": dict(sorted(parts.items(), key=lambda kv: -kv[1])),
+        "top_kernels_ms": top,
+    }
+
+
+def run_one(
+    impl: str, preset: str, l_enc: int, l_dec: int, batch: int, steps: int, peak: float, prof_out: Path | None = None
+) -> Result:
     cfg = FAT5Config.from_preset(preset)
     torch.manual_seed(0)
     model = FAT5ForConditionalGeneration(cfg)
@@ -86,6 +140,13 @@ def run_one(impl: str, preset: str, l_enc: int, l_dec: int, batch: int, steps: i
             step()
         torch.cuda.synchronize()
         dt = (time.perf_counter() - t0) / steps
+        if prof_out is not None:
+            prof = profile_step(step)
+            prof.update(impl=impl, preset=preset, l_enc=l_enc, l_dec=l_dec, batch=batch, step_ms=dt * 1e3)
+            prof_out.parent.mkdir(parents=True, exist_ok=True)
+            with prof_out.open("a") as f:
+                f.write(json.dumps(prof) + "\n")
+            print(json.dumps({k: prof[k] for k in ("impl", "wall_ms", "device_ms", "gpu_idle_ms", "parts_ms")}), flush=True)
     except torch.OutOfMemoryError:
         return Result(impl, preset, l_enc, l_dec, batch, None, None, None, None, "out of memory")
     except Exception as e:  # a failed variant is reported in the table, the others still run
@@ -140,15 +201,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shapes", default="all", help="comma list of indices into SHAPES, or all")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default="", help="suffix of the report's file name")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after timing, profile 2 steps per row: device time by part and top kernels to <out>/<day>-model<tag>_profile.jsonl",
+    )
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("fat5 bench measures training steps on a CUDA GPU; none is visible here")
     peak = matmul_tflops()
     shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
     results = []
+    prof_out = Path(args.out) / f"{time.strftime('%Y-%m-%d')}-model{args.tag}_profile.jsonl" if args.profile else None
     for preset, le, ld, b in shapes:
         for impl in args.impls.split(","):
-            r = run_one(impl, preset, le, ld, b, args.steps, peak)
+            r = run_one(impl, preset, le, ld, b, args.steps, peak, prof_out)
             results.append(r)
             print(json.dumps(asdict(r)), flush=True)
     write_report(results, peak, Path(args.out), args.tag)
