@@ -134,6 +134,15 @@ def test_unknown_config_key_names_valid_keys():
         load_run_config(None, ["train.max_steps"])
 
 
+def test_compile_mode_checked():
+    cfg = load_run_config(None, ["train.compile=true", "train.compile_mode=reduce-overhead"])
+    assert cfg.train.compile_mode == "reduce-overhead"
+    with pytest.raises(ValueError, match=r"unknown train.compile_mode 'graphs'.*reduce-overhead"):
+        load_run_config(None, ["train.compile=true", "train.compile_mode=graphs"])
+    with pytest.raises(ValueError, match=r"only with train.compile=true"):
+        load_run_config(None, ["train.compile_mode=reduce-overhead"])
+
+
 def test_yaml_config_and_overrides(tmp_path):
     (tmp_path / "run.yaml").write_text(
         "model: {preset: tiny, d_model: 64}\noptim: {lr: 3e-4, betas: [0.9, 0.95]}\n"

@@ -59,7 +59,19 @@ def _hf_twin(model: FAT5ForConditionalGeneration):
 
 # kernel name -> part of the step, first match wins (profile mode)
 PARTS = [
-    ("attention", ("_fwd_kernel", "_dkv_kernel", "_dq_kernel", "_delta_kernel", "_segment_ranges", "flash", "fmha", "sdpa")),
+    (
+        "attention",
+        (
+            "_fwd_kernel",
+            "_dkv_kernel",
+            "_dq_kernel",
+            "_delta_kernel",
+            "_segment_ranges",
+            "flash",
+            "fmha",
+            "sdpa",
+        ),
+    ),
     ("matmul", ("gemm", "xmma", "cutlass", "nvjet", "cublas", "splitkreduce", "wgmma")),
     ("rmsnorm", ("_rms_norm", "_sum_rows")),
     ("cross-entropy", ("_ce_", "cross_entropy", "log_softmax", "nll_loss")),
@@ -110,7 +122,14 @@ def profile_step(step, n: int = 2) -> dict:
 
 
 def run_one(
-    impl: str, preset: str, l_enc: int, l_dec: int, batch: int, steps: int, peak: float, prof_out: Path | None = None
+    impl: str,
+    preset: str,
+    l_enc: int,
+    l_dec: int,
+    batch: int,
+    steps: int,
+    peak: float,
+    prof_out: Path | None = None,
 ) -> Result:
     cfg = FAT5Config.from_preset(preset)
     torch.manual_seed(0)
@@ -119,11 +138,21 @@ def run_one(
         model = _hf_twin(model)
     model = model.cuda().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    fwd = torch.compile(model) if impl.endswith("compile") or impl == "fat5" else model  # fat5-eager: none
+    # fat5: torch.compile (default mode); fat5-graph: mode reduce-overhead, the forward and backward replayed
+    # as CUDA graphs (no per-kernel launch cost); fat5-eager: no compile; hf / hf-compile likewise
+    graphs = impl == "fat5-graph"
+    if graphs:
+        fwd = torch.compile(model, mode="reduce-overhead")
+    elif impl.endswith("compile") or impl == "fat5":
+        fwd = torch.compile(model)
+    else:
+        fwd = model
     ids = torch.randint(2, cfg.vocab_size, (batch, l_enc), device="cuda")
     labels = torch.randint(2, cfg.vocab_size, (batch, l_dec), device="cuda")
 
     def step():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = fwd(input_ids=ids, labels=labels).loss
         loss.backward()
@@ -146,7 +175,10 @@ def run_one(
             prof_out.parent.mkdir(parents=True, exist_ok=True)
             with prof_out.open("a") as f:
                 f.write(json.dumps(prof) + "\n")
-            print(json.dumps({k: prof[k] for k in ("impl", "wall_ms", "device_ms", "gpu_idle_ms", "parts_ms")}), flush=True)
+            print(
+                json.dumps({k: prof[k] for k in ("impl", "wall_ms", "device_ms", "gpu_idle_ms", "parts_ms")}),
+                flush=True,
+            )
     except torch.OutOfMemoryError:
         return Result(impl, preset, l_enc, l_dec, batch, None, None, None, None, "out of memory")
     except Exception as e:  # a failed variant is reported in the table, the others still run
@@ -212,7 +244,11 @@ def main(argv: list[str] | None = None) -> None:
     peak = matmul_tflops()
     shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
     results = []
-    prof_out = Path(args.out) / f"{time.strftime('%Y-%m-%d')}-model{args.tag}_profile.jsonl" if args.profile else None
+    prof_out = (
+        Path(args.out) / f"{time.strftime('%Y-%m-%d')}-model{args.tag}_profile.jsonl"
+        if args.profile
+        else None
+    )
     for preset, le, ld, b in shapes:
         for impl in args.impls.split(","):
             r = run_one(impl, preset, le, ld, b, args.steps, peak, prof_out)

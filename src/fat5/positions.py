@@ -82,7 +82,7 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 
 
 def alibi_bias(slopes: torch.Tensor, m: int, n: int, q_offset: int = 0) -> torch.Tensor:
-    rel = relative_positions(m, n, q_offset, slopes.device).abs().float()
+    rel = relative_positions(m, n, q_offset, slopes.device).abs().to(slopes.dtype)
     return (-slopes[:, None, None] * rel).unsqueeze(0)
 
 

@@ -35,6 +35,7 @@ from .config import PRESETS, FAT5Config
 
 PRECISIONS = ("fp32", "bf16-autocast", "bf16-kahan", "bf16")
 PARALLEL = ("ddp", "fsdp")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -98,6 +99,9 @@ class TrainSection:
     keep_checkpoints: int = 2
     log_every: int = 10
     compile: bool = False
+    # torch.compile mode: default, reduce-overhead (CUDA graphs: fixed shapes, as in pretraining; no kernel
+    # launch overhead), max-autotune or max-autotune-no-cudagraphs
+    compile_mode: str = "default"
     precision: str = "auto"  # auto: bf16-autocast on a bf16-capable GPU, else fp32
     max_bad_steps: int = 5
     seed: int = 0
@@ -131,6 +135,14 @@ class RunConfig:
         if t.precision not in PRECISIONS + ("auto",):
             raise ValueError(
                 f"unknown train.precision {t.precision!r}; valid choices: auto, {', '.join(PRECISIONS)}"
+            )
+        if t.compile_mode not in COMPILE_MODES:
+            raise ValueError(
+                f"unknown train.compile_mode {t.compile_mode!r}; valid choices: {', '.join(COMPILE_MODES)}"
+            )
+        if t.compile_mode != "default" and not t.compile:
+            raise ValueError(
+                f"train.compile_mode={t.compile_mode} takes effect only with train.compile=true; set both"
             )
         if t.parallel not in PARALLEL:
             raise ValueError(f"unknown train.parallel {t.parallel!r}; valid choices: {', '.join(PARALLEL)}")

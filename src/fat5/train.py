@@ -327,7 +327,12 @@ class Trainer:
         self.model.to(self.device)
         self.engine = D.wrap_model(self.model, self.dist, t.parallel)
         if t.compile:
-            self.engine = torch.compile(self.engine)
+            self.engine = torch.compile(
+                self.engine, mode=None if t.compile_mode == "default" else t.compile_mode
+            )
+        # CUDA-graph modes replay one recorded graph per shape: each forward must mark a new step so the
+        # graph may reuse the memory of the previous step's outputs (already consumed by then)
+        self._graph_steps = t.compile and t.compile_mode in ("reduce-overhead", "max-autotune")
         o, s = cfg.optim, cfg.schedule
         if self.precision == "bf16-kahan" and o.name != "adamwscale":
             raise ValueError(f"precision bf16-kahan needs optim.name=adamwscale (got {o.name!r})")
@@ -459,6 +464,8 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for i, b in enumerate(micro):
             last = i == len(micro) - 1
+            if self._graph_steps:
+                torch.compiler.cudagraph_mark_step_begin()
             with D.no_sync(self.engine, skip_sync=not last), _autocast(self.precision, self.device):
                 loss = self.engine(**b).loss
             # DDP/FSDP average gradients over ranks: * ws undoes that, / global_count makes a global mean

@@ -283,6 +283,31 @@ def test_variant_changed_between_forward_and_backward(fwd_variant, bwd_variant, 
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("near", [16, 64], ids=["near16", "near_full"])
+@pytest.mark.parametrize(
+    "shape, q_offset",
+    [((1, 2, 300, 576, 64), None), ((1, 1, 600, 130, 64), None), ((1, 2, 40, 600, 64), 20)],
+    ids=["m<n", "m>n", "int_offset"],
+)
+def test_table_variant_large_blocks(shape, q_offset, near, monkeypatch):
+    """The GPU's block sizes (forward / dq 128x64, dk/dv 64x128) with queries at an offset that is not a
+    multiple of the key block: the near-diagonal loops then reach steps wholly beyond +-W, whose Toeplitz
+    table rows fall outside the table (read out of bounds before the row was clamped). The interpreter's
+    default blocks are too small to reach them, so this test swaps in the large ones, with near-diagonal
+    steps of 16 and of whole blocks (at.NEAR)."""
+    if DEV == "cuda":
+        pytest.skip("interpreter case; the gpu tests run these blocks")
+    monkeypatch.setattr(at, "_VARIANT", "table")
+    monkeypatch.setattr(at._fwd_kernel, "configs", [at._cfg(128, 64, 1, 1)])
+    monkeypatch.setattr(at._dkv_kernel, "configs", [at._cfg(64, 128, 1, 1)])
+    monkeypatch.setattr(at._dq_kernel, "configs", [at._cfg(128, 64, 1, 1)])
+    monkeypatch.setattr(at, "NEAR", {"fwd": near, "dkv": near, "dq": near})  # 64: near steps of whole blocks
+    case = dict(shape=shape, bias="t5")
+    if q_offset is not None:
+        case["q_offset"] = q_offset
+    _check(case, torch.float32, DEV)
+
+
 def test_set_variant(monkeypatch):
     monkeypatch.setattr(at, "_VARIANT", at.get_variant())
     at.set_variant("split")

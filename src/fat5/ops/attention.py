@@ -85,7 +85,9 @@ def position_bias_ref(
         buckets = relative_position_bucket(rel, rel_bidirectional, rel_table.shape[0], rel_max_distance)
         return rel_table[buckets].permute(2, 0, 1).unsqueeze(0)  # (1, H, M, N)
     if alibi_slopes is not None:
-        return alibi_bias(alibi_slopes.float(), m, n, q_offset)
+        return alibi_bias(
+            alibi_slopes.to(torch.promote_types(alibi_slopes.dtype, torch.float32)), m, n, q_offset
+        )
     return None
 
 
@@ -116,13 +118,14 @@ def attention_ref(
     if sum(x is not None for x in (bias, rel_table, alibi_slopes)) > 1:
         raise ValueError("give at most one of bias, rel_table, alibi_slopes")
     off = resolve_q_offset(m, n, q_offset)
-    # softmax statistics in fp32 (as HF T5 does), the output in the input dtype
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    # softmax statistics in fp32 or better (as HF T5 does; float64 inputs stay float64), output in the input dtype
+    ct = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
     pos = position_bias_ref(m, n, off, q.device, rel_table, rel_bidirectional, rel_max_distance, alibi_slopes)
     if pos is not None:
-        scores = scores + pos.float()
+        scores = scores + pos.to(ct)
     if bias is not None:
-        scores = scores + bias.float()
+        scores = scores + bias.to(ct)
     mask = build_mask(b, m, n, q.device, causal, off, key_padding_mask, q_segment_ids, kv_segment_ids)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
@@ -131,4 +134,4 @@ def attention_ref(
         probs = probs.masked_fill(~mask.any(-1, keepdim=True), 0.0)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
-    return torch.matmul(probs, v.float()).to(q.dtype)
+    return torch.matmul(probs, v.to(ct)).to(q.dtype)

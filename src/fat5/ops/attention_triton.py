@@ -131,6 +131,10 @@ assert (
     <= NT_COLS.value
 )
 
+# near-diagonal step width (keys for the forward and dq, queries for dk/dv) of the "split" and "table" loops,
+# capped by the block size; read at every launch, so a sweep (benchmarks/attention_near_sweep.py) can vary it
+NEAR = {"fwd": 16, "dkv": 16, "dq": 16}
+
 # debug aid for tests: fill outputs with NaN before the kernels write them, so an unwritten element shows
 _POISON = os.environ.get("FAT5_ATTN_POISON") == "1"
 
@@ -224,9 +228,13 @@ def _add_bias(
         elif REL_MODE == 3:
             # near-diagonal tile from the per-head Toeplitz table (the "table" variant): row q - ref + K,
             # column k - ref, with ref the tile's first key (forward, dq) or the key block's (dk/dv); the rows
-            # are contiguous, so these are vector loads with no per-element distance arithmetic
+            # are contiguous, so these are vector loads with no per-element distance arithmetic.
+            # The near loops cover whole blocks, so a row can fall outside the table on a step that lies
+            # wholly beyond +-W: clamping the row is exact there, since the table saturates at both ends
+            # (row 0 holds distances >= W, the last row distances <= -W).
             nt_h = RB_h - (2 * W + 3 * NT_COLS) * NT_COLS
-            s += tl.load(nt_h + (qpos2 - ref + W + NT_COLS) * NT_COLS + (kpos2 - ref))
+            row = tl.minimum(tl.maximum(qpos2 - ref + W + NT_COLS, 0), 2 * W + 3 * NT_COLS - 1)
+            s += tl.load(nt_h + row * NT_COLS + (kpos2 - ref))
         elif REL_MODE == -1:
             s += b_lo
         else:
@@ -514,7 +522,7 @@ def _fwd_tiles(
 )
 # near-diagonal tiles use at most 16 keys: a gather holds one pointer per element in registers,
 # and at full width it pushes the kernel to the register limit (255 at 128x64, half the occupancy)
-@triton.heuristics({"NEAR_N": lambda a: min(a["BLOCK_N"], 16)})
+@triton.heuristics({"NEAR_N": lambda a: min(a["BLOCK_N"], NEAR["fwd"])})
 @triton.jit
 def _fwd_kernel(
     Q,
@@ -1005,8 +1013,8 @@ def _dkv_tiles(
     {
         "WIN": lambda a: triton.next_power_of_2(a["BLOCK_M"] + a["BLOCK_N"] - 1),
         # near-diagonal (gathered) tiles step over at most 16 queries, as in _fwd_kernel
-        "NEAR_M": lambda a: min(a["BLOCK_M"], 16),
-        "NEAR_WIN": lambda a: triton.next_power_of_2(min(a["BLOCK_M"], 16) + a["BLOCK_N"] - 1),
+        "NEAR_M": lambda a: min(a["BLOCK_M"], NEAR["dkv"]),
+        "NEAR_WIN": lambda a: triton.next_power_of_2(min(a["BLOCK_M"], NEAR["dkv"]) + a["BLOCK_N"] - 1),
     }
 )
 @triton.jit
@@ -1487,7 +1495,7 @@ def _dq_tiles(
     key=["BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "NPART", "M_BUCKET", "N_BUCKET"],
     prune_configs_by={"early_config_prune": _prune_by_smem},
 )
-@triton.heuristics({"NEAR_N": lambda a: min(a["BLOCK_N"], 16)})  # as _fwd_kernel
+@triton.heuristics({"NEAR_N": lambda a: min(a["BLOCK_N"], NEAR["dq"])})  # as _fwd_kernel
 @triton.jit
 def _dq_kernel(
     Q,
