@@ -94,7 +94,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument(
-        "--cells", choices=("all", "table"), default="all", help="table: only the default variant's rows and SDPA"
+        "--cells",
+        choices=("all", "table"),
+        default="all",
+        help="table: only the default variant's rows and SDPA",
     )
     args = ap.parse_args()
     cells = [
