@@ -446,3 +446,42 @@ def test_torch_compile_and_cuda_graph():
             rel_bidirectional=False,
         )
         assert (static_out.double() - ref).abs().max() < 2e-2
+
+
+@pytest.mark.gpu
+def test_reduce_overhead_training_steps_gpu():
+    """torch.compile(mode="reduce-overhead") records forward and backward as CUDA graphs. The attention's cached
+    tables are first built during the graphs' warmup, when the calling thread allocates into the graphs'
+    private pool; they must not stay alive there ("tensors in the cudagraph pool not tracked as outputs").
+    The graph-replayed steps follow the eager ones on the same weights and batches."""
+    from fat5.config import FAT5Config
+    from fat5.model import FAT5ForConditionalGeneration
+
+    for cached in (at._distance_buckets, at._rel_index, at._dummy_cached):
+        cached.cache_clear()
+    torch.manual_seed(0)
+    cfg = FAT5Config.from_preset("tiny")
+    models = [FAT5ForConditionalGeneration(cfg).cuda().train() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    gen = torch.Generator().manual_seed(3)
+    batches = [
+        (torch.randint(2, cfg.vocab_size, (4, 96), generator=gen).cuda(),
+         torch.randint(2, cfg.vocab_size, (4, 40), generator=gen).cuda())
+        for _ in range(4)
+    ]  # fmt: skip
+    losses = []
+    for model, graphs in zip(models, (True, False)):  # graphs first: the caches are empty
+        fwd = torch.compile(model, mode="reduce-overhead") if graphs else model
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        run = []
+        for ids, labels in batches:
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            loss = fwd(input_ids=ids, labels=labels).loss
+            loss.backward()
+            run.append(loss.item())
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        losses.append(run)
+    assert all(torch.isfinite(torch.tensor(r)).all() for r in losses)
+    torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=2e-3, atol=2e-3)

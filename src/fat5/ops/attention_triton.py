@@ -65,6 +65,7 @@ from __future__ import annotations
 # ruff: noqa: UP045  (torch.library infers the op schemas from these annotations: keep typing.Optional)
 import functools
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import torch
@@ -1744,7 +1745,43 @@ def _pow2(x: int) -> int:
     return triton.next_power_of_2(max(int(x), 1))
 
 
+def _outside_graph_pools(fn):
+    """For the cached device tensors below: on CUDA, build them in a helper thread that waits for its stream.
+
+    While torch.compile(mode="reduce-overhead") warms a CUDA graph up, it sends every allocation of the calling
+    thread to the graph's private memory pool, and a tensor that stays alive there after the step (as a cache
+    entry does) fails the graph's check that all live allocations are its outputs. Another thread allocates
+    from the ordinary pool. During a capture itself nothing is cached: see ``_uncached``."""
+
+    @functools.wraps(fn)
+    def build(*args):
+        dev = next(
+            a if isinstance(a, torch.device) else a.device
+            for a in args
+            if isinstance(a, (torch.device, torch.Tensor))
+        )
+        if dev.type != "cuda":
+            return fn(*args)
+
+        def run():
+            with torch.cuda.device(dev):
+                out = fn(*args)
+                torch.cuda.current_stream(dev).synchronize()
+            return out
+
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(run).result()
+
+    return build
+
+
+def _uncached(cached):
+    """The plain builder under an lru_cache'd _outside_graph_pools function (for use during graph capture)."""
+    return cached.__wrapped__.__wrapped__
+
+
 @functools.lru_cache(maxsize=64)
+@_outside_graph_pools
 def _distance_buckets(nb: int, bidirectional: bool, max_distance: int, device: torch.device):
     w = max(int(max_distance), nb)
     dist = torch.arange(-w, w + 1, device=device)
@@ -1753,6 +1790,7 @@ def _distance_buckets(nb: int, bidirectional: bool, max_distance: int, device: t
 
 
 @functools.lru_cache(maxsize=16)
+@_outside_graph_pools
 def _dummy_cached(device: torch.device) -> torch.Tensor:
     return torch.empty(1, device=device, dtype=torch.float32)
 
@@ -1780,6 +1818,7 @@ def _rel_width(w: int, table: bool) -> int:
 
 
 @functools.lru_cache(maxsize=16)
+@_outside_graph_pools
 def _rel_index(buckets: torch.Tensor, w: int) -> torch.Tensor:
     """Bucket of every entry of a "table"-variant head row: table[r, c] holds distance c - r + W + NT_COLS
     (clamped to +-W), then come the distances -W..W, then padding to 16 bytes (never read)."""
@@ -1801,7 +1840,7 @@ def _rel_setup(rel_table: torch.Tensor, bidirectional: bool, max_distance: int):
     nb = rel_table.shape[0]
     w = max(int(max_distance), nb)
     dev = rel_table.device
-    fn = _distance_buckets.__wrapped__ if _capturing(dev) else _distance_buckets
+    fn = _uncached(_distance_buckets) if _capturing(dev) else _distance_buckets
     return (w, *fn(nb, bool(bidirectional), int(max_distance), dev))
 
 
@@ -1933,7 +1972,7 @@ class _Args:
                 self.near_table = _VARIANT == "table"
                 idx = self.buckets
                 if self.near_table:
-                    fn = _rel_index.__wrapped__ if _capturing(dev) else _rel_index
+                    fn = _uncached(_rel_index) if _capturing(dev) else _rel_index
                     idx = fn(self.buckets, self.w)
                 self.rbv = rel_table.t().float().index_select(1, idx).mul_(LOG2E)
             self.bias_kind, self.rbw = BIAS_REL, self.rbv.shape[1]
