@@ -27,9 +27,9 @@ maps distances to buckets with a one-hot matmul, so d(rel_table) is bitwise dete
 Inner-loop variants for the T5 bias (same function; selected per launch):
   "split": each program computes, from its tile bounds, where its tiles stop being wholly below -W
   and start being wholly beyond +W, and runs three branch-free loops (constant bias, gathered bias, constant
-  bias). The near-diagonal loop steps over 16 keys (dk/dv: 16 queries) at a time: a gathered tile holds one
-  pointer per element in registers, and at full block width the kernels hit the 255-register limit (the
-  dk/dv kernel spilled 600-750 bytes; sm_90a ptxas). The masked last tiles keep one small loop (forward,
+  bias). The near-diagonal loop steps over 16 keys (dk/dv: 16 queries) at a time ("table": 32, ``NEAR``):
+  a gathered tile holds one pointer per element in registers, and at full block width the kernels hit the
+  255-register limit (the dk/dv kernel spilled 600-750 bytes; sm_90a ptxas). The masked last tiles keep one small loop (forward,
   dq: gathered bias, exact on any tile; dk/dv: per-tile branch).
   "branch": one loop per key range; each tile decides far-below / near / far-beyond with a branch. Measured
   slower on the H200 (benchmarks/results/attention_profile_2026-12-02.json): the branch keeps the softmax
@@ -133,8 +133,10 @@ assert (
 )
 
 # near-diagonal step width (keys for the forward and dq, queries for dk/dv) of the "split" and "table" loops,
-# capped by the block size; read at every launch, so a sweep (benchmarks/attention_near_sweep.py) can vary it
-NEAR = {"fwd": 16, "dkv": 16, "dq": 16}
+# capped by the block size; read at every launch, so a sweep (benchmarks/attention_near_sweep.py) can vary it.
+# 32 was fastest on the H200 for every kernel and length swept (attention_near_sweep_2026-12-02.json); the
+# interpreter's blocks are 32 wide, so it keeps 16 and its tests still walk narrower near steps than blocks
+NEAR = dict.fromkeys(("fwd", "dkv", "dq"), 16 if _INTERPRET else 32)
 
 # debug aid for tests: fill outputs with NaN before the kernels write them, so an unwritten element shows
 _POISON = os.environ.get("FAT5_ATTN_POISON") == "1"
@@ -521,9 +523,9 @@ def _fwd_tiles(
 @triton.autotune(
     configs=_FWD_CONFIGS, key=["BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "NPART", "M_BUCKET", "N_BUCKET"]
 )
-# near-diagonal tiles use at most 16 keys: a gather holds one pointer per element in registers,
-# and at full width it pushes the kernel to the register limit (255 at 128x64, half the occupancy)
-@triton.heuristics({"NEAR_N": lambda a: min(a["BLOCK_N"], NEAR["fwd"])})
+# near-diagonal tiles: "split" steps 16 keys (a gather holds one pointer per element in registers, and at
+# full width it pushes the kernel to the register limit: 255 at 128x64, half the occupancy); "table" NEAR["fwd"]
+@triton.heuristics({"NEAR_N": lambda a: min(a["BLOCK_N"], NEAR["fwd"] if a["NEAR_TABLE"] else 16)})
 @triton.jit
 def _fwd_kernel(
     Q,
@@ -1013,9 +1015,11 @@ def _dkv_tiles(
 @triton.heuristics(
     {
         "WIN": lambda a: triton.next_power_of_2(a["BLOCK_M"] + a["BLOCK_N"] - 1),
-        # near-diagonal (gathered) tiles step over at most 16 queries, as in _fwd_kernel
-        "NEAR_M": lambda a: min(a["BLOCK_M"], NEAR["dkv"]),
-        "NEAR_WIN": lambda a: triton.next_power_of_2(min(a["BLOCK_M"], NEAR["dkv"]) + a["BLOCK_N"] - 1),
+        # near-diagonal steps: 16 queries for "split", NEAR["dkv"] for "table" (as in _fwd_kernel)
+        "NEAR_M": lambda a: min(a["BLOCK_M"], NEAR["dkv"] if a["NEAR_TABLE"] else 16),
+        "NEAR_WIN": lambda a: triton.next_power_of_2(
+            min(a["BLOCK_M"], NEAR["dkv"] if a["NEAR_TABLE"] else 16) + a["BLOCK_N"] - 1
+        ),
     }
 )
 @triton.jit
@@ -1496,7 +1500,7 @@ def _dq_tiles(
     key=["BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "NPART", "M_BUCKET", "N_BUCKET"],
     prune_configs_by={"early_config_prune": _prune_by_smem},
 )
-@triton.heuristics({"NEAR_N": lambda a: min(a["BLOCK_N"], NEAR["dq"])})  # as _fwd_kernel
+@triton.heuristics({"NEAR_N": lambda a: min(a["BLOCK_N"], NEAR["dq"] if a["NEAR_TABLE"] else 16)})  # as fwd
 @triton.jit
 def _dq_kernel(
     Q,
