@@ -136,6 +136,14 @@ def run_one(
     model = FAT5ForConditionalGeneration(cfg)
     if impl.startswith("hf"):
         model = _hf_twin(model)
+    ids = torch.randint(2, cfg.vocab_size, (batch, l_enc), device="cuda")
+    labels = torch.randint(2, cfg.vocab_size, (batch, l_dec), device="cuda")
+    if impl == "fat5-trainer":
+        try:
+            step = _trainer_step(model, ids, labels)
+        except torch.OutOfMemoryError:
+            return Result(impl, preset, l_enc, l_dec, batch, None, None, None, None, "out of memory")
+        return _timed(impl, preset, cfg, l_enc, l_dec, batch, steps, peak, prof_out, step)
     model = model.cuda().train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     # fat5: torch.compile (default mode); fat5-graph: mode reduce-overhead, the forward and backward replayed
@@ -147,8 +155,6 @@ def run_one(
         fwd = torch.compile(model)
     else:
         fwd = model
-    ids = torch.randint(2, cfg.vocab_size, (batch, l_enc), device="cuda")
-    labels = torch.randint(2, cfg.vocab_size, (batch, l_dec), device="cuda")
 
     def step():
         if graphs:
@@ -159,6 +165,41 @@ def run_one(
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    return _timed(impl, preset, cfg, l_enc, l_dec, batch, steps, peak, prof_out, step, opt)
+
+
+def _trainer_step(model: FAT5ForConditionalGeneration, ids: torch.Tensor, labels: torch.Tensor):
+    """The training step of `fat5 pretrain` itself (Trainer.train_step: AdamWScale, gradient clipping, the
+    per-step loss / grad-norm read-back and non-finite check), compiled with CUDA graphs (reduce-overhead)."""
+    import tempfile
+
+    from .runconfig import load_run_config
+    from .train import Trainer
+
+    b, le = ids.shape
+    cfg = load_run_config(
+        None,
+        [
+            f"train.batch_size={b}",
+            f"train.enc_len={le}",
+            f"train.dec_len={labels.shape[1]}",
+            "train.compile=true",
+            "train.compile_mode=reduce-overhead",
+            "train.precision=bf16-autocast",
+            "train.max_steps=1000000",
+        ],
+    )
+    out = tempfile.mkdtemp(prefix="fat5-bench-")
+    trainer = Trainer(cfg, model, iter(()), out, show_progress=False)
+    batch = {"input_ids": ids, "labels": labels}
+
+    def step():
+        trainer.train_step([batch])
+
+    return step
+
+
+def _timed(impl, preset, cfg, l_enc, l_dec, batch, steps, peak, prof_out, step, opt=None) -> Result:
     torch.cuda.reset_peak_memory_stats()
     try:
         for _ in range(3):
@@ -195,7 +236,8 @@ def run_one(
             f"failed: {type(e).__name__}: {e}"[:300],
         )
     finally:
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
         gc.collect()
     tokens = batch * (l_enc + l_dec)
     mfu = step_flops(cfg, batch, l_enc, l_dec) / dt / (peak * 1e12)
@@ -228,7 +270,12 @@ SHAPES = [
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--impls", default="fat5,hf,hf-compile")
+    p.add_argument(
+        "--impls",
+        default="fat5-trainer,fat5-graph,fat5,hf,hf-compile",
+        help="fat5-trainer: the `fat5 pretrain` step (Trainer, AdamWScale, CUDA graphs); fat5-graph / fat5 / "
+        "fat5-eager: the model compiled with CUDA graphs / compiled / eager, torch's fused AdamW; hf, hf-compile",
+    )
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--shapes", default="all", help="comma list of indices into SHAPES, or all")
     p.add_argument("--out", default="benchmarks/results")

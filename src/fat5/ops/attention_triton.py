@@ -253,8 +253,10 @@ def _add_bias(
 def _rel_grad(
     dsT,
     acc_rel,
-    s_lo,
-    s_hi,
+    v_lo,
+    v_hi,
+    w_lo,
+    w_hi,
     rel_lo,
     rel_hi,
     R0,
@@ -265,30 +267,32 @@ def _rel_grad(
     RB: tl.constexpr,
     REL_MODE: tl.constexpr,
 ):
-    """Accumulate dS^T (keys x queries, distance R0 + n - m) into per-distance sums: acc_rel over (-W, W),
-    s_lo / s_hi for the clamped ends. A near tile is skewed so that each diagonal (one distance) becomes a row."""
+    """Accumulate dS^T (keys x queries, distance R0 + n - m) into per-distance sums: acc_rel over (-W, W); the
+    clamped ends stay vectors until the loop ends (``_rel_ends``), so a tile costs no cross-warp reduction: a
+    tile wholly beyond +W (below -W) adds its per-key row sums to v_hi (v_lo); a near tile is skewed so that
+    each diagonal (one distance) becomes a row, and its diagonals at or beyond +-W go to w_hi / w_lo."""
     if REL_MODE == 2:
         if rel_lo >= W:
-            s_hi += tl.sum(tl.sum(dsT, 1), 0)
+            v_hi += tl.sum(dsT, 1)
         elif rel_hi <= -W:
-            s_lo += tl.sum(tl.sum(dsT, 1), 0)
+            v_lo += tl.sum(dsT, 1)
         else:
-            acc_rel, s_lo, s_hi = _rel_grad_near(dsT, acc_rel, s_lo, s_hi, R0, W, BLOCK_M, BLOCK_N, WIN, RB)
+            acc_rel, w_lo, w_hi = _rel_grad_near(dsT, acc_rel, w_lo, w_hi, R0, W, BLOCK_M, BLOCK_N, WIN, RB)
     elif REL_MODE == 1:
-        s_hi += tl.sum(tl.sum(dsT, 1), 0)
+        v_hi += tl.sum(dsT, 1)
     elif REL_MODE == -1:
-        s_lo += tl.sum(tl.sum(dsT, 1), 0)
+        v_lo += tl.sum(dsT, 1)
     else:
-        acc_rel, s_lo, s_hi = _rel_grad_near(dsT, acc_rel, s_lo, s_hi, R0, W, BLOCK_M, BLOCK_N, WIN, RB)
-    return acc_rel, s_lo, s_hi
+        acc_rel, w_lo, w_hi = _rel_grad_near(dsT, acc_rel, w_lo, w_hi, R0, W, BLOCK_M, BLOCK_N, WIN, RB)
+    return acc_rel, v_lo, v_hi, w_lo, w_hi
 
 
 @triton.jit
 def _rel_grad_near(
     dsT,
     acc_rel,
-    s_lo,
-    s_hi,
+    w_lo,
+    w_hi,
     R0,
     W,
     BLOCK_M: tl.constexpr,
@@ -303,13 +307,13 @@ def _rel_grad_near(
     x = tl.gather(dsT, tl.where(ok, nidx, 0), axis=0)  # (WIN, BLOCK_M)
     diag = tl.sum(tl.where(ok, x, 0.0), 1)  # (WIN,): sum of one diagonal = one distance
     drel = R0 - (BLOCK_M - 1) + tl.arange(0, WIN)
-    s_lo += tl.sum(tl.where(drel <= -W, diag, 0.0), 0)
-    s_hi += tl.sum(tl.where(drel >= W, diag, 0.0), 0)
+    w_lo += tl.where(drel <= -W, diag, 0.0)
+    w_hi += tl.where(drel >= W, diag, 0.0)
     r = tl.arange(0, RB)
     src = r - W - (R0 - (BLOCK_M - 1))
     okr = (r > 0) & (r < 2 * W) & (src >= 0) & (src < WIN)
     acc_rel += tl.where(okr, tl.gather(diag, tl.where(okr, src, 0), axis=0), 0.0)
-    return acc_rel, s_lo, s_hi
+    return acc_rel, w_lo, w_hi
 
 
 @triton.jit
@@ -954,6 +958,12 @@ def _dkv_tiles(
     RB: tl.constexpr,
     REL_MODE: tl.constexpr,
 ):
+    # the bias gradient's clamped ends, per key row (far tiles) and per diagonal (near tiles): reduced to the
+    # scalars s_lo / s_hi once, after the loop
+    v_lo = tl.zeros([BLOCK_N], tl.float32)
+    v_hi = tl.zeros([BLOCK_N], tl.float32)
+    w_lo = tl.zeros([WIN], tl.float32)
+    w_hi = tl.zeros([WIN], tl.float32)
     for start_m in range(start, end, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -1000,10 +1010,28 @@ def _dkv_tiles(
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
         if REL_GRAD:
-            dsT = tl.where(kpos[:, None] < N, dsT, 0.0)  # key rows past N hold garbage scores
-            acc_rel, s_lo, s_hi = _rel_grad(
-                dsT, acc_rel, s_lo, s_hi, rel_lo, rel_hi, k0 - qp0, W, BLOCK_M, BLOCK_N, WIN, RB, REL_MODE
+            if REL_MODE != 1 and REL_MODE != -1:  # far tiles' row sums are masked once, after the loop
+                dsT = tl.where(kpos[:, None] < N, dsT, 0.0)  # key rows past N hold garbage scores
+            acc_rel, v_lo, v_hi, w_lo, w_hi = _rel_grad(
+                dsT,
+                acc_rel,
+                v_lo,
+                v_hi,
+                w_lo,
+                w_hi,
+                rel_lo,
+                rel_hi,
+                k0 - qp0,
+                W,
+                BLOCK_M,
+                BLOCK_N,
+                WIN,
+                RB,
+                REL_MODE,
             )
+    if REL_GRAD:
+        s_lo += tl.sum(tl.where(kpos < N, v_lo, 0.0), 0) + tl.sum(w_lo, 0)
+        s_hi += tl.sum(tl.where(kpos < N, v_hi, 0.0), 0) + tl.sum(w_hi, 0)
     return dk, dv, acc_rel, s_lo, s_hi
 
 
