@@ -8,8 +8,9 @@ out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 python3 -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests.log" | tail -3
 if [ "${1:-}" = quick ]; then
-  python3 benchmarks/bench_attention.py --quick --rep 30 --out "$out"   # default (table) vs split variant
-  python3 benchmarks/bench_model.py --impls fat5,hf --shapes 0,3 --steps 4 --out "$out" --tag=_quick
+  python3 benchmarks/attention_profile.py --cells table --out "$out"   # default variant, kernels and host time
+  python3 benchmarks/bench_model.py --impls fat5-trainer,fat5-graph,hf --shapes 0,3 --steps 5 --profile \
+    --out "$out" --tag=_quick
 else
   python3 benchmarks/attention_profile.py --out "$out"   # per-kernel device time and host time per call
   python3 benchmarks/bench_attention.py --out "$out"

@@ -171,6 +171,8 @@ def run_one(
 def _trainer_step(model: FAT5ForConditionalGeneration, ids: torch.Tensor, labels: torch.Tensor):
     """The training step of `fat5 pretrain` itself (Trainer.train_step: AdamWScale, gradient clipping, the
     per-step loss / grad-norm read-back and non-finite check), compiled with CUDA graphs (reduce-overhead)."""
+    import atexit
+    import shutil
     import tempfile
 
     from .runconfig import load_run_config
@@ -189,7 +191,8 @@ def _trainer_step(model: FAT5ForConditionalGeneration, ids: torch.Tensor, labels
             "train.max_steps=1000000",
         ],
     )
-    out = tempfile.mkdtemp(prefix="fat5-bench-")
+    out = tempfile.mkdtemp(prefix="fat5-bench-")  # the trainer's logs; removed when the process exits
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
     trainer = Trainer(cfg, model, iter(()), out, show_progress=False)
     batch = {"input_ids": ids, "labels": labels}
 
