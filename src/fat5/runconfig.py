@@ -99,8 +99,9 @@ class TrainSection:
     keep_checkpoints: int = 2
     log_every: int = 10
     compile: bool = False
-    # torch.compile mode: default, reduce-overhead (CUDA graphs: fixed shapes, as in pretraining; no kernel
-    # launch overhead), max-autotune or max-autotune-no-cudagraphs
+    # torch.compile mode: default, reduce-overhead (CUDA graphs: no kernel launch overhead; for fixed shapes, as
+    # in pretraining, since each new shape records a new graph; measured on one GPU, not yet under torchrun),
+    # max-autotune or max-autotune-no-cudagraphs
     compile_mode: str = "default"
     precision: str = "auto"  # auto: bf16-autocast on a bf16-capable GPU, else fp32
     max_bad_steps: int = 5
