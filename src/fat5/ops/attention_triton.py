@@ -37,16 +37,17 @@ Inner-loop variants for the T5 bias (same function; selected per launch):
   "table" (default): as "split", but a near-diagonal tile's bias is read from a per-head Toeplitz table (rows
   q - ref + W + 128, 128 columns, ref = the tile's first key, or the key block's start in dk/dv) placed before
   the distance vector in the same buffer: contiguous rows, so vector loads with no per-element distance
-  arithmetic (sm_90a forward at 128x64: 133 registers against 147 for "split"). Bitwise the same results
-  as "split", 1.20x its forward and 1.10x its forward+backward at L=4096 on the H200 with equal configs
-  (benchmarks/results/attention_variants_2026-12-02.md).
+  arithmetic (sm_90a forward at 128x64: 133 registers against 147 for "split"). With the same near steps it
+  gave bitwise the results of "split" at 1.20x its forward and 1.10x its forward+backward (L=4096, H200, equal
+  configs: benchmarks/results/attention_variants_2026-12-02.md); its near steps are now 32 wide (``NEAR``).
   Select with ``FAT5_ATTN_VARIANT`` in the environment (read at import) or
-  ``set_variant("table" | "split" | "branch")``; the backward uses the variant current when it runs. Without a
-  T5 bias all variants run the same code.
+  ``set_variant("table" | "split" | "branch")``; a backward reads the layout its forward saved, whatever the
+  variant is by then. Without a T5 bias all variants run the same code.
 
 The forward op also returns (as outputs the backward saves; no gradient) the T5 distance vector and the
 segment-range tables, so the backward does not rebuild them; bucket one-hot matrices and placeholder
-tensors are cached per device (never while a CUDA graph is being captured).
+tensors are cached per device (never while a CUDA graph is being captured, and built outside the private
+memory pool of a CUDA graph warming up).
 
 Masks: key padding (B, N) bool; causal against query positions ``q_offset + i`` (``q_offset`` a python int
 or a 0-dim integer tensor read in-kernel: no host sync, CUDA-graph safe); packed documents via segment ids.
