@@ -308,6 +308,19 @@ def test_table_variant_large_blocks(shape, q_offset, near, monkeypatch):
     _check(case, torch.float32, DEV)
 
 
+def test_reference_keeps_float64():
+    """The kernels are judged against attention_ref on float64 inputs: it must compute in float64, not round
+    to float32 (which would make the "float64 reference" a float32 one)."""
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 9, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    table = torch.randn(32, 2, generator=gen, dtype=torch.float64)
+    bias = position_bias_ref(9, 9, 0, q.device, table)
+    want = torch.softmax(q @ k.transpose(-1, -2) + bias, dim=-1) @ v
+    got = attention_ref(q, k, v, rel_table=table)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_set_variant(monkeypatch):
     monkeypatch.setattr(at, "_VARIANT", at.get_variant())
     at.set_variant("split")
