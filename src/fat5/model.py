@@ -28,14 +28,21 @@ from .positions import FIRE, RotaryEmbedding, alibi_slopes
 
 
 class RMSNorm(nn.Module):
+    # Under autocast, a norm whose output feeds exactly one linear layer (the caller says so with
+    # ``to_linear``) writes that output in the autocast dtype: the values the layer's input cast would make,
+    # without the fp32 copy and the cast pass. With several consumers the output stays fp32, so that their
+    # input gradients are summed in fp32 as they would be without this shortcut.
+    low_precision_out = True
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, to_linear: bool = False):
         """norm(x), or with ``residual``: (norm(x + residual), x + residual) in one fused pass."""
-        return ops.rms_norm(x, self.weight, self.eps, residual)
+        out_dtype = ops._autocast_dtype(x) if to_linear and self.low_precision_out else None
+        return ops.rms_norm(x, self.weight, self.eps, residual, out_dtype)
 
 
 @dataclass
@@ -71,6 +78,10 @@ class Attention(nn.Module):
     def _fused(self, *names: str) -> bool:
         # PEFT (LoRA) or quantisation wrappers replace the projections: call them so their extra paths run
         return all(type(getattr(self, n)) is nn.Linear for n in names)
+
+    def single_input_gemm(self) -> bool:
+        """Whether the input x goes into one GEMM only (fused q/k/v, or q alone for cross-attention)."""
+        return self._fused("q") if self.cross else self._fused("q", "k", "v")
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, l, _ = x.shape
@@ -174,8 +185,17 @@ class FeedForward(nn.Module):
         self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
         self.dropout = nn.Dropout(config.dropout_rate)
 
+    def single_input_gemm(self) -> bool:
+        """Whether the input x goes into one GEMM only (wi, or wi_0 and wi_1 packed)."""
+        names = ("wi_0", "wi_1") if self.gated else ("wi",)
+        return all(type(getattr(self, n)) is nn.Linear for n in names)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gated:
+        if self.gated and self.single_input_gemm():
+            # one GEMM for both input projections (separate parameters, as in T5 checkpoints)
+            gu = F.linear(x, torch.cat([self.wi_0.weight, self.wi_1.weight]))
+            h = ops.gated_act_packed(gu, self.act)
+        elif self.gated:
             h = ops.gated_act(self.wi_0(x), self.wi_1(x), self.act)
         else:
             h = ops.gated_act(self.wi(x), None, self.act)
@@ -200,11 +220,12 @@ class Block(nn.Module):
 
     def forward(self, x, ctx: AttentionContext, enc=None, cache=None, layer_idx: int = 0):
         # residual adds before a norm are fused into it: h = norm(x + out), x = x + out
-        out = self.dropout(self.attn(self.attn_norm(x), ctx, cache=cache, layer_idx=layer_idx))
+        h = self.attn_norm(x, to_linear=self.attn.single_input_gemm())
+        out = self.dropout(self.attn(h, ctx, cache=cache, layer_idx=layer_idx))
         if self.is_decoder:
-            h, x = self.cross_norm(out, x)
+            h, x = self.cross_norm(out, x, to_linear=self.cross_attn.single_input_gemm())
             out = self.dropout(self.cross_attn(h, ctx, enc, cache, layer_idx))
-        h, x = self.ff_norm(out, x)
+        h, x = self.ff_norm(out, x, to_linear=self.ff.single_input_gemm())
         return x + self.dropout(self.ff(h))
 
 

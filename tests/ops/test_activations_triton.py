@@ -8,7 +8,13 @@ import pytest
 import torch
 from kernel_checks import _assert_within, _poison_empty  # noqa: F401  (autouse fixture)
 
-from fat5.ops.activations import ACTIVATIONS, gated_act_ref, gated_act_triton
+from fat5.ops.activations import (
+    ACTIVATIONS,
+    gated_act_packed_ref,
+    gated_act_packed_triton,
+    gated_act_ref,
+    gated_act_triton,
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # the CPU interpreter evaluates sigmoid with numpy, which warns when exp(-x) overflows to inf (result still 0/1)
@@ -44,6 +50,54 @@ def _check(shape, act, gated, dtype, device=DEVICE):
 @pytest.mark.parametrize("shape", [(1,), (127, 37), (3, 2, 1030)])
 def test_matches_reference(shape, act, gated, dtype):
     _check(shape, act, gated, dtype)
+
+
+def _check_packed(shape, act, dtype, device=DEVICE):
+    gu = (torch.randn(shape, device=device) * 3).to(dtype)
+    dout = torch.randn(shape[:-1] + (shape[-1] // 2,), device=device).to(dtype)
+
+    def run(fn, gu, dout):
+        gu = gu.detach().clone().requires_grad_()
+        out = fn(gu, act)
+        return out, torch.autograd.grad(out, gu, dout.to(out.dtype))[0]
+
+    out, dgu = run(gated_act_packed_triton, gu, dout)
+    out_lp, dgu_lp = run(gated_act_packed_ref, gu, dout)
+    out64, dgu64 = run(gated_act_packed_ref, gu.double(), dout.double())
+    # the packed op is the separate op on the two halves: an independent float64 check of the split too
+    half = shape[-1] // 2
+    sep64 = gated_act_ref(gu.double()[..., :half], gu.double()[..., half:], act)
+    torch.testing.assert_close(out64, sep64, rtol=0, atol=0)
+    assert out.dtype == dgu.dtype == dtype and out.shape == dout.shape and dgu.shape == gu.shape
+    floor = 1e-5 if dtype == torch.float32 else 1e-6
+    _assert_within("out", out, out_lp, out64, 2, floor)
+    _assert_within("dgu", dgu, dgu_lp, dgu64, 3, floor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("shape", [(2,), (127, 74), (3, 2, 2060)])
+def test_packed_matches_reference(shape, act, dtype):
+    _check_packed(shape, act, dtype)
+
+
+def test_packed_bad_input():
+    with pytest.raises(ValueError, match="must be even"):
+        gated_act_packed_triton(torch.randn(4, 7, device=DEVICE), "silu")
+    with pytest.raises(ValueError, match="unknown activation"):
+        gated_act_packed_triton(torch.randn(4, 8, device=DEVICE), "swish")
+
+
+def test_packed_registration_and_compile():
+    gu = torch.randn(5, 2 * 19, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.fat5.gated_act_packed_fwd, (gu, "gelu_tanh"))
+    fn = torch.compile(
+        lambda t: gated_act_packed_triton(t, "gelu_tanh") * 2, backend="aot_eager", fullgraph=True
+    )
+    fn(gu).sum().backward()
+    ref = gu.detach().requires_grad_()
+    (gated_act_packed_ref(ref, "gelu_tanh") * 2).sum().backward()
+    torch.testing.assert_close(gu.grad, ref.grad)
 
 
 def test_non_contiguous_inputs():
@@ -98,6 +152,12 @@ def test_compiles_without_graph_break():
 @pytest.mark.parametrize("act", ACTIVATIONS)
 def test_bf16_gpu(act, gated):
     _check((1000, 2051), act, gated, torch.bfloat16, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act", ACTIVATIONS)
+def test_packed_bf16_gpu(act):
+    _check_packed((1000, 2 * 2051), act, torch.bfloat16, device="cuda")
 
 
 @pytest.mark.gpu

@@ -13,25 +13,25 @@ from fat5.ops.rmsnorm import rms_norm_ref, rms_norm_triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _run(fn, x, w, residual, grads_out, eps=1e-6):
+def _run(fn, x, w, residual, grads_out, eps=1e-6, out_dtype=None):
     x = x.detach().clone().requires_grad_()
     w = w.detach().clone().requires_grad_()
     r = residual.detach().clone().requires_grad_() if residual is not None else None
-    out = fn(x, w, eps, r)
+    out = fn(x, w, eps, r, out_dtype)
     outs = out if r is not None else (out,)
     inputs = [x, w] + ([r] if r is not None else [])
     grads = torch.autograd.grad(outs, inputs, [g.to(o.dtype) for g, o in zip(grads_out, outs)])
     return outs, grads
 
 
-def _check(shape, dtype, with_residual, w_dtype=None, device=DEVICE):
+def _check(shape, dtype, with_residual, w_dtype=None, device=DEVICE, r_dtype=None, out_dtype=None):
     n = shape[-1]
     x = (torch.randn(shape, device=device) * 2 + 0.5).to(dtype)
     w = (1 + 0.3 * torch.randn(n, device=device)).to(w_dtype or dtype)
-    r = torch.randn(shape, device=device).to(dtype) if with_residual else None
+    r = torch.randn(shape, device=device).to(r_dtype or dtype) if with_residual else None
     grads_out = [torch.randn(shape, device=device).to(dtype) for _ in range(2 if with_residual else 1)]
-    outs, grads = _run(rms_norm_triton, x, w, r, grads_out)
-    outs_lp, grads_lp = _run(rms_norm_ref, x, w, r, grads_out)
+    outs, grads = _run(rms_norm_triton, x, w, r, grads_out, out_dtype=out_dtype)
+    outs_lp, grads_lp = _run(rms_norm_ref, x, w, r, grads_out, out_dtype=out_dtype)
     outs64, grads64 = _run(
         rms_norm_ref,
         x.double(),
@@ -39,12 +39,13 @@ def _check(shape, dtype, with_residual, w_dtype=None, device=DEVICE):
         r.double() if r is not None else None,
         [g.double() for g in grads_out],
     )
-    floor = 1e-5 if dtype == torch.float32 else 1e-6
+    all_fp32 = all(t in (None, torch.float32) for t in (dtype, r_dtype, out_dtype))
+    floor = 1e-5 if all_fp32 else 1e-6
     for name, o, o_lp, o64 in zip(("y", "new_residual"), outs, outs_lp, outs64):
-        assert o.dtype == dtype and o.shape == x.shape
+        assert o.dtype == o_lp.dtype and o.shape == x.shape, name
         _assert_within(name, o, o_lp, o64, 2, floor)
     for name, g, g_lp, g64 in zip(("dx", "dweight", "dresidual"), grads, grads_lp, grads64):
-        assert g.dtype == g_lp.dtype
+        assert g.dtype == g_lp.dtype, name
         # dweight sums over all rows: scale the floor with the row count
         _assert_within(name, g, g_lp, g64, 3, floor * (x.numel() // n if name == "dweight" else 1))
 
@@ -58,6 +59,45 @@ def test_matches_reference(shape, with_residual, dtype):
 
 def test_fp32_weight_with_half_input():
     _check((33, 80), torch.float16, True, w_dtype=torch.float32)
+
+
+@pytest.mark.parametrize(
+    "dtype,r_dtype,out_dtype,with_residual",
+    [
+        (torch.float16, torch.float32, torch.float16, True),  # layer output onto an fp32 stream, autocast
+        (torch.float16, torch.float32, None, True),
+        (torch.float32, torch.float16, torch.float16, True),
+        (torch.float32, None, torch.float16, True),
+        (torch.float32, None, torch.float16, False),  # the first norm under autocast: fp32 in, fp16 out
+        (torch.float16, None, torch.float32, False),
+    ],
+)
+def test_mixed_dtypes(dtype, r_dtype, out_dtype, with_residual):
+    # x, residual and the normed output each in their own dtype; every gradient in its input's dtype
+    _check((37, 72), dtype, with_residual, r_dtype=r_dtype, out_dtype=out_dtype)
+
+
+def test_mixed_dtypes_low_gradient_is_rounded_once():
+    # fp16 x onto an fp32 residual: the fp16 gradient of x is the fp32 gradient of the residual, rounded
+    x = torch.randn(9, 40, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    r = torch.randn(9, 40, device=DEVICE, requires_grad=True)
+    w = torch.rand(40, device=DEVICE, requires_grad=True)
+    y, h = rms_norm_triton(x, w, 1e-6, r, torch.float16)
+    assert (y.dtype, h.dtype) == (torch.float16, torch.float32)
+    (y.float().square().sum() + h.sum()).backward()
+    assert x.grad.dtype == torch.float16 and r.grad.dtype == torch.float32
+    torch.testing.assert_close(x.grad, r.grad.to(torch.float16), rtol=0, atol=0)
+
+
+def test_bf16_and_fp16_widen_both():
+    x = torch.randn(4, 32, device=DEVICE, dtype=torch.float16)
+    r = torch.randn(4, 32, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.ones(32, device=DEVICE)
+    y, h = rms_norm_triton(x, w, 1e-6, r)
+    y_ref, h_ref = rms_norm_ref(x, w, 1e-6, r)
+    assert y.dtype == y_ref.dtype == torch.float32 and h.dtype == h_ref.dtype == torch.float32
+    torch.testing.assert_close(h, h_ref, rtol=0, atol=0)
+    torch.testing.assert_close(y, y_ref)
 
 
 def test_residual_promotes_like_torch():
@@ -90,6 +130,10 @@ def test_bad_input():
         rms_norm_triton(
             torch.randn(2, 8, device=DEVICE), torch.ones(8, device=DEVICE), 1e-6, torch.randn(3, 8)
         )
+    with pytest.raises(ValueError, match="out_dtype must be a floating dtype"):
+        rms_norm_triton(
+            torch.randn(2, 8, device=DEVICE), torch.ones(8, device=DEVICE), 1e-6, None, torch.int32
+        )
 
 
 def test_torch_library_registration():
@@ -98,8 +142,11 @@ def test_torch_library_registration():
         torch.rand(40, device=DEVICE),
         torch.randn(5, 40, device=DEVICE),
     )
-    torch.library.opcheck(torch.ops.fat5.rms_norm_fwd, (x.requires_grad_(), w.requires_grad_(), None, 1e-6))
-    torch.library.opcheck(torch.ops.fat5.rms_norm_fwd, (x, w, r.requires_grad_(), 1e-5))
+    torch.library.opcheck(
+        torch.ops.fat5.rms_norm_fwd, (x.requires_grad_(), w.requires_grad_(), None, 1e-6, None)
+    )
+    torch.library.opcheck(torch.ops.fat5.rms_norm_fwd, (x, w, r.requires_grad_(), 1e-5, None))
+    torch.library.opcheck(torch.ops.fat5.rms_norm_fwd, (x.half(), w, r.requires_grad_(), 1e-5, torch.float16))
 
 
 def test_compiles_without_graph_break():
@@ -125,3 +172,9 @@ def test_compiles_without_graph_break():
 @pytest.mark.parametrize("shape", [(4103, 768), (1000, 3000), (64, 4096)])
 def test_bf16_gpu(shape, with_residual):
     _check(shape, torch.bfloat16, with_residual, device="cuda")
+
+
+@pytest.mark.gpu
+def test_bf16_onto_fp32_stream_gpu():
+    # the model's case under bf16 autocast: bf16 layer output, fp32 residual stream, bf16 normed output
+    _check((4103, 768), torch.bfloat16, True, device="cuda", r_dtype=torch.float32, out_dtype=torch.bfloat16)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .activations import gated_act_ref, gated_act_triton
+from .activations import gated_act_packed_ref, gated_act_packed_triton, gated_act_ref, gated_act_triton
 from .attention import attention_ref, segment_ids_from_cu_seqlens
 from .attention_triton import flash_attention
 from .cross_entropy import (
@@ -25,6 +25,7 @@ __all__ = [
     "cross_entropy",
     "linear_cross_entropy",
     "gated_act",
+    "gated_act_packed",
     "set_backend",
     "get_backend",
     "segment_ids_from_cu_seqlens",
@@ -62,11 +63,12 @@ def attention(q, k, v, **kw) -> torch.Tensor:
     return attention_ref(q, k, v, **kw)
 
 
-def rms_norm(x, weight, eps=1e-6, residual=None):
-    """T5 RMSNorm; with ``residual`` returns (norm(x + residual), x + residual)."""
+def rms_norm(x, weight, eps=1e-6, residual=None, out_dtype=None):
+    """T5 RMSNorm; with ``residual`` returns (norm(x + residual), x + residual); normed output in
+    ``out_dtype`` (default: the dtype of x + residual)."""
     if use_kernels(x):
-        return rms_norm_triton(x, weight, eps, residual)
-    return rms_norm_ref(x, weight, eps, residual)
+        return rms_norm_triton(x, weight, eps, residual, out_dtype)
+    return rms_norm_ref(x, weight, eps, residual, out_dtype)
 
 
 def cross_entropy(logits, labels, ignore_index=-100, z_loss=0.0, label_smoothing=0.0):
@@ -93,3 +95,10 @@ def gated_act(gate, up, act):
     if use_kernels(gate) and (up is None or up.dtype == gate.dtype):
         return gated_act_triton(gate, up, act)
     return gated_act_ref(gate, up, act)
+
+
+def gated_act_packed(gu, act):
+    """act(gate) * up of gu = cat([gate, up], -1), the output of one packed input projection."""
+    if use_kernels(gu):
+        return gated_act_packed_triton(gu, act)
+    return gated_act_packed_ref(gu, act)

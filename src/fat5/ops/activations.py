@@ -88,28 +88,55 @@ def _act_fwd_and_grad(g, ACT: tl.constexpr):
 
 
 @triton.jit
-def _gated_act_fwd_kernel(G, U, O, n, ACT: tl.constexpr, HAS_UP: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+def _gated_act_fwd_kernel(
+    G, U, O, M, F, stride_in, up_off, ACT: tl.constexpr, HAS_UP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
+):  # fmt: skip
+    """(M, F) tiles; gate and up rows ``stride_in`` apart and up ``up_off`` elements past U (F and 0 for
+    separate tensors; 2F and F for one packed projection whose second half is up), output contiguous."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < M)[:, None] & (cols < F)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    offs_in = r64 * stride_in + cols[None, :]
+    g = tl.load(G + offs_in, mask=mask, other=0.0).to(tl.float32)
     out = _act_fwd(g, ACT)
     if HAS_UP:
-        out = out * tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(O + offs, out.to(O.dtype.element_ty), mask=mask)
+        out = out * tl.load(U + up_off + offs_in, mask=mask, other=0.0).to(tl.float32)
+    tl.store(O + r64 * F + cols[None, :], out.to(O.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _gated_act_bwd_kernel(DO, G, U, DG, DU, n, ACT: tl.constexpr, HAS_UP: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    do = tl.load(DO + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
+def _gated_act_bwd_kernel(
+    DO, G, U, DG, DU, M, F, stride_in, up_off, ACT: tl.constexpr, HAS_UP: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """dgate / dup written with the inputs' row stride (into one packed gradient when the inputs are packed)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < M)[:, None] & (cols < F)[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    offs_in = r64 * stride_in + cols[None, :]
+    do = tl.load(DO + r64 * F + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + offs_in, mask=mask, other=0.0).to(tl.float32)
     a, da = _act_fwd_and_grad(g, ACT)
     if HAS_UP:
-        u = tl.load(U + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DU + offs, (do * a).to(DU.dtype.element_ty), mask=mask)
+        u = tl.load(U + up_off + offs_in, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DU + up_off + offs_in, (do * a).to(DU.dtype.element_ty), mask=mask)
         do = do * u
-    tl.store(DG + offs, (do * da).to(DG.dtype.element_ty), mask=mask)
+    tl.store(DG + offs_in, (do * da).to(DG.dtype.element_ty), mask=mask)
+
+
+def _grid(m: int, f: int) -> tuple[tuple[int, int], int, int]:
+    """About _BLOCK elements a tile: up to 1024 columns, as many rows as fill the rest."""
+    block_c = min(1024, triton.next_power_of_2(max(f, 1)))
+    block_r = max(1, _BLOCK // block_c)
+    return (triton.cdiv(m, block_r), triton.cdiv(f, block_c)), block_r, block_c
+
+
+def _launch(kernel, m, f, *args, act, has_up):
+    if m and f:
+        grid, block_r, block_c = _grid(m, f)
+        kernel[grid](*args, ACT=act, HAS_UP=has_up, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8)
 
 
 def _check(gate: torch.Tensor, up: torch.Tensor | None, act: str) -> None:
@@ -126,19 +153,22 @@ def _gated_act_fwd_impl(gate: torch.Tensor, up: torch.Tensor | None, act: str) -
     gate = gate.contiguous()
     up = up.contiguous() if up is not None else None
     out = torch.empty_like(gate)
-    n = gate.numel()
-    if n:
-        grid = (triton.cdiv(n, _BLOCK),)
-        _gated_act_fwd_kernel[grid](
-            gate,
-            up if up is not None else gate,
-            out,
-            n,
-            ACT=act,
-            HAS_UP=up is not None,
-            BLOCK=_BLOCK,
-            num_warps=8,
-        )
+    f = gate.shape[-1] if gate.dim() else 1
+    m = gate.numel() // max(f, 1)
+    _launch(
+        _gated_act_fwd_kernel,
+        m,
+        f,
+        gate,
+        up if up is not None else gate,
+        out,
+        m,
+        f,
+        f,
+        0,
+        act=act,
+        has_up=up is not None,
+    )
     return out
 
 
@@ -154,21 +184,26 @@ def _gated_act_bwd_impl(
     dgate = torch.empty_like(gate)
     # without up there is no dup: an empty tensor keeps the op's output list fixed
     dup = torch.empty_like(up) if up is not None else gate.new_empty(0)
-    n = gate.numel()
-    if n:
-        grid = (triton.cdiv(n, _BLOCK),)
-        _gated_act_bwd_kernel[grid](
-            grad_out,
-            gate,
-            up if up is not None else gate,
-            dgate,
-            dup if up is not None else dgate,
-            n,
-            ACT=act,
-            HAS_UP=up is not None,
-            BLOCK=_BLOCK,
-            num_warps=8,
-        )
+    f = gate.shape[-1] if gate.dim() else 1
+    m = gate.numel() // max(f, 1)
+    g_up = up if up is not None else gate
+    d_up = dup if up is not None else dgate
+    _launch(
+        _gated_act_bwd_kernel,
+        m,
+        f,
+        grad_out,
+        gate,
+        g_up,
+        dgate,
+        d_up,
+        m,
+        f,
+        f,
+        0,
+        act=act,
+        has_up=up is not None,
+    )
     return dgate, dup
 
 
@@ -206,3 +241,80 @@ def gated_act_triton(gate: torch.Tensor, up: torch.Tensor | None, act: str) -> t
     """act(gate) * up (or act(gate) when up is None) with fused Triton forward and backward kernels."""
     _check(gate, up, act)
     return _gated_act(gate, up, act)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Packed: gate and up as the two halves of one projection's output gu = x @ [W_gate; W_up]^T (..., 2F), so the
+# feed-forward runs one input GEMM instead of two, and its input gradient is one GEMM over K = 2F accumulated in
+# fp32 (two GEMMs would round each half's gradient to bf16 before they are summed). The backward writes dgate
+# and dup into one (..., 2F) gradient, the layout that GEMM's backward wants, with no concatenation.
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _split_packed(gu: torch.Tensor) -> int:
+    if gu.dim() == 0 or gu.shape[-1] % 2:
+        raise ValueError(
+            f"gated_act_packed: the last dim holds gate then up and must be even, got shape {tuple(gu.shape)}"
+        )
+    return gu.shape[-1] // 2
+
+
+def _packed_fwd_impl(gu: torch.Tensor, act: str) -> torch.Tensor:
+    gu = gu.contiguous()
+    f = gu.shape[-1] // 2
+    m = gu.numel() // max(2 * f, 1)
+    out = gu.new_empty(gu.shape[:-1] + (f,))
+    _launch(_gated_act_fwd_kernel, m, f, gu, gu, out, m, f, 2 * f, f, act=act, has_up=True)
+    return out
+
+
+def _packed_fwd_fake(gu, act):
+    return gu.new_empty(gu.shape[:-1] + (gu.shape[-1] // 2,))
+
+
+def _packed_bwd_impl(grad_out: torch.Tensor, gu: torch.Tensor, act: str) -> torch.Tensor:
+    grad_out, gu = grad_out.contiguous(), gu.contiguous()
+    f = gu.shape[-1] // 2
+    m = gu.numel() // max(2 * f, 1)
+    dgu = torch.empty_like(gu)
+    _launch(_gated_act_bwd_kernel, m, f, grad_out, gu, gu, dgu, dgu, m, f, 2 * f, f, act=act, has_up=True)
+    return dgu
+
+
+def _packed_bwd_fake(grad_out, gu, act):
+    return torch.empty_like(gu, memory_format=torch.contiguous_format)
+
+
+def _packed_setup(ctx, inputs, output):
+    gu, act = inputs
+    ctx.act = act
+    ctx.save_for_backward(gu)
+
+
+def _packed_backward(ctx, grad_out, bwd):
+    (gu,) = ctx.saved_tensors
+    return bwd(grad_out, gu, ctx.act).view_as(gu), None
+
+
+_gated_act_packed, _gated_act_packed_fwd, _gated_act_packed_bwd = op_pair(
+    "gated_act_packed",
+    _packed_fwd_impl,
+    _packed_fwd_fake,
+    _packed_bwd_impl,
+    _packed_bwd_fake,
+    _packed_setup,
+    _packed_backward,
+)
+
+
+def gated_act_packed_ref(gu: torch.Tensor, act: str) -> torch.Tensor:
+    """act(gate) * up where gu = cat([gate, up], -1)."""
+    f = _split_packed(gu)
+    return gated_act_ref(gu[..., :f], gu[..., f:], act)
+
+
+def gated_act_packed_triton(gu: torch.Tensor, act: str) -> torch.Tensor:
+    """gated_act_packed_ref with the fused Triton kernels: one read of gu, dgu written as one tensor."""
+    _split_packed(gu)
+    _check(gu, None, act)
+    return _gated_act_packed(gu, act)

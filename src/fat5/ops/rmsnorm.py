@@ -1,10 +1,13 @@
 """RMSNorm as in T5 (no mean subtraction, no bias): y = x / sqrt(mean(x^2) + eps) * w, statistics in fp32.
 
 ``rms_norm_ref`` is the specification. With ``residual`` given, the op first forms ``x + residual`` and
-returns ``(normed, new_residual)``: the pre-norm block's add and norm in one pass.
+returns ``(normed, new_residual)``: the pre-norm block's add and norm in one pass. ``out_dtype`` sets the
+normed output's dtype: under bf16 autocast the model asks for bf16 where the output feeds a linear layer, so
+an fp32 residual stream is read and written in fp32 but the normed copy is written once, in bf16 (the same
+values the linear layer's autocast cast would give).
 
-``rms_norm_triton`` is the same op as two Triton kernels (forward: add + norm in one read of each input;
-backward: dx, d residual and per-program dweight partials in one pass), registered as ``fat5::rms_norm_fwd`` /
+``rms_norm_triton`` is the same op as two Triton kernels (forward: add + norm in one read of each input, in
+their own dtypes; backward: dx, d residual and per-program dweight partials in one pass), registered as ``fat5::rms_norm_fwd`` /
 ``fat5::rms_norm_bwd`` through ``torch.library`` so ``torch.compile`` keeps them in one graph (eager calls use
 an autograd.Function over the same code: ``ops/registration.py``). Limits: rows of
 at most 65536 elements; the tensors must be on the device Triton runs on (CPU only under TRITON_INTERPRET=1).
@@ -22,15 +25,22 @@ from .registration import op_pair
 
 
 def rms_norm_ref(
-    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``out_dtype``: dtype of the normed output (default: that of ``x + residual``); the new residual keeps
+    torch's promoted dtype. The statistics are fp32 either way, so asking for bf16 here equals casting the
+    fp32 output afterwards."""
     if x.shape[-1] != weight.shape[0]:
         raise ValueError(f"rms_norm: last dim of x ({x.shape[-1]}) != weight size ({weight.shape[0]})")
     if residual is not None:
         x = x + residual
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-    y = y.to(x.dtype)
+    y = y.to(out_dtype or x.dtype)
     return (y, x) if residual is not None else y
 
 
@@ -73,8 +83,9 @@ def _rms_norm_fwd_kernel(
 
 @triton.jit
 def _rms_norm_bwd_kernel(
-    DY, DRES, H, W, RSTD, DX, DW_PARTIAL, M, N,
-    ROWS_PER_PROGRAM: tl.constexpr, HAS_DRES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DY, DRES, H, W, RSTD, DX, DXL, DW_PARTIAL, M, N,
+    ROWS_PER_PROGRAM: tl.constexpr, HAS_DRES: tl.constexpr, HAS_DXL: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -110,6 +121,8 @@ def _rms_norm_bwd_kernel(
         if HAS_DRES:
             dx += tl.load(DRES + cur_offs, mask=cur_mask, other=0.0).to(tl.float32)
         tl.store(DX + cur_offs, dx.to(DX.dtype.element_ty), mask=cur_mask)
+        if HAS_DXL:  # the same gradient in the lower dtype of a mixed-dtype add (x or residual)
+            tl.store(DXL + cur_offs, dx.to(DXL.dtype.element_ty), mask=cur_mask)
         dw += dy * xhat
     tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, tl.sum(dw, axis=0), mask=col_ok)
 
@@ -127,7 +140,7 @@ def _sum_rows_kernel(P, OUT, R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr)
 
 
 # tile overrides for benchmarks/rmsnorm_sweep.py: {"fwd": (BLOCK_M, num_warps), "bwd": (BLOCK_M, num_warps,
-# programs per SM)}; empty = the defaults below
+# programs per SM), "reduce": (BLOCK_R, BLOCK_N)}; empty = the defaults below
 TUNE: dict = {}
 
 
@@ -157,12 +170,18 @@ def _num_programs(device: torch.device, per_sm: int | None = None) -> int:
 
 
 def _rms_norm_fwd_impl(
-    x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, eps: float
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    residual: torch.Tensor | None,
+    eps: float,
+    out_dtype: torch.dtype | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x, residual: (M, N) contiguous. Returns (y, h, rstd); h is x + residual, or empty without residual."""
+    """x, residual: (M, N) contiguous, dtypes may differ (the kernel adds in fp32 and rounds to the promoted
+    dtype). Returns (y, h, rstd); y in ``out_dtype`` (default h's), h = x + residual, or empty without it."""
     m, n = x.shape
-    y = torch.empty_like(x)
-    h = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    h_dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
+    y = torch.empty((m, n), dtype=out_dtype or h_dtype, device=x.device)
+    h = torch.empty((m, n), dtype=h_dtype, device=x.device) if residual is not None else x.new_empty(0)
     rstd = torch.empty(m, dtype=torch.float32, device=x.device)
     if m:
         block_m, block_n, warps = _tile(n)
@@ -175,17 +194,32 @@ def _rms_norm_fwd_impl(
     return y, h, rstd
 
 
-def _rms_norm_fwd_fake(x, weight, residual, eps):
-    h = torch.empty_like(x) if residual is not None else x.new_empty(0)
-    return torch.empty_like(x), h, x.new_empty(x.shape[0], dtype=torch.float32)
+def _rms_norm_fwd_fake(x, weight, residual, eps, out_dtype):
+    h_dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
+    h = x.new_empty(x.shape, dtype=h_dtype) if residual is not None else x.new_empty(0)
+    return x.new_empty(x.shape, dtype=out_dtype or h_dtype), h, x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+def _reduce_tile(rows: int) -> tuple[int, int]:
+    """(BLOCK_R, BLOCK_N) of the dweight reduction: all partial rows of a column strip in one load where they
+    fit, narrow strips so that d / BLOCK_N programs share the work (it is latency-bound: ~1 MB in all)."""
+    block_r = min(256, triton.next_power_of_2(max(rows, 1)))
+    return block_r, max(8, 4096 // block_r)
 
 
 def _rms_norm_bwd_impl(
-    dy: torch.Tensor, dres: torch.Tensor | None, h: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """dy, dres (grad of the returned residual, or None), h: (M, N) contiguous. Returns (dh, dweight)."""
+    dy: torch.Tensor,
+    dres: torch.Tensor | None,
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    low_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dy, dres (grad of the returned residual, or None), h: (M, N) contiguous. Returns (dh, dlow, dweight):
+    dh in h's dtype, dlow the same values in ``low_dtype`` (empty when None), for an input of lower dtype."""
     m, n = h.shape
     dx = torch.empty_like(h)
+    dlow = torch.empty((m, n), dtype=low_dtype, device=h.device) if low_dtype is not None else h.new_empty(0)
     block_m, block_n, warps = _bwd_tile(n)
     per_sm = None
     if "bwd" in TUNE:
@@ -199,33 +233,44 @@ def _rms_norm_bwd_impl(
     partial = torch.empty(programs, n, dtype=torch.float32, device=h.device)
     if m:
         _rms_norm_bwd_kernel[(programs,)](
-            dy, dres if dres is not None else dy, h, weight, rstd, dx, partial, m, n,
-            ROWS_PER_PROGRAM=rows_per_program, HAS_DRES=dres is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+            dy, dres if dres is not None else dy, h, weight, rstd, dx, dlow if low_dtype is not None else dx,
+            partial, m, n, ROWS_PER_PROGRAM=rows_per_program, HAS_DRES=dres is not None,
+            HAS_DXL=low_dtype is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         )  # fmt: skip
     dw = torch.empty_like(weight)
     if m:
-        _sum_rows_kernel[(triton.cdiv(n, 32),)](partial, dw, programs, n, BLOCK_R=64, BLOCK_N=32)
+        block_r, block_c = TUNE.get("reduce", _reduce_tile(programs))
+        _sum_rows_kernel[(triton.cdiv(n, block_c),)](
+            partial, dw, programs, n, BLOCK_R=block_r, BLOCK_N=block_c, num_warps=4
+        )
     else:
         dw.zero_()
-    return dx, dw
+    return dx, dlow, dw
 
 
-def _rms_norm_bwd_fake(dy, dres, h, weight, rstd):
-    return torch.empty_like(h), torch.empty_like(weight)
+def _rms_norm_bwd_fake(dy, dres, h, weight, rstd, low_dtype):
+    dlow = h.new_empty(h.shape, dtype=low_dtype) if low_dtype is not None else h.new_empty(0)
+    return torch.empty_like(h), dlow, torch.empty_like(weight)
 
 
 def _rms_norm_setup(ctx, inputs, output):
-    x, weight, residual, eps = inputs
+    x, weight, residual, eps, out_dtype = inputs
     y, h, rstd = output
     ctx.has_res = residual is not None
+    # with a mixed-dtype add, the backward writes the gradient once more in the lower of the two dtypes
+    ctx.x_low = ctx.has_res and x.dtype != h.dtype
+    ctx.r_low = ctx.has_res and residual.dtype != h.dtype
+    ctx.low_dtype = x.dtype if ctx.x_low else residual.dtype if ctx.r_low else None
     ctx.save_for_backward(h if residual is not None else x, weight, rstd)
 
 
 def _rms_norm_backward(ctx, dy, dh_out, drstd, bwd):
     h, weight, rstd = ctx.saved_tensors
-    dres = dh_out if ctx.has_res else None
-    dx, dw = bwd(dy.contiguous(), dres.contiguous() if dres is not None else None, h, weight, rstd)
-    return dx, dw, (dx if ctx.has_res else None), None
+    dres = dh_out.contiguous() if ctx.has_res else None
+    dh, dlow, dw = bwd(dy.contiguous(), dres, h, weight, rstd, ctx.low_dtype)
+    if not ctx.has_res:
+        return dh, dw, None, None, None
+    return (dlow if ctx.x_low else dh), dw, (dlow if ctx.r_low else dh), None, None
 
 
 _rms_norm, _rms_norm_fwd, _rms_norm_bwd = op_pair(
@@ -240,7 +285,11 @@ _rms_norm, _rms_norm_fwd, _rms_norm_bwd = op_pair(
 
 
 def rms_norm_triton(
-    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, residual: torch.Tensor | None = None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float = 1e-6,
+    residual: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """rms_norm_ref with Triton forward and backward kernels (same arguments, dtypes and return values)."""
     n = x.shape[-1]
@@ -248,17 +297,20 @@ def rms_norm_triton(
         raise ValueError(f"rms_norm: last dim of x ({n}) != weight size ({tuple(weight.shape)})")
     if n > _MAX_WIDTH:
         raise ValueError(f"rms_norm_triton: rows of {n} > {_MAX_WIDTH} elements; use rms_norm_ref")
+    if out_dtype is not None and not out_dtype.is_floating_point:
+        raise ValueError(f"rms_norm: out_dtype must be a floating dtype, got {out_dtype}")
     shape = x.shape
     if residual is not None:
         if residual.shape != shape:
             raise ValueError(f"rms_norm: residual shape {tuple(residual.shape)} != x shape {tuple(shape)}")
-        # x + residual promotes like torch does (e.g. bf16 x onto an fp32 residual stream)
-        if x.dtype != residual.dtype:
-            dtype = torch.promote_types(x.dtype, residual.dtype)
+        # x + residual promotes like torch does; the kernel reads mixed dtypes (e.g. a bf16 layer output onto
+        # an fp32 residual stream) as they are, unless neither is the promoted dtype (fp16 + bf16): widen both
+        dtype = torch.promote_types(x.dtype, residual.dtype)
+        if x.dtype != dtype and residual.dtype != dtype:
             x, residual = x.to(dtype), residual.to(dtype)
         residual = residual.reshape(-1, n).contiguous()
     x2 = x.reshape(-1, n).contiguous()  # (M, N) view; copies only if rows are not contiguous
-    y, h, _ = _rms_norm(x2, weight.contiguous(), residual, eps)
+    y, h, _ = _rms_norm(x2, weight.contiguous(), residual, eps, out_dtype)
     if residual is None:
         return y.view(shape)
     return y.view(shape), h.view(shape)
