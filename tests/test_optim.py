@@ -27,13 +27,15 @@ def _reference_step(p, g, m, v, step, lr, b1, b2, eps, wd):
     p.add_(update)
 
 
-def test_adamwscale_fp32_matches_reference():
+@pytest.mark.parametrize("kernel", [False, True])
+def test_adamwscale_fp32_matches_reference(kernel):
+    # kernel=True: the fused Triton update (the CPU interpreter in CI), step counts on the device
     torch.manual_seed(0)
     shapes = [(7, 5), (3,), (1,), (33, 2)]
     params = [torch.randn(s) * (0.1 if i % 2 else 1e-5) for i, s in enumerate(shapes)]  # one below the floor
     ref = [p.clone() for p in params]
     ps = [torch.nn.Parameter(p) for p in params]
-    opt = AdamWScale(ps, lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+    opt = AdamWScale(ps, lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, kernel=kernel)
     ms = [torch.zeros_like(p) for p in ref]
     vs = [torch.zeros_like(p) for p in ref]
     for step in range(1, 6):
@@ -45,6 +47,93 @@ def test_adamwscale_fp32_matches_reference():
             _reference_step(p, g, m, v, step, 0.01, 0.9, 0.99, 1e-8, 0.1)
     for p, r in zip(ps, ref):
         torch.testing.assert_close(p.detach(), r, rtol=1e-5, atol=1e-7)
+
+
+def _kahan_run(kernel: bool, dtype=torch.float16, device="cpu", steps: int = 30):
+    # low-precision weights, updates far below half an ulp: only the compensation buffer keeps them.
+    # fp16 on CPU: the Triton interpreter truncates fp32 -> bf16 (the GPU rounds to nearest), which would
+    # bias every stored bf16 value; its fp16 conversion rounds like the GPU.
+    torch.manual_seed(0)
+    p = torch.nn.Parameter((torch.randn(64, 33) + 3.0).to(device=device, dtype=dtype))
+    master = p.detach().double().clone()
+    opt = AdamWScale([p], lr=1e-4, betas=(0.9, 0.99), kahan=True, kernel=kernel)
+    m, v = torch.zeros_like(master), torch.zeros_like(master)
+    for step in range(1, steps + 1):
+        # |g| >= 0.5: g^2 (1 - b2) stays far above fp16's smallest values, so the second moment is exact enough
+        g = torch.randn(64, 33).sign() * (0.5 + torch.rand(64, 33))
+        p.grad = g.to(device=device, dtype=dtype)
+        opt.step()
+        # the same update in float64 on a float64 copy: what the compensated weight should track
+        _reference_step(master, p.grad.double(), m, v, step, 1e-4, 0.9, 0.99, 1e-8, 0.0)
+    got = p.detach().double() + opt.state[p]["kahan_comp"].double()
+    return (got - master).abs().max().item(), (p.detach().double() - master).abs().max().item()
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_kahan_weight_plus_compensation_tracks_float64(kernel):
+    err, err_weight_alone = _kahan_run(kernel)
+    # the weights alone lag by up to half an ulp (2^-10 at 3.0 in fp16); weight + compensation far less
+    assert err < 5e-5, err
+    assert err_weight_alone > 4 * err
+
+
+def test_fused_kernel_is_at_least_as_exact_as_foreach():
+    # one rounding per stored value (kernel) against one per foreach op
+    err = {k: _kahan_run(k)[0] for k in (False, True)}
+    assert err[True] <= err[False] * 1.05, err
+
+
+@pytest.mark.gpu
+def test_kahan_kernel_bf16_gpu():
+    err = {k: _kahan_run(k, torch.bfloat16, "cuda")[0] for k in (False, True)}
+    assert err[True] < 5e-4 and err[True] <= err[False] * 1.05, err
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_skip_if_changes_nothing(kernel):
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4).to(torch.bfloat16))]
+    opt = AdamWScale(ps, lr=1e-2, weight_decay=0.1, kernel=kernel)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    snap = copy.deepcopy(opt.state_dict()), [p.detach().clone() for p in ps]
+    for p in ps:
+        p.grad = torch.full_like(p, float("nan"))
+    opt.step(skip_if=torch.tensor(True))
+    for p, before in zip(ps, snap[1]):
+        assert torch.equal(p.detach(), before)
+    for i, s in opt.state_dict()["state"].items():
+        for k, t in s.items():
+            assert torch.equal(t.cpu(), snap[0]["state"][i][k].cpu()), (i, k)
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step(skip_if=torch.tensor(False))
+    assert all(float(s["step"]) == 2.0 for s in opt.state.values())
+    assert not any(torch.equal(p.detach(), b) for p, b in zip(ps, snap[1]))
+
+
+def test_kernel_and_foreach_resume_each_other():
+    # the kernel keeps step counts on the parameters' device; a checkpoint of either path loads into the other
+    torch.manual_seed(0)
+    base = torch.randn(6, 4)
+    runs = {}
+    for first, second in ((False, True), (True, False), (False, False)):
+        p = torch.nn.Parameter(base.clone())
+        opt = AdamWScale([p], lr=1e-2, kernel=first)
+        gen = torch.Generator().manual_seed(3)
+        for _ in range(2):
+            p.grad = torch.randn(6, 4, generator=gen)
+            opt.step()
+        opt2 = AdamWScale([p], lr=1e-2, kernel=second)
+        opt2.load_state_dict(opt.state_dict())
+        for _ in range(2):
+            p.grad = torch.randn(6, 4, generator=gen)
+            opt2.step()
+        runs[(first, second)] = p.detach().clone()
+    ref = runs[(False, False)]
+    for k, v in runs.items():
+        torch.testing.assert_close(v, ref, rtol=1e-5, atol=1e-7, msg=str(k))
 
 
 def test_adamwscale_state_roundtrip_and_kahan_buffer():

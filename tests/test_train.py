@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import math
 import os
 import random
 import signal
@@ -11,6 +12,7 @@ import torch
 
 from fat5 import FAT5ForConditionalGeneration
 from fat5.finetune import rouge_l
+from fat5.optim import skip_step_on_device
 from fat5.runconfig import load_run_config
 from fat5.train import Trainer, TrainingDiverged, add_train_commands, latest_checkpoint
 
@@ -195,6 +197,33 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path):
     ):
         tr.fit()
     assert torch.equal(tr.model.encoder.final_norm.weight, before)  # no update was applied
+
+
+def test_step_stats_are_read_only_at_logging_steps(tmp_path, monkeypatch):
+    # the host reads the per-step numbers once per logging interval, not once per step
+    tr = make_trainer(tmp_path, ["train.max_steps=8", "train.log_every=4", "train.eval_every=100"])
+    calls = []
+    drain = tr._drain
+    monkeypatch.setattr(tr, "_drain", lambda pending: calls.append(len(pending)) or drain(pending))
+    losses = tr.fit()
+    assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
+    assert [n for n in calls if n] == [4, 4]
+
+
+@pytest.mark.gpu
+def test_non_finite_steps_are_skipped_on_the_device_gpu(tmp_path):
+    tr = make_trainer(tmp_path, ["train.max_steps=10", "train.max_bad_steps=3", "train.device=cuda"])
+    with torch.no_grad():
+        tr.model.shared.weight[5] = float("nan")
+    before = tr.model.encoder.final_norm.weight.detach().clone()
+    with (
+        pytest.warns(UserWarning, match="non-finite"),
+        pytest.raises(TrainingDiverged, match="3 steps in a row"),
+    ):
+        tr.fit()
+    assert torch.equal(tr.model.encoder.final_norm.weight, before)
+    assert skip_step_on_device(tr.optimizer)  # the kernel path decided it (state exists, grads were set)
+    assert all(float(s["step"]) == 0 for s in tr.optimizer.state.values())
 
 
 def test_rouge_l():

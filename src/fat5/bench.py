@@ -170,7 +170,7 @@ def run_one(
 
 def _trainer_step(model: FAT5ForConditionalGeneration, ids: torch.Tensor, labels: torch.Tensor):
     """The training step of `fat5 pretrain` itself (Trainer.train_step: AdamWScale, gradient clipping, the
-    per-step loss / grad-norm read-back and non-finite check), compiled with CUDA graphs (reduce-overhead)."""
+    device-side non-finite check; nothing read back per step), compiled with CUDA graphs (reduce-overhead)."""
     import atexit
     import shutil
     import tempfile

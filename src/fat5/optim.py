@@ -9,8 +9,11 @@ then move by the same *relative* amount, which lets T5 train with Adam at LR ~1e
     p = p + u
 
 (the RMS is that of the parameter before the step; eps is added to the bias-corrected sqrt(v), torch's
-convention; weight decay is decoupled and not RMS-scaled, as in nanoT5). Everything runs as ``torch._foreach_*`` ops over all tensors of one device and dtype; no value is
-read back to the host (the step count and the LR are host numbers), so the step never syncs the GPU.
+convention; weight decay is decoupled and not RMS-scaled, as in nanoT5). On CPU everything runs as
+``torch._foreach_*`` ops over all tensors of one device and dtype (the step count and the LR are host
+numbers). On CUDA each tensor's update is one fused Triton kernel (``ops/adamw_scale.py``: one read and one
+write of each state instead of a dozen foreach passes) with the step count on the device; ``step(skip_if=t)``
+then drops a step (non-finite gradients) on the device too, so the training step never syncs the GPU.
 
 Precision modes, chosen by the dtype of the parameters handed in:
 
@@ -58,7 +61,10 @@ class AdamWScale(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         kahan: bool = True,
         scale_floor: float = 1e-3,
+        kernel: bool | None = None,
     ):
+        """``kernel``: update each tensor with the fused Triton kernel (``ops/adamw_scale.py``) instead of the
+        foreach ops; default: on CUDA parameters."""
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -72,6 +78,7 @@ class AdamWScale(torch.optim.Optimizer):
             scale_floor=scale_floor,
         )
         super().__init__(params, defaults)
+        self.kernel = kernel
 
     def _init_state(self, p: torch.Tensor, kahan: bool) -> dict:
         state = self.state[p]
@@ -84,13 +91,17 @@ class AdamWScale(torch.optim.Optimizer):
         return state
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, skip_if: torch.Tensor | None = None):
+        """``skip_if``: a 0-dim device tensor; when it is true (nonzero) the step changes nothing, step counts
+        included. The kernel path decides on the device (no host sync); the foreach path reads it."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        host_skip = None
         for group in self.param_groups:
-            # tensors of one (device, dtype, step) go through the same foreach kernels
+            # tensors of one (device, dtype, step) go through the same foreach kernels; the fused kernel path
+            # keeps step counts on the device, so its buckets need no step value
             buckets: dict[tuple, list] = defaultdict(list)
             for p in group["params"]:
                 if p.grad is None:
@@ -98,11 +109,65 @@ class AdamWScale(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("AdamWScale does not support sparse gradients")
                 state = self._init_state(p, group["kahan"])
+                if self._use_kernel(p):
+                    buckets[(p.device, p.dtype, None, _is_dtensor(p))].append(p)
+                    continue
+                if skip_if is not None and host_skip is None:
+                    host_skip = bool(skip_if)
+                if host_skip:
+                    continue
                 state["step"] += 1
                 buckets[(p.device, p.dtype, float(state["step"]), _is_dtensor(p))].append(p)
             for (_, dtype, step, _), params in buckets.items():
-                self._update(group, params, step, use_kahan=group["kahan"] and dtype in _LOW_PRECISION)
+                use_kahan = group["kahan"] and dtype in _LOW_PRECISION
+                if step is None:
+                    self._update_kernel(group, params, skip_if, use_kahan)
+                else:
+                    self._update(group, params, step, use_kahan)
         return loss
+
+    def _use_kernel(self, p: torch.Tensor) -> bool:
+        local = _local(p)
+        wanted = self.kernel if self.kernel is not None else local.is_cuda
+        return wanted and local.is_contiguous() and _local(p.grad).is_contiguous()
+
+    def _update_kernel(self, group: dict, params: list[torch.Tensor], skip_if, use_kahan: bool) -> None:
+        from .ops.adamw_scale import adamw_scale_update_
+
+        device = _local(params[0]).device
+        state = [self.state[p] for p in params]
+        for s in state:  # step counts live on the device here (a checkpoint may bring them back on the CPU)
+            if s["step"].device != device:
+                s["step"] = s["step"].to(device, torch.float32)
+        steps = [s["step"] for s in state]
+        skip = (
+            torch.zeros((), dtype=torch.int32, device=device)
+            if skip_if is None
+            else skip_if.to(device=device, dtype=torch.int32)
+        )
+        torch._foreach_add_(steps, (1 - skip).to(torch.float32))
+        locals_ = [_local(p) for p in params]
+        norms = torch._foreach_norm(locals_, 2, dtype=torch.float32)
+        if _is_dtensor(params[0]):
+            sq = torch.stack(norms).square()
+            torch.distributed.all_reduce(sq, group=params[0].device_mesh.get_group())
+            norms = list(sq.sqrt().unbind())
+        adamw_scale_update_(
+            locals_,
+            [_local(p.grad) for p in params],
+            [_local(s["exp_avg"]) for s in state],
+            [_local(s["exp_avg_sq"]) for s in state],
+            [_local(s["kahan_comp"]) for s in state] if use_kahan else None,
+            steps,
+            norms,
+            [p.numel() for p in params],
+            skip,
+            lr=group["lr"],
+            betas=group["betas"],
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            scale_floor=group["scale_floor"],
+        )
 
     def _update(self, group: dict, params: list[torch.Tensor], step: float, use_kahan: bool) -> None:
         beta1, beta2 = group["betas"]
@@ -136,7 +201,9 @@ class AdamWScale(torch.optim.Optimizer):
 
         denom = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_div_(denom, math.sqrt(bias2))
-        torch._foreach_add_(denom, eps)
+        # fp16 cannot hold eps = 1e-8 (it rounds to 0 and 0 / 0 gives NaN where v underflowed): its smallest
+        # subnormal instead
+        torch._foreach_add_(denom, max(eps, 2.0**-24) if params[0].dtype == torch.float16 else eps)
         update = torch._foreach_div(exp_avgs, denom)
         del denom
         torch._foreach_mul_(update, [s.to(p.dtype) for s, p in zip(rms, params)])
@@ -175,7 +242,10 @@ def build_optimizer(
     weight_decay: float = 0.0,
     kahan: bool = True,
 ) -> torch.optim.Optimizer:
-    """``adamwscale`` (default for T5), ``adamw`` (torch, fused on CUDA) or ``adafactor`` (torch)."""
+    """``adamwscale`` (default for T5), ``adamw`` (torch, fused on CUDA) or ``adafactor`` (torch).
+
+    A step can be dropped on the device: ``AdamWScale.step(skip_if=t)``; torch's fused AdamW reads the
+    ``found_inf`` attribute (``skip_step_on_device`` sets either)."""
     params = list(params)
     if name == "adamwscale":
         return AdamWScale(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, kahan=kahan)
@@ -234,3 +304,30 @@ def build_scheduler(
         return schedule_factor(name, step, max_steps, warmup_steps, min_lr_ratio, decay_fraction)
 
     return LambdaLR(optimizer, factor)
+
+
+def skip_step_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` can drop a step from a device flag without the host reading it."""
+    if isinstance(optimizer, AdamWScale):
+        return all(
+            optimizer._use_kernel(p)
+            for g in optimizer.param_groups
+            for p in g["params"]
+            if p.grad is not None
+        )
+    return isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+    """One step unless the 0-dim device tensor ``skip`` is true; decided on the device where
+    ``skip_step_on_device(optimizer)``, else by reading ``skip`` on the host."""
+    if isinstance(optimizer, AdamWScale):
+        optimizer.step(skip_if=skip)
+    elif isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("fused"):
+        optimizer.found_inf = skip.to(torch.float32)  # torch's fused Adam(W) skips the step (and its count)
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not bool(skip):
+        optimizer.step()

@@ -1,8 +1,11 @@
 """The training loop shared by ``fat5 pretrain`` (pretrain.py) and ``fat5 finetune`` (finetune.py).
 
 One optimizer step of ``Trainer.fit``: draw ``grad_accum`` micro-batches, forward/backward each (gradient
-all-reduce only on the last under DDP), clip, check the gradient norm (non-finite: skip the update, warn;
-``max_bad_steps`` in a row: stop with an error), step the optimizer and the LR schedule. Around it: eval
+all-reduce only on the last under DDP), clip, check the loss and gradient norm (non-finite: the update is
+dropped, on the device where the optimizer allows it: AdamWScale on CUDA, fused AdamW), step the optimizer
+and the LR schedule. The host reads the step's numbers only at logging, eval and checkpoint steps (one
+sync per interval); there it warns about dropped updates and stops with an error after ``max_bad_steps`` in
+a row (so a divergence is reported at the next logging step). Around it: eval
 on the held-out split every ``eval_every`` steps, atomic checkpoints every ``ckpt_every`` steps and on
 SIGINT/SIGTERM, logs (tqdm, CSV, TensorBoard, a PNG plot). The model is any
 ``FAT5ForConditionalGeneration``; data is any iterator of batch dicts (the UL2 stream for pretraining,
@@ -35,7 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
-import math
 import os
 import random
 import shutil
@@ -52,7 +54,7 @@ from tqdm.auto import tqdm
 from . import distributed as D
 from .flops import step_flops
 from .model import FAT5ForConditionalGeneration
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, optimizer_step
 from .runconfig import RunConfig, load_run_config, model_config_diff, save_run_config
 
 STATE_FILE = "trainer_state.pt"
@@ -301,7 +303,8 @@ class Trainer:
         self.history: list[
             float
         ] = []  # global mean train loss per optimizer step (since this Trainer started)
-        self._stop = False
+        self._stop = False  # agreed by every rank: the loop ends after this step
+        self._stop_requested = False  # this rank's request (signal, hook), agreed at the next read-back
         self._signal_count = 0
         self._resume_from = latest_checkpoint(self.out) if resume else None
         if resume and self._resume_from is None:
@@ -406,7 +409,7 @@ class Trainer:
 
     def request_stop(self) -> None:
         """Save a checkpoint and stop at the end of the current step (what SIGINT/SIGTERM do)."""
-        self._stop = True
+        self._stop_requested = True
 
     def _on_signal(self, signum, frame) -> None:
         self._signal_count += 1
@@ -418,7 +421,7 @@ class Trainer:
                 "(again to quit at once)",
                 file=sys.stderr,
             )
-        self._stop = True
+        self._stop_requested = True
 
     # --------------------------------------------------------------------------------------- eval
     @torch.no_grad()
@@ -456,8 +459,11 @@ class Trainer:
                 ) from None
         return out
 
-    def train_step(self, micro: list[dict]) -> tuple[float, float, float]:
-        """One optimizer step; returns (global mean loss, grad norm, global real tokens)."""
+    def train_step(self, micro: list[dict]) -> torch.Tensor:
+        """One optimizer step. Returns a device tensor (global mean loss, grad norm, global real tokens,
+        1 if the update was applied else 0, stop requests across ranks), read back by ``_drain`` only when
+        the loop needs host values (logging, eval, checkpoints, stop): the step itself never syncs the host
+        where the optimizer drops a non-finite step on the device (AdamWScale on CUDA, fused AdamW)."""
         ws = self.dist.world_size
         counts = torch.stack([(b["labels"] != -100).sum() for b in micro]).float()
         global_count = D.all_reduce_sum(counts.sum().clone()).clamp(min=1)
@@ -478,36 +484,50 @@ class Trainer:
             gnorm = gnorm.full_tensor()
         tokens = sum(_real_tokens(b) for b in micro)
         red = D.all_reduce_sum(
-            torch.stack([loss_sum, tokens.float(), torch.tensor(float(self._stop), device=self.device)])
+            torch.stack(
+                [loss_sum, tokens.float(), torch.tensor(float(self._stop_requested), device=self.device)]
+            )
         )
-        loss_v, gnorm_v, tokens_v, stop_v = torch.cat(
-            [red[:1] / global_count, gnorm.float().reshape(1), red[1:]]
-        ).tolist()
-        self._stop = stop_v > 0  # every rank stops at the same step
-        if math.isfinite(gnorm_v) and math.isfinite(loss_v):
-            self.optimizer.step()
-            self.bad_steps = 0
-        else:
+        loss_g = red[0] / global_count
+        ok = torch.isfinite(loss_g) & torch.isfinite(gnorm.float())
+        optimizer_step(self.optimizer, ~ok)
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
+            warnings.filterwarnings("ignore", message="Detected call of", category=UserWarning)
+            self.scheduler.step()
+        self.step += 1
+        return torch.stack([loss_g, gnorm.float().reshape(()), red[1], ok.float(), red[2]])
+
+    def _drain(self, pending: list[tuple[int, torch.Tensor]]) -> list[list[float]]:
+        """Read back the stats of the steps in ``pending`` (one sync), record their losses, count non-finite
+        steps in a row (warn on each; ``max_bad_steps`` in a row: TrainingDiverged) and agree on a stop."""
+        if not pending:
+            return []
+        rows = torch.stack([s for _, s in pending]).tolist()
+        steps = [n for n, _ in pending]
+        pending.clear()
+        for step, (loss_v, gnorm_v, _, ok, _) in zip(steps, rows):
+            self.history.append(loss_v)
+            if ok:
+                self.bad_steps = 0
+                continue
             self.bad_steps += 1
             if self.dist.is_main:
                 warnings.warn(
-                    f"step {self.step + 1}: non-finite loss/gradient (loss {loss_v}, grad norm "
+                    f"step {step}: non-finite loss/gradient (loss {loss_v}, grad norm "
                     f"{gnorm_v}); update skipped ({self.bad_steps} in a row)",
                     stacklevel=2,
                 )
             if self.bad_steps >= self.cfg.train.max_bad_steps:
                 raise TrainingDiverged(
                     f"training diverged: {self.bad_steps} steps in a row had a non-finite loss or gradient "
-                    f"(last at step {self.step + 1}). Resume from the last checkpoint "
+                    f"(last at step {step}). Resume from the last checkpoint "
                     f"({latest_checkpoint(self.out)}) with a lower optim.lr, more schedule.warmup_steps, "
                     "optim.grad_clip, or train.precision=bf16-autocast / fp32."
                 )
-        self.optimizer.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():  # a skipped first step makes torch warn about the call order
-            warnings.filterwarnings("ignore", message="Detected call of", category=UserWarning)
-            self.scheduler.step()
-        self.step += 1
-        return loss_v, gnorm_v, tokens_v
+        if rows[-1][4] > 0:
+            self._stop = True  # every rank reads the same reduced flag at the same step
+        return rows
 
     def fit(self) -> list[float]:
         """Train to ``train.max_steps`` (or until a stop request); returns the loss per step of this call."""
@@ -530,30 +550,42 @@ class Trainer:
         )
         if self.dist.is_main and self._resume_from is not None:
             bar.write(f"resumed from {self._resume_from} at step {self.step}")
-        window_tokens, window_flops, window_t0, window_steps = 0.0, 0.0, time.perf_counter(), 0
+        window_rows: list[list[float]] = []
+        window_flops, window_t0 = 0.0, time.perf_counter()
         last_saved = self.step if self._resume_from else None
         try:
             if t.eval_at_start and self.step == 0:
                 self._eval_and_log(bar)
+            pending: list[tuple[int, torch.Tensor]] = []  # steps whose stats the host has not read yet
             while self.step < t.max_steps and not self._stop:
                 micro = self._micro_batches(it)
                 lr = self.scheduler.get_last_lr()[0]
-                loss, gnorm, tokens = self.train_step(micro)
-                self.history.append(loss)
+                pending.append((self.step + 1, self.train_step(micro)))
                 b, le = micro[0]["input_ids"].shape
                 ld = micro[0]["labels"].shape[1]
                 window_flops += len(micro) * self.dist.world_size * step_flops(self.model.config, b, le, ld)
-                window_tokens += tokens
-                window_steps += 1
                 bar.update(1)
-                if self.step % t.log_every == 0 or self.step == t.max_steps:
+                s = self.step
+                # host values are read only where the loop needs them (one sync per logging interval); several
+                # ranks read the same steps (a stop request of one rank is agreed at the next logging step)
+                if (
+                    s % t.log_every == 0
+                    or s % t.eval_every == 0
+                    or s % t.ckpt_every == 0
+                    or s == t.max_steps
+                    or (self._stop_requested and self.dist.world_size == 1)
+                    or self.on_step_end
+                ):
+                    rows = self._drain(pending)
+                    window_rows.extend(rows)
+                if window_rows and (s % t.log_every == 0 or s == t.max_steps):
                     dt = max(time.perf_counter() - window_t0, 1e-9)
                     row = {
-                        "step": self.step,
-                        "loss": sum(self.history[-window_steps:]) / window_steps,  # window mean
+                        "step": s,
+                        "loss": sum(r[0] for r in window_rows) / len(window_rows),  # window mean
                         "lr": lr,
-                        "grad_norm": gnorm,
-                        "tokens_per_s": window_tokens / dt,
+                        "grad_norm": window_rows[-1][1],
+                        "tokens_per_s": sum(r[2] for r in window_rows) / dt,
                     }
                     if self.peak:
                         row["mfu"] = window_flops / dt / self.peak
@@ -563,11 +595,13 @@ class Trainer:
                     bar.set_postfix_str(
                         f"loss {row['loss']:.4f} lr {lr:.2e} tok/s {row['tokens_per_s']:,.0f}{mfu}"
                     )
-                    window_tokens, window_flops, window_t0, window_steps = 0.0, 0.0, time.perf_counter(), 0
+                    window_rows, window_flops, window_t0 = [], 0.0, time.perf_counter()
                 if self.step % t.eval_every == 0 or self.step == t.max_steps:
                     self._eval_and_log(bar)
                 for hook in self.on_step_end:
                     hook(self)
+                if self._stop_requested and self.dist.world_size == 1:
+                    self._stop = True  # one process: no agreement to wait for (ranks agree at a logging step)
                 if self.step % t.ckpt_every == 0 or self.step == t.max_steps or self._stop:
                     path = self.save_checkpoint()
                     last_saved = self.step
