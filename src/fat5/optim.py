@@ -129,7 +129,8 @@ class AdamWScale(torch.optim.Optimizer):
     def _use_kernel(self, p: torch.Tensor) -> bool:
         local = _local(p)
         wanted = self.kernel if self.kernel is not None else local.is_cuda
-        return wanted and local.is_contiguous() and _local(p.grad).is_contiguous()
+        grad_ok = p.grad is None or _local(p.grad).is_contiguous()
+        return wanted and local.is_contiguous() and grad_ok
 
     def _update_kernel(self, group: dict, params: list[torch.Tensor], skip_if, use_kahan: bool) -> None:
         from .ops.adamw_scale import adamw_scale_update_
