@@ -109,8 +109,8 @@ class AdamWScale(torch.optim.Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError("AdamWScale does not support sparse gradients")
                 state = self._init_state(p, group["kahan"])
-                if self._use_kernel(p):
-                    buckets[(p.device, p.dtype, None, _is_dtensor(p))].append(p)
+                if self._use_kernel(p):  # one launch per (device, dtype, gradient dtype)
+                    buckets[(p.device, p.dtype, ("kernel", p.grad.dtype), _is_dtensor(p))].append(p)
                     continue
                 if skip_if is not None and host_skip is None:
                     host_skip = bool(skip_if)
@@ -120,7 +120,7 @@ class AdamWScale(torch.optim.Optimizer):
                 buckets[(p.device, p.dtype, float(state["step"]), _is_dtensor(p))].append(p)
             for (_, dtype, step, _), params in buckets.items():
                 use_kahan = group["kahan"] and dtype in _LOW_PRECISION
-                if step is None:
+                if isinstance(step, tuple):
                     self._update_kernel(group, params, skip_if, use_kahan)
                 else:
                     self._update(group, params, step, use_kahan)

@@ -1,5 +1,6 @@
-"""AdamWScale's update of one tensor as one Triton kernel: a single read of p, g, m, v (and the Kahan buffer)
-and a single write of p, m, v, in fp32 math, with the skip decision read on the device.
+"""AdamWScale's update as one Triton kernel launch for all tensors of one dtype (a table of their addresses,
+as a multi-tensor apply): a single read of p, g, m, v (and the Kahan buffer) and a single write of p, m, v
+per element, in fp32 math, with the skip decision read on the device.
 
 The foreach implementation in ``optim.py`` is the specification; this kernel computes the same formulas
 (see its docstring) with one rounding per stored value instead of one per foreach op, and it needs no host
@@ -8,7 +9,7 @@ every value unchanged, the step count included (the caller increments the count 
 so a non-finite step can be dropped without the host reading anything.
 
 Limits: dense tensors; the parameter, its gradient and its states contiguous and of one shape (they are
-viewed flat; FSDP shards are passed as their local tensors).
+viewed flat; FSDP shards are passed as their local tensors); each tensor under 2^31 blocks of 4096.
 """
 
 from __future__ import annotations
@@ -22,37 +23,70 @@ import triton.language as tl
 _BLOCK = 4096
 
 
+_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
 @triton.jit
 def _adamw_scale_kernel(
-    P, G, M, V, C, STEP, NORM, SKIP, n, inv_sqrt_numel, lr, beta1, beta2, log2_beta1, log2_beta2, eps, wd,
-    scale_floor, KAHAN: tl.constexpr, BLOCK: tl.constexpr,
+    PTRS, PROG_T, PROG_B, NUMEL, INV_SQRT_NUMEL, NORMS, SKIP, T, lr, beta1, beta2, log2_beta1, log2_beta2,
+    eps, wd, scale_floor, DT: tl.constexpr, GDT: tl.constexpr, KAHAN: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
+    """All tensors of one dtype in one launch: program i updates block PROG_B[i] of tensor PROG_T[i]; PTRS
+    holds, per tensor, the addresses of p, g, m, v, the Kahan buffer and the step count (rows of T)."""
     if tl.load(SKIP) == 0:
-        t = tl.load(STEP).to(tl.float32)  # already counts this step
-        bias1 = 1.0 - tl.exp2(t * log2_beta1)
-        inv_sqrt_bias2 = 1.0 / tl.sqrt(1.0 - tl.exp2(t * log2_beta2))
-        scale = tl.maximum(tl.load(NORM).to(tl.float32) * inv_sqrt_numel, scale_floor)
+        pid = tl.program_id(0)
+        t = tl.load(PROG_T + pid)
+        blk = tl.load(PROG_B + pid).to(tl.int64)
+        P = tl.load(PTRS + t).to(tl.pointer_type(DT))
+        G = tl.load(PTRS + T + t).to(tl.pointer_type(GDT))
+        M = tl.load(PTRS + 2 * T + t).to(tl.pointer_type(DT))
+        V = tl.load(PTRS + 3 * T + t).to(tl.pointer_type(DT))
+        STEP = tl.load(PTRS + 5 * T + t).to(tl.pointer_type(tl.float32))
+        n = tl.load(NUMEL + t)
+        step = tl.load(STEP)  # already counts this step
+        bias1 = 1.0 - tl.exp2(step * log2_beta1)
+        inv_sqrt_bias2 = 1.0 / tl.sqrt(1.0 - tl.exp2(step * log2_beta2))
+        scale = tl.maximum(tl.load(NORMS + t) * tl.load(INV_SQRT_NUMEL + t), scale_floor)
         step_size = -lr * scale / bias1
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         g = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32)
         m = tl.load(M + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(V + offs, mask=mask, other=0.0).to(tl.float32)
-        p_in = tl.load(P + offs, mask=mask, other=0.0)
-        p = p_in.to(tl.float32)
+        p = tl.load(P + offs, mask=mask, other=0.0).to(tl.float32)
         m = m + (1.0 - beta1) * (g - m)
         v = v * beta2 + (1.0 - beta2) * g * g
         u = step_size * m / (tl.sqrt(v) * inv_sqrt_bias2 + eps) - (lr * wd) * p
-        tl.store(M + offs, m.to(M.dtype.element_ty), mask=mask)
-        tl.store(V + offs, v.to(V.dtype.element_ty), mask=mask)
+        tl.store(M + offs, m.to(DT), mask=mask)
+        tl.store(V + offs, v.to(DT), mask=mask)
         if KAHAN:
             # comp holds what earlier roundings dropped: p_new = round(p + comp + u), comp = comp + u - applied
+            C = tl.load(PTRS + 4 * T + t).to(tl.pointer_type(DT))
             c = tl.load(C + offs, mask=mask, other=0.0).to(tl.float32) + u
-            p_new = (p + c).to(P.dtype.element_ty)
+            p_new = (p + c).to(DT)
             tl.store(P + offs, p_new, mask=mask)
-            tl.store(C + offs, (c - (p_new.to(tl.float32) - p)).to(C.dtype.element_ty), mask=mask)
+            tl.store(C + offs, (c - (p_new.to(tl.float32) - p)).to(DT), mask=mask)
         else:
-            tl.store(P + offs, (p + u).to(P.dtype.element_ty), mask=mask)
+            tl.store(P + offs, (p + u).to(DT), mask=mask)
+
+
+_TABLES: dict = {}  # (device, numels) -> (PROG_T, PROG_B, NUMEL, INV_SQRT_NUMEL): fixed for a parameter set
+
+
+def _tables(device: torch.device, local_numels: tuple[int, ...], numels: tuple[int, ...]):
+    key = (device, local_numels, numels)
+    if key not in _TABLES:
+        blocks = torch.tensor([triton.cdiv(n, _BLOCK) for n in local_numels])
+        prog_t = torch.repeat_interleave(torch.arange(len(local_numels)), blocks)
+        starts = torch.cumsum(blocks, 0) - blocks
+        prog_b = torch.arange(len(prog_t)) - torch.repeat_interleave(starts, blocks)
+        _TABLES[key] = (
+            prog_t.to(device=device, dtype=torch.int32),
+            prog_b.to(device=device, dtype=torch.int32),
+            torch.tensor(local_numels, dtype=torch.int64, device=device),
+            torch.tensor([1.0 / math.sqrt(n) for n in numels], dtype=torch.float32, device=device),
+        )
+    return _TABLES[key]
 
 
 def adamw_scale_update_(
@@ -72,27 +106,42 @@ def adamw_scale_update_(
     weight_decay: float,
     scale_floor: float,
 ) -> None:
-    """In-place AdamWScale update of each tensor; ``steps`` (device, already incremented unless skipped),
-    ``norms`` (the L2 norm of each parameter before the step, 0-dim fp32) and ``skip`` (0-dim; nonzero =
-    leave everything as it is) live on the parameters' device. ``numels``: global sizes, for the RMS."""
-    beta1, beta2 = betas
-    # log2(0) is -inf: beta = 0 means no bias correction is needed (1 - 0^t = 1); exp2(t * -inf) = 0 for t > 0
-    log2_b1 = math.log2(beta1) if beta1 > 0 else -math.inf
-    log2_b2 = math.log2(beta2) if beta2 > 0 else -math.inf
+    """In-place AdamWScale update of all tensors (one dtype, one device) in one launch. ``steps`` (fp32
+    device 0-dim tensors, already incremented unless skipped), ``norms`` (the L2 norm of each parameter before
+    the step, 0-dim fp32) and ``skip`` (0-dim int32; nonzero = leave everything as it is) live on the
+    parameters' device. ``numels``: global sizes, for the RMS (they differ from the local ones for shards)."""
+    keep = [i for i, p in enumerate(params) if p.numel()]
+    if not keep:
+        return
+    params, grads = [params[i] for i in keep], [grads[i] for i in keep]
+    exp_avgs, exp_avg_sqs = [exp_avgs[i] for i in keep], [exp_avg_sqs[i] for i in keep]
+    comps = [comps[i] for i in keep] if comps is not None else None
+    steps, norms, numels = [steps[i] for i in keep], [norms[i] for i in keep], [numels[i] for i in keep]
+    dt, gdt = params[0].dtype, grads[0].dtype
     for i, p in enumerate(params):
-        n = p.numel()
-        if n == 0:
-            continue
         for name, t in (("grad", grads[i]), ("exp_avg", exp_avgs[i]), ("exp_avg_sq", exp_avg_sqs[i])):
             if t.shape != p.shape or not t.is_contiguous():
                 raise ValueError(
                     f"adamw_scale_update_: {name} must be contiguous and shaped like its parameter"
                 )
-        if not p.is_contiguous():
-            raise ValueError("adamw_scale_update_: parameters must be contiguous")
-        c = comps[i] if comps is not None else p
-        _adamw_scale_kernel[(triton.cdiv(n, _BLOCK),)](
-            p, grads[i], exp_avgs[i], exp_avg_sqs[i], c, steps[i], norms[i], skip, n,
-            1.0 / math.sqrt(numels[i]), lr, beta1, beta2, log2_b1, log2_b2, eps, weight_decay, scale_floor,
-            KAHAN=comps is not None, BLOCK=_BLOCK, num_warps=8,
-        )  # fmt: skip
+        if not p.is_contiguous() or p.dtype != dt or grads[i].dtype != gdt or exp_avgs[i].dtype != dt:
+            raise ValueError(
+                "adamw_scale_update_: contiguous parameters of one dtype, gradients of one dtype"
+            )
+        if steps[i].dtype != torch.float32:
+            raise ValueError("adamw_scale_update_: step counts must be fp32 tensors")
+    beta1, beta2 = betas
+    # log2(0) is -inf: beta = 0 needs no bias correction (1 - 0^t = 1), and exp2(t * -inf) = 0 for t > 0
+    log2_b1 = math.log2(beta1) if beta1 > 0 else -math.inf
+    log2_b2 = math.log2(beta2) if beta2 > 0 else -math.inf
+    device = params[0].device
+    prog_t, prog_b, numel_t, inv_sqrt_numel = _tables(device, tuple(p.numel() for p in params), tuple(numels))
+    cols = (params, grads, exp_avgs, exp_avg_sqs, comps if comps is not None else params, steps)
+    ptrs = torch.tensor([t.data_ptr() for col in cols for t in col], dtype=torch.int64).to(
+        device, non_blocking=True
+    )
+    _adamw_scale_kernel[(prog_t.numel(),)](
+        ptrs, prog_t, prog_b, numel_t, inv_sqrt_numel, torch.stack(norms).float(), skip, len(params), lr, beta1,
+        beta2, log2_b1, log2_b2, eps, weight_decay, scale_floor, DT=_DTYPES[dt], GDT=_DTYPES[gdt],
+        KAHAN=comps is not None, BLOCK=_BLOCK, num_warps=8,
+    )  # fmt: skip
