@@ -31,7 +31,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--widths", default="512,768,1024,4096")
-    ap.add_argument("--kinds", default="fwd,bwd", help="which kernels to sweep")
+    ap.add_argument("--kinds", default="fwd,bwd", help="which kernels to sweep (fwd, bwd, reduce)")
+    ap.add_argument(
+        "--mixed",
+        action="store_true",
+        help="the model's case under bf16 autocast: bf16 x onto an fp32 residual, bf16 normed output",
+    )
     args = ap.parse_args()
     x0 = torch.randn(2**28, device="cuda", dtype=torch.bfloat16)
     y0 = torch.empty_like(x0)
@@ -46,7 +51,17 @@ def main():
         ideal_fwd = 2 * x.numel() * 2 / copy_gbs / 1e3  # us
         ideal_bwd = 3 * x.numel() * 2 / copy_gbs / 1e3
         rn.TUNE.clear()
-        _, _, rstd = rn._rms_norm_fwd(x, w, None, 1e-6)
+        # mixed: fwd reads x (2 B) + r (4 B), writes h (4 B) + y (2 B); bwd reads dy (2), dh (4), h (4), writes
+        # dh (4) + its bf16 copy (2); otherwise bf16 x -> y and dy, x -> dx
+        res = torch.randn(TOKENS, d, device="cuda") if args.mixed else None
+        out_dtype = torch.bfloat16 if args.mixed else None
+        if args.mixed:
+            ideal_fwd = 12 * x.numel() / copy_gbs / 1e3
+            ideal_bwd = 16 * x.numel() / copy_gbs / 1e3
+        _, h, rstd = rn._rms_norm_fwd(x, w, res, 1e-6, out_dtype)
+        h = h if args.mixed else x
+        dres = torch.randn_like(h) if args.mixed else None
+        low = torch.bfloat16 if args.mixed else None
         best = {}
         for bm in (1, 2, 4, 8, 16) if "fwd" in args.kinds else ():
             if bm * bn > 32768 or bm * bn < 512:
@@ -56,7 +71,7 @@ def main():
                     continue
                 rn.TUNE.clear()
                 rn.TUNE["fwd"] = (bm, nw)
-                us = graph_us(lambda x=x, w=w: rn._rms_norm_fwd(x, w, None, 1e-6))
+                us = graph_us(lambda x=x, w=w, r=res, o=out_dtype: rn._rms_norm_fwd(x, w, r, 1e-6, o))
                 r = dict(
                     d=d, kind="fwd", block_m=bm, warps=nw, us=round(us, 2), pct=round(100 * ideal_fwd / us)
                 )
@@ -73,7 +88,11 @@ def main():
                         continue
                     rn.TUNE.clear()
                     rn.TUNE["bwd"] = (bm, nw, per_sm)
-                    us = graph_us(lambda dy=dy, x=x, w=w, rstd=rstd: rn._rms_norm_bwd(dy, None, x, w, rstd))
+                    us = graph_us(
+                        lambda dy=dy, h=h, w=w, rstd=rstd, dr=dres, lo=low: rn._rms_norm_bwd(
+                            dy, dr, h, w, rstd, lo
+                        )
+                    )
                     r = dict(
                         d=d, kind="bwd", per_sm=per_sm, block_m=bm, warps=nw, us=round(us, 2),
                         pct=round(100 * ideal_bwd / us),
@@ -85,10 +104,11 @@ def main():
         for per_sm in (1, 2, 4, 8) if "reduce" in args.kinds else ():
             progs = per_sm * torch.cuda.get_device_properties(0).multi_processor_count
             part = torch.randn(progs, d, device="cuda")
+            br, bc = rn._reduce_tile(progs)
             us = graph_us(
-                lambda part=part, w=w, progs=progs, d=d: rn._sum_rows_kernel[(triton.cdiv(d, 32),)](
-                    part, w, progs, d, BLOCK_R=64, BLOCK_N=32
-                )
+                lambda part=part, w=w, progs=progs, d=d, br=br, bc=bc: rn._sum_rows_kernel[
+                    (triton.cdiv(d, bc),)
+                ](part, w, progs, d, BLOCK_R=br, BLOCK_N=bc)
             )
             r = dict(d=d, kind="dw_reduce", per_sm=per_sm, us=round(us, 2))
             rows.append(r)
@@ -97,7 +117,9 @@ def main():
         rows.append(dict(d=d, kind="best", best=best, ideal_fwd_us=ideal_fwd, ideal_bwd_us=ideal_bwd))
     rn.TUNE.clear()
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"rmsnorm_sweep_{datetime.date.today().isoformat()}.json")
+    path = os.path.join(
+        args.out, f"rmsnorm_sweep_{datetime.date.today().isoformat()}{'_mixed' if args.mixed else ''}.json"
+    )
     with open(path, "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name(), "copy_gbs": copy_gbs, "rows": rows}, f, indent=1)
 

@@ -94,17 +94,21 @@ def _rms_norm_bwd_kernel(
     dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     start = pid * ROWS_PER_PROGRAM
     # the next tile's loads are issued before this tile's math (by hand: the loop carries them), so each
-    # program keeps two tiles of h and dy in flight instead of waiting on every load
+    # program keeps two tiles of h, dy (and d residual) in flight instead of waiting on every load
     rows = start + tl.arange(0, BLOCK_M)
     mask = (rows < M)[:, None] & col_ok[None, :]
     offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
     h_n = tl.load(H + offs, mask=mask, other=0.0)
     dy_n = tl.load(DY + offs, mask=mask, other=0.0)
     rstd_n = tl.load(RSTD + rows, mask=rows < M, other=0.0)
+    if HAS_DRES:
+        dres_n = tl.load(DRES + offs, mask=mask, other=0.0)
     for i in range(0, ROWS_PER_PROGRAM, BLOCK_M):
         h = h_n.to(tl.float32)
         dy = dy_n.to(tl.float32)
         rstd = rstd_n
+        if HAS_DRES:
+            dres = dres_n.to(tl.float32)
         cur_offs = offs
         cur_mask = mask
         rows = start + i + BLOCK_M + tl.arange(0, BLOCK_M)
@@ -114,12 +118,14 @@ def _rms_norm_bwd_kernel(
         h_n = tl.load(H + offs, mask=mask, other=0.0)
         dy_n = tl.load(DY + offs, mask=mask, other=0.0)
         rstd_n = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        if HAS_DRES:
+            dres_n = tl.load(DRES + offs, mask=mask, other=0.0)
         xhat = h * rstd[:, None]
         wdy = dy * w[None, :]
         c = tl.sum(xhat * wdy, axis=1) / N
         dx = (wdy - xhat * c[:, None]) * rstd[:, None]
         if HAS_DRES:
-            dx += tl.load(DRES + cur_offs, mask=cur_mask, other=0.0).to(tl.float32)
+            dx += dres
         tl.store(DX + cur_offs, dx.to(DX.dtype.element_ty), mask=cur_mask)
         if HAS_DXL:  # the same gradient in the lower dtype of a mixed-dtype add (x or residual)
             tl.store(DXL + cur_offs, dx.to(DXL.dtype.element_ty), mask=cur_mask)
