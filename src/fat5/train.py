@@ -266,6 +266,13 @@ def _real_tokens(b: dict) -> torch.Tensor:
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
+    # from pageable memory a host-to-device copy first waits for the stream to drain (a host sync every
+    # step); staged through pinned memory it is asynchronous
+    if device.type == "cuda":
+        return {
+            k: (v.pin_memory() if v.device.type == "cpu" else v).to(device, non_blocking=True)
+            for k, v in batch.items()
+        }
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
@@ -485,7 +492,8 @@ class Trainer:
         tokens = sum(_real_tokens(b) for b in micro)
         red = D.all_reduce_sum(
             torch.stack(
-                [loss_sum, tokens.float(), torch.tensor(float(self._stop_requested), device=self.device)]
+                # torch.full fills on the device; torch.tensor(x, device=cuda) would copy from the host (a sync)
+                [loss_sum, tokens.float(), torch.full((), float(self._stop_requested), device=self.device)]
             )
         )
         loss_g = red[0] / global_count

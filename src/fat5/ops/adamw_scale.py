@@ -137,9 +137,12 @@ def adamw_scale_update_(
     device = params[0].device
     prog_t, prog_b, numel_t, inv_sqrt_numel = _tables(device, tuple(p.numel() for p in params), tuple(numels))
     cols = (params, grads, exp_avgs, exp_avg_sqs, comps if comps is not None else params, steps)
-    ptrs = torch.tensor([t.data_ptr() for col in cols for t in col], dtype=torch.int64).to(
-        device, non_blocking=True
-    )
+    ptrs = torch.tensor([t.data_ptr() for col in cols for t in col], dtype=torch.int64)
+    if (
+        device.type == "cuda"
+    ):  # pinned: the copy is asynchronous (from pageable memory it waits for the stream)
+        ptrs = ptrs.pin_memory()
+    ptrs = ptrs.to(device, non_blocking=True)
     _adamw_scale_kernel[(prog_t.numel(),)](
         ptrs, prog_t, prog_b, numel_t, inv_sqrt_numel, torch.stack(norms).float(), skip, len(params), lr, beta1,
         beta2, log2_b1, log2_b2, eps, weight_decay, scale_floor, DT=_DTYPES[dt], GDT=_DTYPES[gdt],
