@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from fat5 import FAT5Config, FAT5ForConditionalGeneration
-from fat5.optim import AdamWScale, build_optimizer, build_scheduler, schedule_factor
+from fat5.optim import (
+    AdamWScale,
+    build_optimizer,
+    build_scheduler,
+    optimizer_step,
+    schedule_factor,
+    skip_step_on_device,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -214,3 +221,20 @@ def test_schedules():
     assert opt.param_groups[0]["lr"] == pytest.approx(2.0)
     with pytest.raises(ValueError, match="valid choices: cosine, inverse_sqrt, wsd, constant"):
         build_scheduler(opt, "linear", 100)
+
+
+def test_optimizer_step_skips_fused_adamw_on_the_device_flag():
+    # torch's fused AdamW reads found_inf (what optimizer_step sets): a skipped step changes nothing
+    p = torch.nn.Parameter(torch.randn(8, 3))
+    opt = torch.optim.AdamW([p], lr=1e-2, fused=True)
+    assert skip_step_on_device(opt)
+    p.grad = torch.randn_like(p)
+    optimizer_step(opt, torch.tensor(False))
+    before, step = p.detach().clone(), float(opt.state[p]["step"])
+    p.grad = torch.full_like(p, float("nan"))
+    optimizer_step(opt, torch.tensor(True))
+    assert torch.equal(p.detach(), before) and float(opt.state[p]["step"]) == step == 1.0
+    assert not hasattr(opt, "found_inf")
+    p.grad = torch.randn_like(p)
+    optimizer_step(opt, torch.tensor(False))
+    assert not torch.equal(p.detach(), before) and float(opt.state[p]["step"]) == 2.0

@@ -186,8 +186,9 @@ def test_failed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
         assert torch.equal(v, saved[k]), k
 
 
-def test_non_finite_steps_are_skipped_then_stop(tmp_path):
-    tr = make_trainer(tmp_path, ["train.max_steps=10", "train.max_bad_steps=3"])
+@pytest.mark.parametrize("optim", ["adamwscale", "adamw", "adafactor"])
+def test_non_finite_steps_are_skipped_then_stop(tmp_path, optim):
+    tr = make_trainer(tmp_path, ["train.max_steps=10", "train.max_bad_steps=3", f"optim.name={optim}"])
     with torch.no_grad():
         tr.model.shared.weight[5] = float("nan")
     before = tr.model.encoder.final_norm.weight.detach().clone()
