@@ -224,10 +224,15 @@ class AdamWScale(torch.optim.Optimizer):
         torch._foreach_add_(comps, prev)
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
+_DTENSOR: list = []  # torch.distributed.tensor.DTensor, imported once (this runs for every tensor, every step)
 
-    return isinstance(t, DTensor)
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    if not _DTENSOR:
+        from torch.distributed.tensor import DTensor
+
+        _DTENSOR.append(DTensor)
+    return isinstance(t, _DTENSOR[0])
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
