@@ -127,6 +127,14 @@ def bench_act(tokens: int, width: int, results, graph: bool):
     return rows
 
 
+def _timed_row(step, row: dict, graph: bool) -> dict:
+    step()  # compile / warm up outside the timed region
+    row["ms"] = median_ms(step, graph=False)
+    row["graph_ms"] = median_ms(step, graph=True) if graph else None
+    print(f"{row['op']} {row['variant']}: {row['ms']} ms launched, {row['graph_ms']} ms graph")
+    return row
+
+
 def bench_model_cases(tokens: int, d: int, d_ff: int, results, graph: bool):
     """The two ops as the model calls them under bf16 autocast, against what it did before:
     - RMSNorm adding a bf16 layer output onto the fp32 residual stream, normed output for the next GEMM in
@@ -152,12 +160,8 @@ def bench_model_cases(tokens: int, d: int, d_ff: int, results, graph: bool):
     }
     for name, fn in variants.items():
         step = fwd_bwd(lambda x, w, r, fn=fn: fn(x, w, 1e-6, r), (x, w, r), (dy, dh))
-        step()
         row = dict(op="rms_norm_mixed", d=d, tokens=tokens, variant=name, bytes=nbytes)
-        row["ms"] = median_ms(step, graph=False)
-        row["graph_ms"] = median_ms(step, graph=True) if graph else None
-        rows.append(row)
-        print(f"rms_norm bf16 onto fp32 d={d} {name}: {row['ms']} ms launched, {row['graph_ms']} ms graph")
+        rows.append(_timed_row(step, row, graph))
     del x, r, w, dy, dh
     gu = torch.randn(tokens, 2 * d_ff, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = torch.randn(tokens, d_ff, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -170,13 +174,8 @@ def bench_model_cases(tokens: int, d: int, d_ff: int, results, graph: bool):
         "compile packed": ((gu,), compiled(lambda gu: gated_act_packed_ref(gu, "gelu_tanh"))),
     }
     for name, (inputs, fn) in cases.items():
-        step = fwd_bwd(fn, inputs, do)
-        step()
         row = dict(op="gated_act_packed", tokens=tokens, width=d_ff, variant=name, bytes=nbytes)
-        row["ms"] = median_ms(step, graph=False)
-        row["graph_ms"] = median_ms(step, graph=True) if graph else None
-        rows.append(row)
-        print(f"gated_act {name}: {row['ms']} ms launched, {row['graph_ms']} ms graph")
+        rows.append(_timed_row(fwd_bwd(fn, inputs, do), row, graph))
     results["model_cases"] = rows
     return rows
 
@@ -223,6 +222,15 @@ def fmt(v, spec=".3f"):
     return "n/a" if v is None else format(v, spec)
 
 
+def _bw_cells(r, copy_bw) -> str:
+    """launched ms | GB/s | % copy | graph ms | GB/s | % copy, for one row."""
+    bw, gbw = gbps(r, "ms"), gbps(r, "graph_ms")
+    return (
+        f"{fmt(r['ms'], '.4f')} | {fmt(bw, '.0f')} | {fmt(bw and 100 * bw / copy_bw, '.0f')} | "
+        f"{fmt(r.get('graph_ms'), '.4f')} | {fmt(gbw, '.0f')} | {fmt(gbw and 100 * gbw / copy_bw, '.0f')}"
+    )
+
+
 def report(results, env) -> str:
     copy_bw = results["copy_gbps"]
     out = [f"# Kernel benchmarks, {env['date']}", ""]
@@ -246,12 +254,7 @@ def report(results, env) -> str:
     ]
     by = {(r["d"], r["variant"]): r for r in results["rms_norm"]}
     for r in results["rms_norm"]:
-        bw, gbw = gbps(r, "ms"), gbps(r, "graph_ms")
-        out.append(
-            f"| {r['tokens']} x {r['d']} | {r['variant']} | {fmt(r['ms'], '.4f')} | {fmt(bw, '.0f')} | "
-            f"{fmt(bw and 100 * bw / copy_bw, '.0f')} | {fmt(r.get('graph_ms'), '.4f')} | {fmt(gbw, '.0f')} | "
-            f"{fmt(gbw and 100 * gbw / copy_bw, '.0f')} |"
-        )
+        out.append(f"| {r['tokens']} x {r['d']} | {r['variant']} | {_bw_cells(r, copy_bw)} |")
     out.append("")
     for d in sorted({r["d"] for r in results["rms_norm"]}):
         t, c = by[(d, "triton")], by[(d, "compile")]
@@ -312,12 +315,7 @@ def report(results, env) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results["gated_act"]:
-        bw, gbw = gbps(r, "ms"), gbps(r, "graph_ms")
-        out.append(
-            f"| {r['tokens']} x {r['width']} | {r['variant']} | {fmt(r['ms'], '.4f')} | {fmt(bw, '.0f')} | "
-            f"{fmt(bw and 100 * bw / copy_bw, '.0f')} | {fmt(r.get('graph_ms'), '.4f')} | {fmt(gbw, '.0f')} | "
-            f"{fmt(gbw and 100 * gbw / copy_bw, '.0f')} |"
-        )
+        out.append(f"| {r['tokens']} x {r['width']} | {r['variant']} | {_bw_cells(r, copy_bw)} |")
         if r["variant"] == "triton":
             for key, label in (("ms", "launched"), ("graph_ms", "graph")):
                 bw = gbps(r, key)
@@ -341,13 +339,8 @@ def report(results, env) -> str:
             "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in results["model_cases"]:
-            bw, gbw = gbps(r, "ms"), gbps(r, "graph_ms")
             shape = f"{r['tokens']} x {r.get('d', r.get('width'))}"
-            out.append(
-                f"| {r['op']} | {shape} | {r['variant']} | {fmt(r['ms'], '.4f')} | {fmt(bw, '.0f')} | "
-                f"{fmt(bw and 100 * bw / copy_bw, '.0f')} | {fmt(r.get('graph_ms'), '.4f')} | "
-                f"{fmt(gbw, '.0f')} | {fmt(gbw and 100 * gbw / copy_bw, '.0f')} |"
-            )
+            out.append(f"| {r['op']} | {shape} | {r['variant']} | {_bw_cells(r, copy_bw)} |")
     out += ["", "## Targets", "", "| target | met | measured |", "|---|---|---|"]
     out += [f"| {name} | {'yes' if ok else 'NO'} | {val} |" for name, ok, val in checks]
     return "\n".join(out) + "\n"

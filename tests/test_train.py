@@ -186,9 +186,8 @@ def test_failed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
         assert torch.equal(v, saved[k]), k
 
 
-@pytest.mark.parametrize("optim", ["adamwscale", "adamw", "adafactor"])
-def test_non_finite_steps_are_skipped_then_stop(tmp_path, optim):
-    tr = make_trainer(tmp_path, ["train.max_steps=10", "train.max_bad_steps=3", f"optim.name={optim}"])
+def _diverge_with_nan_weights(tr):
+    """A NaN embedding row: every step is non-finite; fit stops after 3 with no update applied."""
     with torch.no_grad():
         tr.model.shared.weight[5] = float("nan")
     before = tr.model.encoder.final_norm.weight.detach().clone()
@@ -198,6 +197,12 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, optim):
     ):
         tr.fit()
     assert torch.equal(tr.model.encoder.final_norm.weight, before)  # no update was applied
+
+
+@pytest.mark.parametrize("optim", ["adamwscale", "adamw", "adafactor"])
+def test_non_finite_steps_are_skipped_then_stop(tmp_path, optim):
+    tr = make_trainer(tmp_path, ["train.max_steps=10", "train.max_bad_steps=3", f"optim.name={optim}"])
+    _diverge_with_nan_weights(tr)
 
 
 def test_step_stats_are_read_only_at_logging_steps(tmp_path, monkeypatch):
@@ -214,15 +219,7 @@ def test_step_stats_are_read_only_at_logging_steps(tmp_path, monkeypatch):
 @pytest.mark.gpu
 def test_non_finite_steps_are_skipped_on_the_device_gpu(tmp_path):
     tr = make_trainer(tmp_path, ["train.max_steps=10", "train.max_bad_steps=3", "train.device=cuda"])
-    with torch.no_grad():
-        tr.model.shared.weight[5] = float("nan")
-    before = tr.model.encoder.final_norm.weight.detach().clone()
-    with (
-        pytest.warns(UserWarning, match="non-finite"),
-        pytest.raises(TrainingDiverged, match="3 steps in a row"),
-    ):
-        tr.fit()
-    assert torch.equal(tr.model.encoder.final_norm.weight, before)
+    _diverge_with_nan_weights(tr)
     assert skip_step_on_device(tr.optimizer)  # the kernel path decided it (state exists, grads were set)
     assert all(float(s["step"]) == 0 for s in tr.optimizer.state.values())
 
