@@ -224,6 +224,24 @@ def test_non_finite_steps_are_skipped_on_the_device_gpu(tmp_path):
     assert all(float(s["step"]) == 0 for s in tr.optimizer.state.values())
 
 
+@pytest.mark.gpu
+def test_training_step_never_syncs_the_host_gpu(tmp_path):
+    # after the first steps (state creation), a step issues no synchronising CUDA call: torch raises on one
+    tr = make_trainer(tmp_path, ["train.max_steps=10", "train.device=cuda"])
+    it = iter(tr.train_source)
+    for _ in range(2):
+        tr.train_step(tr._micro_batches(it))
+    batches = [tr._micro_batches(it) for _ in range(3)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats = [tr.train_step(micro) for micro in batches]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    rows = tr._drain([(tr.step - 2 + i, s) for i, s in enumerate(stats)])
+    assert all(r[3] == 1.0 for r in rows)  # applied
+
+
 def test_rouge_l():
     assert rouge_l("a b c d", "a b c d") == 1.0
     assert rouge_l("a x c", "a b c") == pytest.approx(2 / 3)
