@@ -9,6 +9,7 @@ mkdir -p "$out"
 python3 -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests.log" | tail -3
 if [ "${1:-}" = quick ]; then
   python3 benchmarks/attention_profile.py --cells table --out "$out"   # default variant, kernels and host time
+  python3 benchmarks/rmsnorm_sweep.py --mixed --widths 768 --kinds fwd,bwd,reduce --out "$out"  # the model's case
   python3 benchmarks/bench_model.py --impls fat5-trainer,fat5-graph,hf --shapes 0,3 --steps 5 --profile \
     --out "$out" --tag=_quick
 else
