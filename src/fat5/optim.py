@@ -11,9 +11,10 @@ then move by the same *relative* amount, which lets T5 train with Adam at LR ~1e
 (the RMS is that of the parameter before the step; eps is added to the bias-corrected sqrt(v), torch's
 convention; weight decay is decoupled and not RMS-scaled, as in nanoT5). On CPU everything runs as
 ``torch._foreach_*`` ops over all tensors of one device and dtype (the step count and the LR are host
-numbers). On CUDA each tensor's update is one fused Triton kernel (``ops/adamw_scale.py``: one read and one
-write of each state instead of a dozen foreach passes) with the step count on the device; ``step(skip_if=t)``
-then drops a step (non-finite gradients) on the device too, so the training step never syncs the GPU.
+numbers). On CUDA the update of all tensors of one dtype is one fused Triton launch (``ops/adamw_scale.py``:
+one read and one write of each state instead of a dozen foreach passes) with the step counts on the device;
+``step(skip_if=t)`` then drops a step (non-finite gradients) on the device too, so the training step never
+syncs the GPU.
 
 Precision modes, chosen by the dtype of the parameters handed in:
 
@@ -63,8 +64,8 @@ class AdamWScale(torch.optim.Optimizer):
         scale_floor: float = 1e-3,
         kernel: bool | None = None,
     ):
-        """``kernel``: update each tensor with the fused Triton kernel (``ops/adamw_scale.py``) instead of the
-        foreach ops; default: on CUDA parameters."""
+        """``kernel``: update the tensors with the fused Triton kernel (``ops/adamw_scale.py``, one launch per
+        dtype) instead of the foreach ops; default: on CUDA parameters."""
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -251,7 +252,7 @@ def build_optimizer(
     """``adamwscale`` (default for T5), ``adamw`` (torch, fused on CUDA) or ``adafactor`` (torch).
 
     A step can be dropped on the device: ``AdamWScale.step(skip_if=t)``; torch's fused AdamW reads the
-    ``found_inf`` attribute (``skip_step_on_device`` sets either)."""
+    ``found_inf`` attribute (``optimizer_step`` uses either; ``skip_step_on_device`` says whether it can)."""
     params = list(params)
     if name == "adamwscale":
         return AdamWScale(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, kahan=kahan)
@@ -315,12 +316,7 @@ def build_scheduler(
 def skip_step_on_device(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer`` can drop a step from a device flag without the host reading it."""
     if isinstance(optimizer, AdamWScale):
-        return all(
-            optimizer._use_kernel(p)
-            for g in optimizer.param_groups
-            for p in g["params"]
-            if p.grad is not None
-        )
+        return all(optimizer._use_kernel(p) for g in optimizer.param_groups for p in g["params"])
     return isinstance(optimizer, torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
 
 

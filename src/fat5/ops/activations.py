@@ -41,7 +41,8 @@ def gated_act_ref(gate: torch.Tensor, up: torch.Tensor | None, act: str) -> torc
 # Triton kernels: one fused elementwise pass forward (act(g) * u) and one backward (dgate, dup), fp32 math,
 # one rounding to the output dtype (the reference rounds twice in low precision: after act and after the
 # product). gelu_tanh uses 0.5 * (1 + tanh(y)) == sigmoid(2y), which needs no tanh and is stable at +-inf.
-# Limits: inputs are flattened, so non-contiguous gate/up (e.g. chunks of a fused projection) are copied first.
+# Tiles are (rows, columns) with the inputs' row stride, which the packed op below uses for the two halves of one
+# projection. Limits: the separate-tensor op copies non-contiguous gate/up first.
 # --------------------------------------------------------------------------------------------------------------
 
 # globals read inside @triton.jit must be constexpr (the CPU interpreter accepts plain floats, the compiler not)

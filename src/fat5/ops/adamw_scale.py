@@ -3,7 +3,8 @@ as a multi-tensor apply): a single read of p, g, m, v (and the Kahan buffer) and
 per element, in fp32 math, with the skip decision read on the device.
 
 The foreach implementation in ``optim.py`` is the specification; this kernel computes the same formulas
-(see its docstring) with one rounding per stored value instead of one per foreach op, and it needs no host
+(see its docstring) with one rounding per stored value instead of one per foreach op (and eps added in fp32,
+where the foreach path raises it to fp16's smallest subnormal for fp16 tensors), and it needs no host
 value: the step count, the parameter's norm and the skip flag are device tensors. A set skip flag leaves
 every value unchanged, the step count included (the caller increments the count by ``1 - skip`` first),
 so a non-finite step can be dropped without the host reading anything.
@@ -21,8 +22,6 @@ import triton
 import triton.language as tl
 
 _BLOCK = 4096
-
-
 _DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -138,9 +137,8 @@ def adamw_scale_update_(
     prog_t, prog_b, numel_t, inv_sqrt_numel = _tables(device, tuple(p.numel() for p in params), tuple(numels))
     cols = (params, grads, exp_avgs, exp_avg_sqs, comps if comps is not None else params, steps)
     ptrs = torch.tensor([t.data_ptr() for col in cols for t in col], dtype=torch.int64)
-    if (
-        device.type == "cuda"
-    ):  # pinned: the copy is asynchronous (from pageable memory it waits for the stream)
+    # pinned, the copy is asynchronous (from pageable memory it would wait for the stream)
+    if device.type == "cuda":
         ptrs = ptrs.pin_memory()
     ptrs = ptrs.to(device, non_blocking=True)
     _adamw_scale_kernel[(prog_t.numel(),)](
