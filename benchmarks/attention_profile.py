@@ -27,11 +27,12 @@ from fat5.ops import attention_triton as at  # noqa: E402
 H, BUCKETS, MAXDIST, TOKENS = 12, 32, 128, 32768
 
 
-def inputs(length, d, seed=0):
-    b = max(TOKENS // length, 1)
+def inputs(length, d, seed=0, batch=None, kv_length=None):
+    b = batch or max(TOKENS // length, 1)
     g = torch.Generator(device="cuda").manual_seed(seed)
-    mk = lambda: torch.randn(b, H, length, d, device="cuda", dtype=torch.bfloat16, generator=g)
-    q, k, v = (mk().requires_grad_(True) for _ in range(3))
+    mk = lambda n: torch.randn(b, H, n, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    q = mk(length).requires_grad_(True)
+    k, v = (mk(kv_length or length).requires_grad_(True) for _ in range(2))
     with torch.no_grad():
         q.mul_(0.1)
     table = (torch.randn(BUCKETS, H, device="cuda", generator=g) * 0.5).requires_grad_(True)
@@ -40,7 +41,7 @@ def inputs(length, d, seed=0):
 
 def run_ours(q, k, v, table, causal, bias, seg):
     kw = {}
-    if bias == "t5":
+    if bias in ("t5", "t5-nograd"):
         kw = dict(rel_table=table, rel_bidirectional=not causal, rel_max_distance=MAXDIST)
     return at.flash_attention(q, k, v, causal=causal, q_segment_ids=seg, kv_segment_ids=seg, **kw)
 
@@ -95,9 +96,10 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument(
         "--cells",
-        choices=("all", "table"),
+        choices=("all", "table", "model"),
         default="all",
-        help="table: only the default variant's rows and SDPA",
+        help="table: only the default variant's rows and SDPA; model: the three attentions of T5 v1.1 base at "
+        "512/114, batch 64 (encoder self, decoder self, cross), the T5 table's gradient on and off",
     )
     args = ap.parse_args()
     cells = [
@@ -121,10 +123,31 @@ def main():
             ("ours", 64, 1024, True, "t5", None, "table"),
             ("ours", 64, 4096, False, "t5", "packed", "table"),
         ]
+    if args.cells == "model":  # (impl, d, L, causal, bias, seg, variant, batch, kv length)
+        cells = [
+            ("sdpa", 64, 512, False, "none", None, "table", 64, 512),
+            ("ours", 64, 512, False, "none", None, "table", 64, 512),
+            ("ours", 64, 512, False, "t5", None, "table", 64, 512),
+            ("ours", 64, 512, False, "t5-nograd", None, "table", 64, 512),
+            ("ours", 64, 512, False, "t5", None, "table1", 64, 512),
+            ("ours", 64, 512, False, "t5-nograd", None, "table1", 64, 512),
+            ("sdpa", 64, 114, True, "none", None, "table", 64, 114),
+            ("ours", 64, 114, True, "t5", None, "table", 64, 114),
+            ("ours", 64, 114, True, "t5", None, "table1", 64, 114),
+            ("ours", 64, 1024, False, "t5", None, "table", 32, 1024),
+            ("ours", 64, 1024, False, "t5", None, "table1", 32, 1024),
+            ("sdpa", 64, 114, False, "none", None, "table", 64, 512),
+            ("ours", 64, 114, False, "none", None, "table", 64, 512),
+        ]
+    cells = [c if len(c) == 9 else (*c, None, None) for c in cells]
     results = []
-    for impl, d, length, causal, bias, seg_kind, variant in cells:
-        at.set_variant(variant)
-        q, k, v, table = inputs(length, d)
+    for impl, d, length, causal, bias, seg_kind, variant, batch, kv_length in cells:
+        # "table1": the table variant with every kernel in its one-loop short-sequence mode (at.ONE_LOOP)
+        at.set_variant("table" if variant == "table1" else variant)
+        at.ONE_LOOP.update(dict.fromkeys(at.ONE_LOOP, 1 << 30 if variant == "table1" else 0))
+        q, k, v, table = inputs(length, d, batch=batch, kv_length=kv_length)
+        if bias == "t5-nograd":
+            table.requires_grad_(False)
         seg = None
         if seg_kind == "packed":
             cuts = torch.tensor([277, 1459, 2057, 2185, 2237, 2626, 3566])
@@ -133,19 +156,21 @@ def main():
         fn = run_ours if impl == "ours" else run_sdpa
         a = (q, k, v, table, causal, bias, seg)
         grad = torch.randn_like(q)
-        flops = 4 * q.shape[0] * H * length * length * d / (2 if causal else 1)
+        flops = 4 * q.shape[0] * H * length * k.shape[2] * d / (2 if causal else 1)
         fwd = triton.testing.do_bench(lambda: fn(*a), warmup=10, rep=40, return_mode="median")  # noqa: B023
         fb = triton.testing.do_bench(
             lambda: fn(*a).backward(grad),  # noqa: B023
             warmup=10,
             rep=40,
-            grad_to_none=[q, k, v, table],
+            grad_to_none=[q, k, v] + ([table] if table.requires_grad else []),
             return_mode="median",
         )
         row = {
             "impl": impl,
             "d": d,
             "L": length,
+            "N": k.shape[2],
+            "B": q.shape[0],
             "causal": causal,
             "bias": bias,
             "seg": seg_kind,

@@ -224,6 +224,17 @@ def test_matches_reference(name, dtype, variant):
     _check(CASES[name], dtype, DEV)
 
 
+@pytest.mark.parametrize("name", T5_CASES)
+def test_table_one_loop(name, monkeypatch):
+    """Short-sequence mode of the table variant (at.ONE_LOOP): one loop over every tile with the table bias and
+    the skewed table gradient, far tiles included, against the float64 reference."""
+    if DEV == "cuda":
+        pytest.skip("interpreter-sized case; test_table_one_loop_gpu_bf16 covers CUDA")
+    monkeypatch.setattr(at, "_VARIANT", "table")
+    monkeypatch.setattr(at, "ONE_LOOP", dict.fromkeys(("fwd", "dkv", "dq"), 1 << 30))
+    _check(CASES[name], torch.float32, DEV)
+
+
 @pytest.mark.parametrize("name", [n for n in T5_CASES if "near_far" in n] + ["segments_causal_t5"])
 def test_variants_agree(name, monkeypatch):
     """The split loops compute the same function with narrower near-diagonal tiles: equal to fp32 rounding."""
@@ -383,6 +394,14 @@ GPU_CASES = {
 def test_matches_reference_gpu_bf16(name, variant):
     if variant != "branch" and GPU_CASES[name].get("bias") != "t5":
         pytest.skip("the variants differ only with a T5 bias")
+    _check(GPU_CASES[name], torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", [n for n, c in GPU_CASES.items() if c.get("bias") == "t5"])
+def test_table_one_loop_gpu_bf16(name, monkeypatch):
+    monkeypatch.setattr(at, "_VARIANT", "table")
+    monkeypatch.setattr(at, "ONE_LOOP", dict.fromkeys(("fwd", "dkv", "dq"), 1 << 30))
     _check(GPU_CASES[name], torch.bfloat16, "cuda")
 
 

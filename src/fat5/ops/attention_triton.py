@@ -140,6 +140,12 @@ assert (
 NEAR = dict.fromkeys(("fwd", "dkv", "dq"), 16 if _INTERPRET else 32)
 
 # debug aid for tests: fill outputs with NaN before the kernels write them, so an unwritten element shows
+# "table" variant, short sequences: a kernel whose launch has max(M, N) <= ONE_LOOP[kernel] runs one loop over
+# every tile with the Toeplitz-table bias and the skewed table gradient (exact on any tile, as the table
+# saturates), instead of three loops (far / near / far): at short lengths most tiles are near anyway, and
+# three short software-pipelined loops pay three prologues. 0 = never. Read at every launch.
+ONE_LOOP = dict.fromkeys(("fwd", "dkv", "dq"), 0)
+
 _POISON = os.environ.get("FAT5_ATTN_POISON") == "1"
 
 # inner-loop variant for the T5 bias (see the module docstring): "table" (default), "split" or "branch"
@@ -2040,6 +2046,12 @@ class _Args:
         self.ngk = triton.cdiv(n, SEG_G)
         self.m_bucket, self.n_bucket = _pow2(m), _pow2(n)
 
+    def npart_for(self, kernel: str) -> int:
+        """NPART of one kernel's launch: 1 (one loop, table bias on every tile) where ONE_LOOP says so."""
+        if self.npart == 3 and self.near_table and max(self.m, self.n) <= ONE_LOOP[kernel]:
+            return 1
+        return self.npart
+
     def saved(self, dev):
         """What the backward reuses instead of recomputing: the T5 distance vector and the segment ranges
         (fresh empty tensors where absent: a custom op's outputs must not alias anything)."""
@@ -2098,7 +2110,7 @@ def _forward(q, k, v, a: _Args):
         HAS_SEG=a.has_seg,
         QOFF_FROM_PTR=a.qoff_from_ptr,
         DOT_PREC=a.dot_prec,
-        NPART=a.npart,
+        NPART=a.npart_for("fwd"),
         NEAR_TABLE=a.near_table,
         RBW=a.rbw,
         BLOCK_D=a.block_d,
@@ -2179,7 +2191,7 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
         HAS_SEG=a.has_seg,
         QOFF_FROM_PTR=a.qoff_from_ptr,
         DOT_PREC=a.dot_prec,
-        NPART=a.npart,
+        NPART=a.npart_for("dkv"),
         NEAR_TABLE=a.near_table,
         RBW=a.rbw,
         RB=a.rb,
@@ -2233,7 +2245,7 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
         HAS_SEG=a.has_seg,
         QOFF_FROM_PTR=a.qoff_from_ptr,
         DOT_PREC=a.dot_prec,
-        NPART=a.npart,
+        NPART=a.npart_for("dq"),
         NEAR_TABLE=a.near_table,
         RBW=a.rbw,
         BLOCK_D=a.block_d,

@@ -159,18 +159,24 @@ def _tile(n: int) -> tuple[int, int, int]:
     return block_m, block_n, num_warps
 
 
-def _bwd_tile(n: int) -> tuple[int, int, int]:
-    """Backward (BLOCK_M, BLOCK_N, num_warps): the best of the H200 sweep at d = 512, 768, 1024 and 4096
-    (4096-element tiles, 2 programs per SM with the prefetching loop)."""
+def _bwd_tile(n: int, read_bytes: int = 4) -> tuple[int, int, int, int]:
+    """Backward (BLOCK_M, BLOCK_N, num_warps, programs per SM) from the bytes each element reads (h, dy and
+    the residual gradient: 4 for bf16, 10 for the model's bf16 dy with an fp32 residual stream). The H200
+    sweeps (benchmarks/rmsnorm_sweep.py, bf16 at d = 512..4096 and the mixed case at 768) were fastest with
+    tiles reading about 16 KB and about 64 KB in flight per SM (two programs' current and prefetched tiles):
+    bf16 4096-element tiles at 2 programs per SM; mixed 1-row tiles at 4 per SM (92% of copy bandwidth
+    against 82% for the bf16 tile)."""
     block_n = triton.next_power_of_2(n)
-    block_m = max(1, min(8, 4096 // block_n))
-    return block_m, block_n, 4 if block_n <= 512 else 8
+    tile_rows = max(1, 16384 // (block_n * read_bytes))
+    block_m = min(8, 1 << (tile_rows.bit_length() - 1))
+    per_sm = min(8, max(2, triton.next_power_of_2(triton.cdiv(65536, 2 * block_m * block_n * read_bytes))))
+    return block_m, block_n, 4 if block_n <= 512 else 8, per_sm
 
 
 @functools.cache
 def _num_programs(device: torch.device, per_sm: int | None = None) -> int:
     if device.type == "cuda":
-        # 2 per SM with the prefetching loop (best in the sweep); the fp32 partials stay tiny
+        # programs per SM from _bwd_tile (2-4 in the sweeps, with the prefetching loop); the fp32 partials stay tiny
         return (per_sm or 2) * torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # the CPU interpreter runs programs one by one: few and long is fastest
 
@@ -226,8 +232,8 @@ def _rms_norm_bwd_impl(
     m, n = h.shape
     dx = torch.empty_like(h)
     dlow = torch.empty((m, n), dtype=low_dtype, device=h.device) if low_dtype is not None else h.new_empty(0)
-    block_m, block_n, warps = _bwd_tile(n)
-    per_sm = None
+    read_bytes = dy.element_size() + h.element_size() + (dres.element_size() if dres is not None else 0)
+    block_m, block_n, warps, per_sm = _bwd_tile(n, read_bytes)
     if "bwd" in TUNE:
         block_m, warps, per_sm = TUNE["bwd"]
     # Each program's band is a power of two >= BLOCK_M rows: whole tiles, and a compile-time loop count (few
