@@ -103,12 +103,12 @@ def main():
     )
     args = ap.parse_args()
     cells = [
-        ("sdpa", 64, 4096, False, "none", None, "branch"),
-        ("ours", 64, 4096, False, "none", None, "branch"),
-        ("ours", 64, 4096, False, "t5", None, "branch"),
+        ("sdpa", 64, 4096, False, "none", None, "table"),
+        ("ours", 64, 4096, False, "none", None, "table"),
+        ("ours", 64, 4096, False, "t5", None, "table"),
         ("ours", 64, 4096, False, "t5", None, "split"),
-        ("sdpa", 64, 1024, True, "none", None, "branch"),
-        ("ours", 64, 1024, True, "t5", None, "branch"),
+        ("sdpa", 64, 1024, True, "none", None, "table"),
+        ("ours", 64, 1024, True, "t5", None, "table"),
         ("ours", 64, 4096, False, "t5", "packed", "split"),
         ("ours", 64, 4096, False, "t5", None, "split"),  # the same cell again: the run-to-run spread
         ("ours", 64, 4096, False, "t5", None, "table"),
@@ -129,22 +129,16 @@ def main():
             ("ours", 64, 512, False, "none", None, "table", 64, 512),
             ("ours", 64, 512, False, "t5", None, "table", 64, 512),
             ("ours", 64, 512, False, "t5-nograd", None, "table", 64, 512),
-            ("ours", 64, 512, False, "t5", None, "table1", 64, 512),
-            ("ours", 64, 512, False, "t5-nograd", None, "table1", 64, 512),
             ("sdpa", 64, 114, True, "none", None, "table", 64, 114),
             ("ours", 64, 114, True, "t5", None, "table", 64, 114),
-            ("ours", 64, 114, True, "t5", None, "table1", 64, 114),
             ("ours", 64, 1024, False, "t5", None, "table", 32, 1024),
-            ("ours", 64, 1024, False, "t5", None, "table1", 32, 1024),
             ("sdpa", 64, 114, False, "none", None, "table", 64, 512),
             ("ours", 64, 114, False, "none", None, "table", 64, 512),
         ]
     cells = [c if len(c) == 9 else (*c, None, None) for c in cells]
     results = []
     for impl, d, length, causal, bias, seg_kind, variant, batch, kv_length in cells:
-        # "table1": the table variant with every kernel in its one-loop short-sequence mode (at.ONE_LOOP)
-        at.set_variant("table" if variant == "table1" else variant)
-        at.ONE_LOOP.update(dict.fromkeys(at.ONE_LOOP, 1 << 30 if variant == "table1" else 0))
+        at.set_variant(variant)
         q, k, v, table = inputs(length, d, batch=batch, kv_length=kv_length)
         if bias == "t5-nograd":
             table.requires_grad_(False)

@@ -76,9 +76,7 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--head-dims", default="64,128")
     p.add_argument("--kinds", default="t5,none")
-    p.add_argument(
-        "--variants", default="branch,split,table", help="inner-loop variants (they differ only with t5)"
-    )
+    p.add_argument("--variants", default="split,table", help="inner-loop variants (they differ only with t5)")
     p.add_argument(
         "--segments", default="no,yes", help="compile without and/or with packed-document segment ids"
     )
@@ -97,7 +95,7 @@ def main() -> None:
         A.set_variant(variant)
         for d in map(int, args.head_dims.split(",")):
             for kind in args.kinds.split(","):
-                if variant != "branch" and kind != "t5":
+                if variant != "table" and kind != "t5":
                     continue
                 for causal in (False, True):
                     for seg in args.segments.split(","):

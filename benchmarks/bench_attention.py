@@ -7,7 +7,6 @@ T5 buckets 32 / max distance 128. Methods:
   flex        torch.compile(flex_attention), score_mod gathering a 1-D per-distance table (block mask if causal)
   ours        fat5.ops.attention_triton.flash_attention(rel_table=...), default ("table") inner loops
   ours_split  the same with the "split" inner loops (near-diagonal tiles gathered per element)
-  ours_branch the same with the "branch" inner loops (attention_triton.set_variant("branch"))
 TFLOP/s: forward 4*B*H*L*L*D (halved if causal), forward+backward 3.5x that; median of triton.testing.do_bench.
 Memory: peak allocated during one forward+backward minus what was allocated before (inputs excluded).
 Packed row: 8 documents totalling L=4096 (segment ids) vs one document of 4096, our kernel (each variant).
@@ -100,11 +99,6 @@ def fn_ours(q, k, v, table, causal, seg=None, **_):
     return _ours(q, k, v, table, causal, seg)
 
 
-def fn_ours_branch(q, k, v, table, causal, seg=None, **_):
-    set_variant("branch")
-    return _ours(q, k, v, table, causal, seg)
-
-
 def fn_ours_split(q, k, v, table, causal, seg=None, **_):
     set_variant("split")
     return _ours(q, k, v, table, causal, seg)
@@ -129,10 +123,9 @@ METHODS = {
     "sdpa_bias": fn_sdpa_bias,
     "flex": fn_flex,
     "ours": fn_ours,
-    "ours_branch": fn_ours_branch,
     "ours_split": fn_ours_split,
 }
-OURS = ("ours", "ours_branch", "ours_split")
+OURS = ("ours", "ours_split")
 # --quick: (head dim, L, causal) rows that show the gaps of the 2026-11-29 report, plus the packed row
 QUICK_CELLS = [(64, 512, False), (64, 1024, False), (64, 1024, True), (64, 4096, False), (64, 4096, True)]
 QUICK_METHODS = "sdpa,ours,ours_split"

@@ -5,10 +5,10 @@ Rule (DESIGN.md): the kernel's max error against the float64 reference on the sa
 dtype, plus a small floor relative to the reference's magnitude (float32 errors are near rounding).
 On CPU the kernels run in the Triton interpreter (tiny shapes, float32/float16); ``gpu`` tests run bf16 on
 CUDA at larger shapes. Outputs are poisoned with NaN before the kernels write them.
-The inner-loop variants ("branch", "split", "table": ``at.set_variant``) are all checked. They differ only for
-the T5 bias, so "split" and "table" run the T5 cases, including ones with a small max distance W where tiles lie
-wholly below -W, near the diagonal and wholly beyond +W. "split" walks near-diagonal tiles 16 keys (or queries)
-at a time and "table" reads them from a Toeplitz table, so both match "branch" to float32 rounding.
+The inner-loop variants ("split", "table": ``at.set_variant``) are both checked. They differ only for the T5
+bias, so "split" runs only the T5 cases, including ones with a small max distance W where tiles lie wholly
+below -W, near the diagonal and wholly beyond +W. "split" walks near-diagonal tiles 16 keys (or queries) at a
+time and "table" reads them from a Toeplitz table; they match to float32 rounding.
 """
 
 from __future__ import annotations
@@ -219,20 +219,9 @@ T5_CASES = [name for name, case in CASES.items() if case.get("bias") == "t5"]
 def test_matches_reference(name, dtype, variant):
     if DEV == "cuda":
         pytest.skip("interpreter-sized case; the gpu tests cover CUDA")
-    if variant != "branch" and name not in T5_CASES:
+    if variant != "table" and name not in T5_CASES:
         pytest.skip("the variants differ only with a T5 bias")
     _check(CASES[name], dtype, DEV)
-
-
-@pytest.mark.parametrize("name", T5_CASES)
-def test_table_one_loop(name, monkeypatch):
-    """Short-sequence mode of the table variant (at.ONE_LOOP): one loop over every tile with the table bias and
-    the skewed table gradient, far tiles included, against the float64 reference."""
-    if DEV == "cuda":
-        pytest.skip("interpreter-sized case; test_table_one_loop_gpu_bf16 covers CUDA")
-    monkeypatch.setattr(at, "_VARIANT", "table")
-    monkeypatch.setattr(at, "ONE_LOOP", dict.fromkeys(("fwd", "dkv", "dq"), 1 << 30))
-    _check(CASES[name], torch.float32, DEV)
 
 
 @pytest.mark.parametrize("name", [n for n in T5_CASES if "near_far" in n] + ["segments_causal_t5"])
@@ -392,16 +381,8 @@ GPU_CASES = {
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(GPU_CASES))
 def test_matches_reference_gpu_bf16(name, variant):
-    if variant != "branch" and GPU_CASES[name].get("bias") != "t5":
+    if variant != "table" and GPU_CASES[name].get("bias") != "t5":
         pytest.skip("the variants differ only with a T5 bias")
-    _check(GPU_CASES[name], torch.bfloat16, "cuda")
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", [n for n, c in GPU_CASES.items() if c.get("bias") == "t5"])
-def test_table_one_loop_gpu_bf16(name, monkeypatch):
-    monkeypatch.setattr(at, "_VARIANT", "table")
-    monkeypatch.setattr(at, "ONE_LOOP", dict.fromkeys(("fwd", "dkv", "dq"), 1 << 30))
     _check(GPU_CASES[name], torch.bfloat16, "cuda")
 
 

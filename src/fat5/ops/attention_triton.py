@@ -31,9 +31,9 @@ Inner-loop variants for the T5 bias (same function; selected per launch):
   a gathered tile holds one pointer per element in registers, and at full block width the kernels hit the
   255-register limit (the dk/dv kernel spilled 600-750 bytes; sm_90a ptxas). The masked last tiles keep one small loop (forward,
   dq: gathered bias, exact on any tile; dk/dv: per-tile branch).
-  "branch": one loop per key range; each tile decides far-below / near / far-beyond with a branch. Measured
-  slower on the H200 (benchmarks/results/attention_profile_2026-12-02.json): the branch keeps the softmax
-  tiles out of the MMA layout, costing a shared-memory layout conversion of every tile.
+  (A third variant, one loop deciding per tile with a branch, was slower on the H200 and, under some
+  autotuned configs, gave a wrong table gradient for a one-query decode step on the GPU; it was removed.
+  The per-tile branch remains only for the masked last tiles below, at the near-step width.)
   "table" (default): as "split", but a near-diagonal tile's bias is read from a per-head Toeplitz table (rows
   q - ref + W + 128, 128 columns, ref = the tile's first key, or the key block's start in dk/dv) placed before
   the distance vector in the same buffer: contiguous rows, so vector loads with no per-element distance
@@ -41,7 +41,7 @@ Inner-loop variants for the T5 bias (same function; selected per launch):
   gave bitwise the results of "split" at 1.20x its forward and 1.10x its forward+backward (L=4096, H200, equal
   configs: benchmarks/results/attention_variants_2026-12-02.md); its near steps are now 32 wide (``NEAR``).
   Select with ``FAT5_ATTN_VARIANT`` in the environment (read at import) or
-  ``set_variant("table" | "split" | "branch")``; a backward reads the layout its forward saved, whatever the
+  ``set_variant("table" | "split")``; a backward reads the layout its forward saved, whatever the
   variant is by then. Without a T5 bias all variants run the same code.
 
 The forward op also returns (as outputs the backward saves; no gradient) the T5 distance vector and the
@@ -140,23 +140,17 @@ assert (
 NEAR = dict.fromkeys(("fwd", "dkv", "dq"), 16 if _INTERPRET else 32)
 
 # debug aid for tests: fill outputs with NaN before the kernels write them, so an unwritten element shows
-# "table" variant, short sequences: a kernel whose launch has max(M, N) <= ONE_LOOP[kernel] runs one loop over
-# every tile with the Toeplitz-table bias and the skewed table gradient (exact on any tile, as the table
-# saturates), instead of three loops (far / near / far): at short lengths most tiles are near anyway, and
-# three short software-pipelined loops pay three prologues. 0 = never. Read at every launch.
-ONE_LOOP = dict.fromkeys(("fwd", "dkv", "dq"), 0)
-
 _POISON = os.environ.get("FAT5_ATTN_POISON") == "1"
 
-# inner-loop variant for the T5 bias (see the module docstring): "table" (default), "split" or "branch"
-VARIANTS = ("branch", "split", "table")
+# inner-loop variant for the T5 bias (see the module docstring): "table" (default) or "split"
+VARIANTS = ("split", "table")
 _VARIANT = os.environ.get("FAT5_ATTN_VARIANT", "table")
 if _VARIANT not in VARIANTS:
     raise ValueError(f"FAT5_ATTN_VARIANT={_VARIANT!r}: choose one of {VARIANTS}")
 
 
 def set_variant(name: str) -> None:
-    """Select the T5-bias inner loops of the kernels launched from now on: "table", "split" or "branch"."""
+    """Select the T5-bias inner loops of the kernels launched from now on: "table" or "split"."""
     global _VARIANT
     if name not in VARIANTS:
         raise ValueError(f"unknown attention kernel variant {name!r}; choose one of {VARIANTS}")
@@ -186,7 +180,7 @@ def _prune_by_smem(configs, named_args, **kwargs):
 
 
 # --------------------------------------------------------------------------------------------- helpers
-# REL_MODE: which T5 bias a loop adds. TILE decides per tile (the "branch" variant); the "split" variant runs
+# REL_MODE: which T5 bias a loop adds. TILE decides per tile (the masked last tiles); the main loops run
 # separate branch-free loops over the tiles it already knows to be far below -W (LO), near (NEAR) or far
 # beyond +W (HI). NEAR gathers with clamped distances, so it is exact on any tile.
 REL_LO, REL_NEAR, REL_HI, REL_TILE = -1, 0, 1, 2
@@ -2024,7 +2018,7 @@ class _Args:
             self.bias, self.bias_strides = full, full.stride()
         self.rb = _pow2(2 * self.w + 1)
         self.near_table = self.bias_kind == BIAS_REL and self.near_table
-        self.npart = 3 if self.bias_kind == BIAS_REL and (self.near_table or _VARIANT == "split") else 1
+        self.npart = 3 if self.bias_kind == BIAS_REL else 1
         self.kpm, self.kpm_strides = self.dummy, (0, 0)
         if key_padding_mask is not None:
             kpm = key_padding_mask
@@ -2045,12 +2039,6 @@ class _Args:
         self.ngq = triton.cdiv(m, SEG_G)
         self.ngk = triton.cdiv(n, SEG_G)
         self.m_bucket, self.n_bucket = _pow2(m), _pow2(n)
-
-    def npart_for(self, kernel: str) -> int:
-        """NPART of one kernel's launch: 1 (one loop, table bias on every tile) where ONE_LOOP says so."""
-        if self.npart == 3 and self.near_table and max(self.m, self.n) <= ONE_LOOP[kernel]:
-            return 1
-        return self.npart
 
     def saved(self, dev):
         """What the backward reuses instead of recomputing: the T5 distance vector and the segment ranges
@@ -2110,7 +2098,7 @@ def _forward(q, k, v, a: _Args):
         HAS_SEG=a.has_seg,
         QOFF_FROM_PTR=a.qoff_from_ptr,
         DOT_PREC=a.dot_prec,
-        NPART=a.npart_for("fwd"),
+        NPART=a.npart,
         NEAR_TABLE=a.near_table,
         RBW=a.rbw,
         BLOCK_D=a.block_d,
@@ -2191,7 +2179,7 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
         HAS_SEG=a.has_seg,
         QOFF_FROM_PTR=a.qoff_from_ptr,
         DOT_PREC=a.dot_prec,
-        NPART=a.npart_for("dkv"),
+        NPART=a.npart,
         NEAR_TABLE=a.near_table,
         RBW=a.rbw,
         RB=a.rb,
@@ -2245,7 +2233,7 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
         HAS_SEG=a.has_seg,
         QOFF_FROM_PTR=a.qoff_from_ptr,
         DOT_PREC=a.dot_prec,
-        NPART=a.npart_for("dq"),
+        NPART=a.npart,
         NEAR_TABLE=a.near_table,
         RBW=a.rbw,
         BLOCK_D=a.block_d,
