@@ -284,6 +284,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--tag", default="", help="suffix of the report's file name")
     p.add_argument(
+        "--commit",
+        default=None,
+        help="commit of the code that runs, for the report (default: git HEAD, marked when the tree differs)",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="after timing, profile 2 steps per row: device time by part and top kernels to <out>/<day>-model<tag>_profile.jsonl",
@@ -304,15 +309,31 @@ def main(argv: list[str] | None = None) -> None:
             r = run_one(impl, preset, le, ld, b, args.steps, peak, prof_out)
             results.append(r)
             print(json.dumps(asdict(r)), flush=True)
-    write_report(results, peak, Path(args.out), args.tag)
+            # rewritten after every row: a process stopped by a time limit keeps the rows it measured
+            write_report(results, peak, Path(args.out), args.tag, args.commit, quiet=True)
+    write_report(results, peak, Path(args.out), args.tag, args.commit)
 
 
-def write_report(results: list[Result], peak: float, out: Path, tag: str = "") -> None:
+def _head_commit() -> str:
+    """git HEAD, with "+ local changes" when tracked files differ from it (a copied working tree)."""
+    run = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True).stdout.strip()
+    head = run("rev-parse", "--short", "HEAD")
+    if head and run("status", "--porcelain", "--untracked-files=no", "--", "src", "benchmarks"):
+        head += " + local changes"
+    return head
+
+
+def write_report(
+    results: list[Result],
+    peak: float,
+    out: Path,
+    tag: str = "",
+    commit: str | None = None,
+    quiet: bool = False,
+) -> None:
     out.mkdir(parents=True, exist_ok=True)
     day = time.strftime("%Y-%m-%d")
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = commit or _head_commit()
     import transformers
     import triton
 
@@ -337,7 +358,8 @@ def write_report(results: list[Result], peak: float, out: Path, tag: str = "") -
             )
     (out / f"{day}-model{tag}.md").write_text("\n".join(lines) + "\n")
     (out / f"{day}-model{tag}.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
-    print("\n".join(lines))
+    if not quiet:
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":
