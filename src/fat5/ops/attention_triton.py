@@ -1313,7 +1313,9 @@ def _dkv_kernel(
     if REL_GRAD:  # one row per program: reduced on the host in a fixed order (deterministic)
         r = tl.arange(0, RB)
         acc_rel += tl.where(r == 0, s_lo, 0.0) + tl.where(r == 2 * W, s_hi, 0.0)
-        tl.store(DREL + (pid_bh.to(tl.int64) * NKB + pid_n) * sdrel + r, acc_rel)
+        # rows ordered (batch, key block, head), so the host's sum over batch and key blocks is one reduction
+        # over the leading dim of a contiguous (B * NKB, H * RB) buffer
+        tl.store(DREL + ((b * NKB + pid_n) * H + h) * sdrel + r, acc_rel)
 
 
 @triton.jit
@@ -2128,7 +2130,8 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
     )
     rel_grad = need_drel and a.bias_kind == BIAS_REL
     nkb = triton.cdiv(n, min(c.kwargs["BLOCK_N"] for c in _DKV_CONFIGS))
-    # one row per (batch*head, key block): every program writes its row (zeros if it saw no query)
+    # one row per (batch, key block, head): every program writes its row (zeros if it saw no query, and for the
+    # key blocks beyond the launched ones when the chosen BLOCK_N is wider than the smallest)
     drel = torch.zeros((b * h * nkb, a.rb), dtype=torch.float32, device=dev) if rel_grad else a.dummy
     grid_kv = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * h)
     _dkv_kernel[grid_kv](
@@ -2241,7 +2244,7 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
     d_table = torch.empty(0, device=dev)
     if rel_grad:
         # fixed-order reductions: over (batch, key block), then distances -> buckets by a one-hot matmul
-        g = drel.view(b, h, nkb, a.rb)[..., : 2 * a.w + 1].sum(dim=(0, 2))  # (H, 2W+1)
+        g = drel.view(b * nkb, h * a.rb).sum(0).view(h, a.rb)[:, : 2 * a.w + 1]  # (H, 2W+1)
         d_table = (g @ a.onehot).t().to(rel_table.dtype).contiguous()  # (num_buckets, H); onehot (2W+1, nb)
     d_bias = torch.empty(0, device=dev)
     if bias_grad:
