@@ -3,8 +3,9 @@ driver, as in attention_registers.py), so what is timed is the Python work per c
 autograd and torch.library layers, the autotuner and Triton's argument binding, and small torch ops on tiny
 CPU tensors. Compares, in one process and interleaved, eager calls through the custom ops (what every call paid
 before) and through their autograd.Function twins (ops/registration.py), for one flash_attention fwd+bwd and
-one training step (fwd+bwd) of a 12+12-layer model; and the packed-document tile tables built by the torch
-reference (about 60 small ops) against the Triton kernel that replaced it.
+one training step (fwd+bwd) of a 12+12-layer model; the packed-document tile tables built by the torch
+reference (about 60 small ops) against the Triton kernel that replaced it; and one AdamWScale step on its
+kernel path for the 282 tensors of T5 base.
 
     .venv/bin/python benchmarks/host_overhead.py      # on a CPU machine, TRITON_INTERPRET unset
 """
@@ -36,6 +37,7 @@ JITFunction.run = R._compile_only
 import fat5  # noqa: E402
 from fat5.ops import attention_triton as A  # noqa: E402
 from fat5.ops import registration  # noqa: E402
+from fat5.optim import AdamWScale  # noqa: E402
 
 for name in ("_fwd_kernel", "_dq_kernel", "_dkv_kernel"):
     getattr(A, name).configs = getattr(A, name).configs[:1]  # nothing is timed by the autotuner here
@@ -81,6 +83,25 @@ def main():
     fat5.ops.set_backend("triton")
     cfg = fat5.FAT5Config.from_preset("base", vocab_size=256, d_model=64, d_kv=16, d_ff=128, num_heads=4)
     model = fat5.FAT5ForConditionalGeneration(cfg)
+
+    # AdamWScale's kernel path over the 282 tensors of T5 base (tiny widths): the Python work per step, plus
+    # two foreach ops (step counts, parameter norms) that here compute on CPU tensors
+    params = list(model.parameters())
+    opt = AdamWScale(params, lr=1e-3, kernel=True)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    skip = torch.zeros((), dtype=torch.bool)
+    for _ in range(5):
+        opt.step(skip_if=skip)
+    times = []
+    for _ in range(9):
+        t = time.perf_counter()
+        for _ in range(20):
+            opt.step(skip_if=skip)
+        times.append((time.perf_counter() - t) / 20 * 1e3)
+    print(f"AdamWScale kernel-path step, {len(params)} tensors: {statistics.median(times):.2f} ms (median)")
+    for p in params:
+        p.grad = None
     ids, labels = torch.randint(0, 256, (2, 16)), torch.randint(0, 256, (2, 8))
     ops_, twin = ab(lambda: model(input_ids=ids, labels=labels).loss.backward(), reps=7, inner=3)
     print(

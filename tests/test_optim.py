@@ -116,6 +116,43 @@ def test_skip_if_changes_nothing(kernel):
     assert not any(torch.equal(p.detach(), b) for p, b in zip(ps, snap[1]))
 
 
+def test_kernel_address_table_reused_only_while_addresses_hold():
+    """The kernel path keeps the device copy of its address table while no tensor moved (gradients written in
+    place), and rebuilds it when a gradient comes back at a new address; both give the foreach path's values."""
+    from fat5.ops import adamw_scale
+
+    torch.manual_seed(0)
+    shapes = [(6, 4), (9,), (3, 3)]
+    runs = {}
+    for kernel in (False, True):
+        adamw_scale._PTRS.clear()
+        ps = [torch.nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in
+              enumerate(shapes)]  # fmt: skip
+        opt = AdamWScale(ps, lr=1e-2, weight_decay=0.1, kernel=kernel)
+        gen = torch.Generator().manual_seed(5)
+        for p in ps:
+            p.grad = torch.zeros_like(p)
+        tables, kept = [], []
+        for step in range(4):
+            if step == 2:  # new gradient tensors; the old ones stay alive, so the addresses must differ
+                kept = [p.grad for p in ps]
+                for p in ps:
+                    p.grad = torch.zeros_like(p)
+            for p in ps:
+                p.grad.copy_(torch.randn(p.shape, generator=gen))
+            opt.step()
+            if kernel:
+                (entry,) = adamw_scale._PTRS.values()
+                tables.append(entry[1])
+        runs[kernel] = [p.detach().clone() for p in ps]
+        if kernel:
+            assert tables[1] is tables[0] and tables[3] is tables[2]  # in place: the same device table
+            assert tables[2] is not tables[1]  # moved gradients: a new one
+            assert kept
+    for a, b in zip(runs[True], runs[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_kernel_and_foreach_resume_each_other():
     # the kernel keeps step counts on the parameters' device; a checkpoint of either path loads into the other
     torch.manual_seed(0)

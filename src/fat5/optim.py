@@ -80,6 +80,7 @@ class AdamWScale(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self.kernel = kernel
+        self._dtensor: dict = {}  # parameter -> is it a DTensor (looked up once, not per tensor per step)
 
     def _init_state(self, p: torch.Tensor, kahan: bool) -> dict:
         state = self.state[p]
@@ -105,38 +106,47 @@ class AdamWScale(torch.optim.Optimizer):
             # keeps step counts on the device, so its buckets need no step value
             buckets: dict[tuple, list] = defaultdict(list)
             for p in group["params"]:
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError("AdamWScale does not support sparse gradients")
                 state = self._init_state(p, group["kahan"])
-                if self._use_kernel(p):  # one launch per (device, dtype, gradient dtype)
-                    buckets[(p.device, p.dtype, ("kernel", p.grad.dtype), _is_dtensor(p))].append(p)
+                dtensor = self._dtensor.get(p)
+                if dtensor is None:
+                    dtensor = self._dtensor[p] = _is_dtensor(p)
+                if self._use_kernel(p, dtensor):  # one launch per (device, dtype, gradient dtype)
+                    buckets[(p.device, p.dtype, ("kernel", grad.dtype), dtensor)].append(p)
                     continue
                 if skip_if is not None and host_skip is None:
                     host_skip = bool(skip_if)
                 if host_skip:
                     continue
                 state["step"] += 1
-                buckets[(p.device, p.dtype, float(state["step"]), _is_dtensor(p))].append(p)
-            for (_, dtype, step, _), params in buckets.items():
+                buckets[(p.device, p.dtype, float(state["step"]), dtensor)].append(p)
+            for (_, dtype, step, dtensor), params in buckets.items():
                 use_kahan = group["kahan"] and dtype in _LOW_PRECISION
                 if isinstance(step, tuple):
-                    self._update_kernel(group, params, skip_if, use_kahan)
+                    self._update_kernel(group, params, skip_if, use_kahan, dtensor)
                 else:
                     self._update(group, params, step, use_kahan)
         return loss
 
-    def _use_kernel(self, p: torch.Tensor) -> bool:
-        local = _local(p)
+    def _use_kernel(self, p: torch.Tensor, dtensor: bool | None = None) -> bool:
+        dtensor = _is_dtensor(p) if dtensor is None else dtensor
+        local = p.to_local() if dtensor else p
         wanted = self.kernel if self.kernel is not None else local.is_cuda
-        grad_ok = p.grad is None or _local(p.grad).is_contiguous()
+        grad = p.grad
+        grad_ok = grad is None or (grad.to_local() if dtensor else grad).is_contiguous()
         return wanted and local.is_contiguous() and grad_ok
 
-    def _update_kernel(self, group: dict, params: list[torch.Tensor], skip_if, use_kahan: bool) -> None:
+    def _update_kernel(
+        self, group: dict, params: list[torch.Tensor], skip_if, use_kahan: bool, dtensor: bool
+    ) -> None:
         from .ops.adamw_scale import adamw_scale_update_
 
-        device = _local(params[0]).device
+        loc = _local if dtensor else (lambda t: t)
+        device = loc(params[0]).device
         state = [self.state[p] for p in params]
         for s in state:  # step counts live on the device here (a checkpoint may bring them back on the CPU)
             if s["step"].device != device:
@@ -148,18 +158,18 @@ class AdamWScale(torch.optim.Optimizer):
             else skip_if.to(device=device, dtype=torch.int32)
         )
         torch._foreach_add_(steps, (1 - skip).to(torch.float32))
-        locals_ = [_local(p) for p in params]
+        locals_ = [loc(p) for p in params]
         norms = torch._foreach_norm(locals_, 2, dtype=torch.float32)
-        if _is_dtensor(params[0]):
+        if dtensor:
             sq = torch.stack(norms).square()
             torch.distributed.all_reduce(sq, group=params[0].device_mesh.get_group())
             norms = list(sq.sqrt().unbind())
         adamw_scale_update_(
             locals_,
-            [_local(p.grad) for p in params],
-            [_local(s["exp_avg"]) for s in state],
-            [_local(s["exp_avg_sq"]) for s in state],
-            [_local(s["kahan_comp"]) for s in state] if use_kahan else None,
+            [loc(p.grad) for p in params],
+            [loc(s["exp_avg"]) for s in state],
+            [loc(s["exp_avg_sq"]) for s in state],
+            [loc(s["kahan_comp"]) for s in state] if use_kahan else None,
             steps,
             norms,
             [p.numel() for p in params],

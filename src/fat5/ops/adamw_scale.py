@@ -70,6 +70,10 @@ def _adamw_scale_kernel(
 
 
 _TABLES: dict = {}  # (device, numels) -> (PROG_T, PROG_B, NUMEL, INV_SQRT_NUMEL): fixed for a parameter set
+# (device, numels) -> (the host list of addresses, their device copy) of the last launch: where no address
+# changed (the states never move; gradients often come back at the same addresses), the device copy is reused
+# and nothing is copied. It is only read by the kernels, so reusing it while an earlier launch runs is safe.
+_PTRS: dict = {}
 
 
 def _tables(device: torch.device, local_numels: tuple[int, ...], numels: tuple[int, ...]):
@@ -86,6 +90,21 @@ def _tables(device: torch.device, local_numels: tuple[int, ...], numels: tuple[i
             torch.tensor([1.0 / math.sqrt(n) for n in numels], dtype=torch.float32, device=device),
         )
     return _TABLES[key]
+
+
+def _check(params, grads, exp_avgs, exp_avg_sqs, steps, dt, gdt) -> None:
+    for i, p in enumerate(params):
+        for name, t in (("grad", grads[i]), ("exp_avg", exp_avgs[i]), ("exp_avg_sq", exp_avg_sqs[i])):
+            if t.shape != p.shape or not t.is_contiguous():
+                raise ValueError(
+                    f"adamw_scale_update_: {name} must be contiguous and shaped like its parameter"
+                )
+        if not p.is_contiguous() or p.dtype != dt or grads[i].dtype != gdt or exp_avgs[i].dtype != dt:
+            raise ValueError(
+                "adamw_scale_update_: contiguous parameters of one dtype, gradients of one dtype"
+            )
+        if steps[i].dtype != torch.float32:
+            raise ValueError("adamw_scale_update_: step counts must be fp32 tensors")
 
 
 def adamw_scale_update_(
@@ -109,40 +128,36 @@ def adamw_scale_update_(
     device 0-dim tensors, already incremented unless skipped), ``norms`` (the L2 norm of each parameter before
     the step, 0-dim fp32) and ``skip`` (0-dim int32; nonzero = leave everything as it is) live on the
     parameters' device. ``numels``: global sizes, for the RMS (they differ from the local ones for shards)."""
-    keep = [i for i, p in enumerate(params) if p.numel()]
-    if not keep:
-        return
-    params, grads = [params[i] for i in keep], [grads[i] for i in keep]
-    exp_avgs, exp_avg_sqs = [exp_avgs[i] for i in keep], [exp_avg_sqs[i] for i in keep]
-    comps = [comps[i] for i in keep] if comps is not None else None
-    steps, norms, numels = [steps[i] for i in keep], [norms[i] for i in keep], [numels[i] for i in keep]
+    local_numels = tuple(p.numel() for p in params)
+    if 0 in local_numels:
+        keep = [i for i, n in enumerate(local_numels) if n]
+        if not keep:
+            return
+        params, grads = [params[i] for i in keep], [grads[i] for i in keep]
+        exp_avgs, exp_avg_sqs = [exp_avgs[i] for i in keep], [exp_avg_sqs[i] for i in keep]
+        comps = [comps[i] for i in keep] if comps is not None else None
+        steps, norms, numels = [steps[i] for i in keep], [norms[i] for i in keep], [numels[i] for i in keep]
+        local_numels = tuple(local_numels[i] for i in keep)
     dt, gdt = params[0].dtype, grads[0].dtype
-    for i, p in enumerate(params):
-        for name, t in (("grad", grads[i]), ("exp_avg", exp_avgs[i]), ("exp_avg_sq", exp_avg_sqs[i])):
-            if t.shape != p.shape or not t.is_contiguous():
-                raise ValueError(
-                    f"adamw_scale_update_: {name} must be contiguous and shaped like its parameter"
-                )
-        if not p.is_contiguous() or p.dtype != dt or grads[i].dtype != gdt or exp_avgs[i].dtype != dt:
-            raise ValueError(
-                "adamw_scale_update_: contiguous parameters of one dtype, gradients of one dtype"
-            )
-        if steps[i].dtype != torch.float32:
-            raise ValueError("adamw_scale_update_: step counts must be fp32 tensors")
+    device = params[0].device
+    cols = (params, grads, exp_avgs, exp_avg_sqs, comps if comps is not None else params, steps)
+    addrs = [t.data_ptr() for col in cols for t in col]
+    key = (device, dt, gdt, local_numels, tuple(numels))
+    cached = _PTRS.get(key)
+    if cached is None or cached[0] != addrs:
+        _check(params, grads, exp_avgs, exp_avg_sqs, steps, dt, gdt)  # new tensors: check them once
+        ptrs = torch.tensor(addrs, dtype=torch.int64)
+        # pinned, the copy is asynchronous (from pageable memory it would wait for the stream)
+        if device.type == "cuda":
+            ptrs = ptrs.pin_memory()
+        cached = _PTRS[key] = (addrs, ptrs.to(device, non_blocking=True))
     beta1, beta2 = betas
     # log2(0) is -inf: beta = 0 needs no bias correction (1 - 0^t = 1), and exp2(t * -inf) = 0 for t > 0
     log2_b1 = math.log2(beta1) if beta1 > 0 else -math.inf
     log2_b2 = math.log2(beta2) if beta2 > 0 else -math.inf
-    device = params[0].device
-    prog_t, prog_b, numel_t, inv_sqrt_numel = _tables(device, tuple(p.numel() for p in params), tuple(numels))
-    cols = (params, grads, exp_avgs, exp_avg_sqs, comps if comps is not None else params, steps)
-    ptrs = torch.tensor([t.data_ptr() for col in cols for t in col], dtype=torch.int64)
-    # pinned, the copy is asynchronous (from pageable memory it would wait for the stream)
-    if device.type == "cuda":
-        ptrs = ptrs.pin_memory()
-    ptrs = ptrs.to(device, non_blocking=True)
+    prog_t, prog_b, numel_t, inv_sqrt_numel = _tables(device, local_numels, tuple(numels))
     _adamw_scale_kernel[(prog_t.numel(),)](
-        ptrs, prog_t, prog_b, numel_t, inv_sqrt_numel, torch.stack(norms).float(), skip, len(params), lr, beta1,
+        cached[1], prog_t, prog_b, numel_t, inv_sqrt_numel, torch.stack(norms).float(), skip, len(params), lr, beta1,
         beta2, log2_b1, log2_b2, eps, weight_decay, scale_floor, DT=_DTYPES[dt], GDT=_DTYPES[gdt],
         KAHAN=comps is not None, BLOCK=_BLOCK, num_warps=8,
     )  # fmt: skip
