@@ -358,6 +358,9 @@ class Trainer:
         self.scheduler = build_scheduler(
             self.optimizer, s.name, t.max_steps, s.warmup_steps, s.min_lr_ratio, s.decay_fraction
         )
+        # the optimizer's tensors (the model's parameters, after any sharding), listed once instead of walking
+        # the module tree on every step
+        self._params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if state is not None:
             self._load_state(state)
         self.peak = (
@@ -485,7 +488,7 @@ class Trainer:
             (loss * (counts[i] * ws / global_count)).backward()
             loss_sum += loss.detach().float() * counts[i]
         clip = self.cfg.optim.grad_clip
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        params = [p for p in self._params if p.grad is not None]
         gnorm = torch.nn.utils.clip_grad_norm_(params, clip if clip else float("inf"), foreach=True)
         if hasattr(gnorm, "full_tensor"):
             gnorm = gnorm.full_tensor()
