@@ -6,13 +6,16 @@ set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
-python3 -m pytest -q -m gpu tests 2>&1 | tee "$out/gpu_tests.log" | tail -3
 if [ "${1:-}" = quick ]; then
-  python3 benchmarks/attention_profile.py --cells table --out "$out"   # default variant, kernels and host time
-  python3 benchmarks/rmsnorm_sweep.py --mixed --widths 768 --kinds fwd,bwd,reduce --out "$out"  # the model's case
-  python3 benchmarks/bench_model.py --impls fat5-trainer,fat5-graph,hf --shapes 0,3 --steps 5 --profile \
+  # shorter: GPU tests with the first config of each attention kernel (autotuning compiles every config per
+  # case, ~11 s a test on the H200), the default variant's decode cases autotuned, then the model's shapes
+  FAT5_ATTN_AUTOTUNE=0 python3 -m pytest -q -m gpu tests -rf --tb=short 2>&1 | tee "$out/gpu_tests.log" | tail -5
+  python3 -m pytest -q -m gpu tests/ops/test_attention_triton.py -k "table and decode" -rf 2>&1 | tail -3
+  python3 benchmarks/attention_profile.py --cells model --out "$out"   # the three attentions of 512/114, per kernel
+  python3 benchmarks/bench_model.py --impls fat5-trainer,fat5-graph,hf --shapes 0 --steps 5 --profile \
     --out "$out" --tag=_quick
 else
+  python3 -m pytest -q -m gpu tests -rf 2>&1 | tee "$out/gpu_tests.log" | tail -5
   python3 benchmarks/attention_profile.py --out "$out"   # per-kernel device time and host time per call
   python3 benchmarks/bench_attention.py --out "$out"
   python3 benchmarks/bench_kernels.py --out "$out"
