@@ -153,6 +153,24 @@ def test_kernel_address_table_reused_only_while_addresses_hold():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("kernel", [False, True])
+def test_copied_and_pickled_optimizer_keeps_working(kernel):
+    import pickle
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5, 3))
+    opt = AdamWScale([p], lr=1e-2, kernel=kernel)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    for other in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert other.kernel is kernel
+        (q,) = other.param_groups[0]["params"]
+        q.grad = torch.randn_like(q)
+        before = q.detach().clone()
+        other.step()
+        assert not torch.equal(q.detach(), before)
+
+
 def test_kernel_and_foreach_resume_each_other():
     # the kernel keeps step counts on the parameters' device; a checkpoint of either path loads into the other
     torch.manual_seed(0)

@@ -82,6 +82,15 @@ class AdamWScale(torch.optim.Optimizer):
         self.kernel = kernel
         self._dtensor: dict = {}  # parameter -> is it a DTensor (looked up once, not per tensor per step)
 
+    def __getstate__(self):
+        # torch's Optimizer pickles defaults, state and param_groups only: keep the kernel choice too
+        return {**super().__getstate__(), "kernel": self.kernel}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("kernel", None)
+        self._dtensor = {}
+
     def _init_state(self, p: torch.Tensor, kahan: bool) -> dict:
         state = self.state[p]
         if not state:
