@@ -80,7 +80,6 @@ class AdamWScale(torch.optim.Optimizer):
         )
         super().__init__(params, defaults)
         self.kernel = kernel
-        self._dtensor: dict = {}  # parameter -> is it a DTensor (looked up once, not per tensor per step)
 
     def __getstate__(self):
         # torch's Optimizer pickles defaults, state and param_groups only: keep the kernel choice too
@@ -89,7 +88,6 @@ class AdamWScale(torch.optim.Optimizer):
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("kernel", None)
-        self._dtensor = {}
 
     def _init_state(self, p: torch.Tensor, kahan: bool) -> dict:
         state = self.state[p]
@@ -121,9 +119,7 @@ class AdamWScale(torch.optim.Optimizer):
                 if grad.is_sparse:
                     raise RuntimeError("AdamWScale does not support sparse gradients")
                 state = self._init_state(p, group["kahan"])
-                dtensor = self._dtensor.get(p)
-                if dtensor is None:
-                    dtensor = self._dtensor[p] = _is_dtensor(p)
+                dtensor = _is_dtensor(p)  # once per tensor and step, passed on to the calls below
                 if self._use_kernel(p, dtensor):  # one launch per (device, dtype, gradient dtype)
                     buckets[(p.device, p.dtype, ("kernel", grad.dtype), dtensor)].append(p)
                     continue

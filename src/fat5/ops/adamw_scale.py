@@ -70,9 +70,9 @@ def _adamw_scale_kernel(
 
 
 _TABLES: dict = {}  # (device, numels) -> (PROG_T, PROG_B, NUMEL, INV_SQRT_NUMEL): fixed for a parameter set
-# (device, numels) -> (the host list of addresses, their device copy) of the last launch: where no address
-# changed (the states never move; gradients often come back at the same addresses), the device copy is reused
-# and nothing is copied. It is only read by the kernels, so reusing it while an earlier launch runs is safe.
+# (device, dtype, grad dtype, local and global numels) -> (the host list of addresses, their device copy) of the
+# last launch: where no address changed (the states never move; gradients often come back at the same
+# addresses), the device copy is reused and nothing is copied. It is only read by the kernels, so reusing it while an earlier launch runs is safe.
 _PTRS: dict = {}
 
 
