@@ -111,8 +111,6 @@ def main():
         ("ours", 64, 1024, True, "t5", None, "table"),
         ("ours", 64, 4096, False, "t5", "packed", "split"),
         ("ours", 64, 4096, False, "t5", None, "split"),  # the same cell again: the run-to-run spread
-        ("ours", 64, 4096, False, "t5", None, "table"),
-        ("ours", 64, 1024, True, "t5", None, "table"),
     ]
     if args.cells == "table":
         cells = [
