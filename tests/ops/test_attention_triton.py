@@ -28,9 +28,15 @@ def _poison(monkeypatch):
     monkeypatch.setattr(at, "_POISON", True)
 
 
-@pytest.fixture(params=at.VARIANTS)
+# (inner-loop variant, near-diagonal table-gradient mode): "table" is the default pair; the others run T5 only
+COMBOS = {"table": ("table", "scratch"), "split": ("split", "scratch"), "table-gather": ("table", "gather")}
+assert set(at.VARIANTS) | set(at.NEAR_GRADS) == {v for pair in COMBOS.values() for v in pair}
+
+
+@pytest.fixture(params=list(COMBOS))
 def variant(request, monkeypatch):
-    monkeypatch.setattr(at, "_VARIANT", request.param)
+    monkeypatch.setattr(at, "_VARIANT", COMBOS[request.param][0])
+    monkeypatch.setattr(at, "_NEAR_GRAD", COMBOS[request.param][1])
     return request.param
 
 
@@ -230,8 +236,9 @@ def test_variants_agree(name, monkeypatch):
     if DEV == "cuda":
         pytest.skip("interpreter-sized case")
     results = []
-    for v in at.VARIANTS:
+    for v, g in COMBOS.values():
         monkeypatch.setattr(at, "_VARIANT", v)
+        monkeypatch.setattr(at, "_NEAR_GRAD", g)
         gen = torch.Generator().manual_seed(4)
         leaves, kw = _make(CASES[name], torch.float32, DEV, gen)
         out, args = _call(at.flash_attention, leaves, kw)
@@ -384,6 +391,41 @@ def test_matches_reference_gpu_bf16(name, variant):
     if variant != "table" and GPU_CASES[name].get("bias") != "t5":
         pytest.skip("the variants differ only with a T5 bias")
     _check(GPU_CASES[name], torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", range(len(at._DKV_CONFIGS)))
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(shape=(2, 4, 300, 300, 64), bias="t5"),
+        dict(shape=(2, 4, 114, 114, 64), bias="t5", kw=dict(causal=True, rel_bidirectional=False)),
+        dict(shape=(3, 2, 1, 700, 64), bias="t5", kw=dict(causal=True, rel_bidirectional=False)),
+    ],
+    ids=["bidir", "causal", "decode"],
+)
+def test_near_grad_modes_agree_gpu(case, cfg, monkeypatch):
+    """Every dk/dv config the autotuner may pick, at awkward lengths: the scratch reduction of the near-diagonal
+    table gradient equals the gather one to float32 rounding (dq, dk, dv bitwise: only the reduction differs),
+    and the scratch result is within the bf16 rule against the float64 reference."""
+    monkeypatch.setattr(at._dkv_kernel, "configs", [at._DKV_CONFIGS[cfg]])
+    monkeypatch.setattr(at, "_VARIANT", "table")
+    results = []
+    for mode in at.NEAR_GRADS:
+        monkeypatch.setattr(at, "_NEAR_GRAD", mode)
+        gen = torch.Generator().manual_seed(3)
+        leaves, kw = _make(case, torch.bfloat16, "cuda", gen)
+        out, args = _call(at.flash_attention, leaves, kw)
+        grad_out = torch.randn(out.shape, generator=gen).to(device="cuda", dtype=torch.bfloat16)
+        results.append(dict(zip(args, torch.autograd.grad(out, list(args.values()), grad_out))))
+    a, b = results
+    for name in ("q", "k", "v"):
+        assert torch.equal(a[name], b[name]), name
+    t = a["rel_table"]
+    assert t.abs().sum() > 0
+    torch.testing.assert_close(t, b["rel_table"], rtol=1e-4, atol=1e-4 * t.abs().max().item())
+    monkeypatch.setattr(at, "_NEAR_GRAD", "scratch")
+    _check(case, torch.bfloat16, "cuda")
 
 
 @pytest.mark.gpu
