@@ -96,20 +96,12 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument(
         "--cells",
-        choices=("all", "table", "model", "model-t5"),
+        choices=("all", "table", "model"),
         default="all",
         help="table: only the default variant's rows and SDPA; model: the three attentions of T5 v1.1 base at "
         "512/114, batch 64 (encoder self, decoder self, cross), the T5 table's gradient on and off",
     )
-    ap.add_argument(
-        "--near-grad",
-        choices=at.NEAR_GRADS,
-        default=None,
-        help="how dk/dv reduces the near-diagonal T5 table gradient (default: the module's default)",
-    )
     args = ap.parse_args()
-    if args.near_grad:
-        at.set_near_grad(args.near_grad)
     cells = [
         ("sdpa", 64, 4096, False, "none", None, "table"),
         ("ours", 64, 4096, False, "none", None, "table"),
@@ -129,7 +121,7 @@ def main():
             ("ours", 64, 1024, True, "t5", None, "table"),
             ("ours", 64, 4096, False, "t5", "packed", "table"),
         ]
-    if args.cells in ("model", "model-t5"):  # (impl, d, L, causal, bias, seg, variant, batch, kv length)
+    if args.cells == "model":  # (impl, d, L, causal, bias, seg, variant, batch, kv length)
         cells = [
             ("sdpa", 64, 512, False, "none", None, "table", 64, 512),
             ("ours", 64, 512, False, "none", None, "table", 64, 512),
@@ -141,8 +133,6 @@ def main():
             ("sdpa", 64, 114, False, "none", None, "table", 64, 512),
             ("ours", 64, 114, False, "none", None, "table", 64, 512),
         ]
-    if args.cells == "model-t5":  # only the rows with the table gradient
-        cells = [c for c in cells if c[4] == "t5"]
     cells = [c if len(c) == 9 else (*c, None, None) for c in cells]
     results = []
     for impl, d, length, causal, bias, seg_kind, variant, batch, kv_length in cells:
@@ -177,7 +167,6 @@ def main():
             "bias": bias,
             "seg": seg_kind,
             "variant": variant,
-            "near_grad": at._NEAR_GRAD,
             "fwd_ms": round(fwd, 4),
             "fwdbwd_ms": round(fb, 4),
             "fwd_tflops": round(flops / fwd / 1e9, 1),
@@ -192,9 +181,7 @@ def main():
     cfg = best_configs()
     print(json.dumps(cfg, indent=1))
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(
-        args.out, f"attention_profile_{datetime.date.today().isoformat()}_{args.cells}_{at._NEAR_GRAD}.json"
-    )
+    path = os.path.join(args.out, f"attention_profile_{datetime.date.today().isoformat()}_{args.cells}.json")
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     with open(path, "w") as f:
         json.dump({"meta": meta, "rows": results, "best_configs": cfg}, f, indent=1)

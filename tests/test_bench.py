@@ -18,8 +18,10 @@ def test_report_keeps_rows_and_names_failures(tmp_path, monkeypatch):
     bench.write_report(rows, 689.0, tmp_path, "_t", commit="abc1234", quiet=True)  # rewritten per row
     (md,) = tmp_path.glob("*-model_t.md")
     text = md.read_text()
-    assert "| base | 512/114 | 64 | fat5-graph | 501,080 | 80.0 | 45.2% | 17.2 |" in text
-    assert "| base | 16384/16384 | 1 | hf | out of memory | | | |" in text
+    assert "| base | 512/114 | 64 | fat5-graph | 501,080 | 80.0 | 45.2% | 17.2 |  |" in text
+    assert "| base | 16384/16384 | 1 | hf | out of memory | | | | |" in text
+    (png,) = tmp_path.glob("*-model_t.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png.name})" in text
     assert "commit abc1234" in text and "Test GPU" in text
     (js,) = tmp_path.glob("*-model_t.json")
     got = json.loads(js.read_text())
@@ -31,3 +33,18 @@ def test_report_commit_defaults_to_git_head(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "_head_commit", lambda: "def5678 + local changes")
     bench.write_report([], 1.0, tmp_path, quiet=True)
     assert "commit def5678 + local changes" in next(tmp_path.glob("*.md")).read_text()
+
+
+def test_report_ratios_against_hf_of_the_same_shape(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Test GPU")
+    rows = [
+        bench.Result("fat5-graph", "base", 512, 114, 64, 500000.0, 80.0, 0.45, 18.0),
+        bench.Result("hf", "base", 512, 114, 64, 125000.0, 320.0, 0.11, 54.0),
+        bench.Result("fat5-graph", "base", 16384, 16384, 1, 100000.0, 330.0, 0.44, 16.0),
+        bench.Result("hf", "base", 16384, 16384, 1, None, None, None, None, "out of memory"),
+    ]
+    bench.write_report(rows, 689.0, tmp_path, commit="abc1234", quiet=True)
+    text = next(tmp_path.glob("*.md")).read_text()
+    assert "| 45.0% | 18.0 | 4.00x, 0.33x |" in text
+    assert "| 44.0% | 16.0 | hf: out of memory |" in text
+    assert "| hf | 125,000 | 320.0 | 11.0% | 54.0 |  |" in text

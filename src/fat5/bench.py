@@ -345,21 +345,79 @@ def write_report(
         f"measured bf16 matmul rate {peak:.0f} TFLOP/s (MFU denominator). Command: "
         "`python3 benchmarks/bench_model.py`.",
         "",
-        "| model | enc/dec len | batch | impl | tokens/s | step ms | MFU | peak GiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | enc/dec len | batch | impl | tokens/s | step ms | MFU | peak GiB | vs hf: speed, memory |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if r.tokens_per_s is None:
-            lines.append(f"| {r.preset} | {r.l_enc}/{r.l_dec} | {r.batch} | {r.impl} | {r.note} | | | |")
+            lines.append(f"| {r.preset} | {r.l_enc}/{r.l_dec} | {r.batch} | {r.impl} | {r.note} | | | | |")
         else:
             lines.append(
                 f"| {r.preset} | {r.l_enc}/{r.l_dec} | {r.batch} | {r.impl} | {r.tokens_per_s:,.0f} | "
-                f"{r.step_ms:.1f} | {r.mfu:.1%} | {r.peak_gib:.1f} |"
+                f"{r.step_ms:.1f} | {r.mfu:.1%} | {r.peak_gib:.1f} | {_vs_hf(r, results)} |"
             )
+    plot = out / f"{day}-model{tag}.png"
+    if _plot(results, plot):
+        lines += ["", f"![tokens/s and peak memory per shape]({plot.name})"]
     (out / f"{day}-model{tag}.md").write_text("\n".join(lines) + "\n")
     (out / f"{day}-model{tag}.json").write_text(json.dumps([asdict(r) for r in results], indent=1))
     if not quiet:
         print("\n".join(lines))
+
+
+def _shape(r: Result) -> tuple:
+    return (r.preset, r.l_enc, r.l_dec, r.batch)
+
+
+def _vs_hf(r: Result, results: list[Result]) -> str:
+    """Speed and peak-memory ratio against the `hf` row of the same shape in the same run."""
+    if r.impl == "hf":
+        return ""
+    hf = next((x for x in results if x.impl == "hf" and _shape(x) == _shape(r)), None)
+    if hf is None:
+        return ""
+    if hf.tokens_per_s is None:
+        return f"hf: {hf.note}"
+    return f"{r.tokens_per_s / hf.tokens_per_s:.2f}x, {r.peak_gib / hf.peak_gib:.2f}x"
+
+
+def _plot(results: list[Result], path: Path) -> bool:
+    """Grouped bars per shape: tokens/s (log scale) and peak memory, one colour per implementation.
+    Returns False (and writes nothing) when no row was measured."""
+    done = [r for r in results if r.tokens_per_s is not None]
+    if not done:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(_shape(r) for r in results))
+    impls = list(dict.fromkeys(r.impl for r in results))
+    width = 0.8 / len(impls)
+    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 1.6 * len(shapes)), 7), sharex=True)
+    for i, impl in enumerate(impls):
+        rows = {_shape(r): r for r in done if r.impl == impl}
+        xs = [j + (i - (len(impls) - 1) / 2) * width for j, s in enumerate(shapes) if s in rows]
+        got = [rows[s] for s in shapes if s in rows]
+        axes[0].bar(xs, [r.tokens_per_s for r in got], width, label=impl)
+        axes[1].bar(xs, [r.peak_gib for r in got], width, label=impl)
+        for j, sh in enumerate(shapes):  # a failed row (out of memory, ...) is named where its bar would be
+            bad = [r for r in results if r.impl == impl and _shape(r) == sh and r.tokens_per_s is None]
+            if bad:
+                x = j + (i - (len(impls) - 1) / 2) * width
+                axes[1].text(x, 0.5, bad[0].note[:24], rotation=90, ha="center", va="bottom", fontsize=7)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("tokens/s (encoder + decoder)")
+    axes[1].set_ylabel("peak memory, GiB")
+    axes[1].set_xticks(range(len(shapes)))
+    axes[1].set_xticklabels([f"{p}\n{le}/{ld} b{b}" for p, le, ld, b in shapes], fontsize=8)
+    axes[0].legend(fontsize=8)
+    axes[0].set_title(f"training step, {torch.cuda.get_device_name()}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":

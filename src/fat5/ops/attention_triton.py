@@ -149,22 +149,6 @@ if _VARIANT not in VARIANTS:
     raise ValueError(f"FAT5_ATTN_VARIANT={_VARIANT!r}: choose one of {VARIANTS}")
 
 
-# how dk/dv programs reduce the T5 table gradient of near-diagonal tiles (see ``_rel_grad``): "scratch"
-# (default: store the tile to per-program scratch, sum over keys once) or "gather" (skew every tile)
-NEAR_GRADS = ("scratch", "gather")
-_NEAR_GRAD = os.environ.get("FAT5_ATTN_NEAR_GRAD", "scratch")
-if _NEAR_GRAD not in NEAR_GRADS:
-    raise ValueError(f"FAT5_ATTN_NEAR_GRAD={_NEAR_GRAD!r}: choose one of {NEAR_GRADS}")
-
-
-def set_near_grad(name: str) -> None:
-    """Select how the dk/dv kernel reduces the near-diagonal T5 table gradient: "scratch" or "gather"."""
-    global _NEAR_GRAD
-    if name not in NEAR_GRADS:
-        raise ValueError(f"unknown near-diagonal gradient mode {name!r}; choose one of {NEAR_GRADS}")
-    _NEAR_GRAD = name
-
-
 def set_variant(name: str) -> None:
     """Select the T5-bias inner loops of the kernels launched from now on: "table" or "split"."""
     global _VARIANT
@@ -232,7 +216,6 @@ def _add_bias(
     ROWS: tl.constexpr,
     COLS: tl.constexpr,
     REL_MODE: tl.constexpr,
-    KEYS_ROWS: tl.constexpr,
 ):
     if BIAS_KIND == 1:
         # every branch yields the score tile itself (MMA layout): a branch that yields a separate bias tile
@@ -254,16 +237,8 @@ def _add_bias(
             # wholly beyond +-W: clamping the row is exact there, since the table saturates at both ends
             # (row 0 holds distances >= W, the last row distances <= -W).
             nt_h = RB_h - (2 * W + 3 * NT_COLS) * NT_COLS
-            if KEYS_ROWS:
-                # dk/dv tiles hold keys in rows and queries in columns: the table is read backwards along the
-                # queries, row ref + W + K - key, column ref - query with ref the tile's last query (distance
-                # column - row + W + K = key - query), so a thread's run of query columns is one contiguous
-                # run of a table row instead of one table row per element
-                row = tl.minimum(tl.maximum(ref + W + NT_COLS - kpos2, 0), 2 * W + 3 * NT_COLS - 1)
-                s += tl.load(nt_h + row * NT_COLS + (ref - qpos2))
-            else:
-                row = tl.minimum(tl.maximum(qpos2 - ref + W + NT_COLS, 0), 2 * W + 3 * NT_COLS - 1)
-                s += tl.load(nt_h + row * NT_COLS + (kpos2 - ref))
+            row = tl.minimum(tl.maximum(qpos2 - ref + W + NT_COLS, 0), 2 * W + 3 * NT_COLS - 1)
+            s += tl.load(nt_h + row * NT_COLS + (kpos2 - ref))
         elif REL_MODE == -1:
             s += b_lo
         else:
@@ -292,46 +267,25 @@ def _rel_grad(
     WIN: tl.constexpr,
     RB: tl.constexpr,
     REL_MODE: tl.constexpr,
-    SCR_p,
-    krow,
-    dist,
-    SWP: tl.constexpr,
-    SCRATCH: tl.constexpr,
 ):
-    """Accumulate dS^T (keys x queries, distance R0 + n - m) into per-distance sums over (-W, W); the clamped
-    ends stay vectors until the loop ends, so a tile costs no cross-warp reduction: a tile wholly beyond +W
-    (below -W) adds its per-key row sums to v_hi (v_lo). A near tile either (SCRATCH) stores its elements
-    with |distance| < W into the program's scratch rows at column distance + W - 1 (each slot has one query,
-    so one writer; summed over the keys once, after the loop) and adds its entries beyond +-W to v_hi / v_lo,
-    or is skewed so that each diagonal (one distance) becomes a row, its diagonals at or beyond +-W going to
-    w_hi / w_lo."""
+    """Accumulate dS^T (keys x queries, distance R0 + n - m) into per-distance sums: acc_rel over (-W, W); the
+    clamped ends stay vectors until the loop ends (``_rel_ends``), so a tile costs no cross-warp reduction: a
+    tile wholly beyond +W (below -W) adds its per-key row sums to v_hi (v_lo); a near tile is skewed so that
+    each diagonal (one distance) becomes a row, and its diagonals at or beyond +-W go to w_hi / w_lo."""
     if REL_MODE == 2:
         if rel_lo >= W:
             v_hi += tl.sum(dsT, 1)
         elif rel_hi <= -W:
             v_lo += tl.sum(dsT, 1)
-        elif SCRATCH:
-            v_lo, v_hi = _rel_grad_store(dsT, v_lo, v_hi, SCR_p, krow, dist, W, SWP)
         else:
             acc_rel, w_lo, w_hi = _rel_grad_near(dsT, acc_rel, w_lo, w_hi, R0, W, BLOCK_M, BLOCK_N, WIN, RB)
     elif REL_MODE == 1:
         v_hi += tl.sum(dsT, 1)
     elif REL_MODE == -1:
         v_lo += tl.sum(dsT, 1)
-    elif SCRATCH:
-        v_lo, v_hi = _rel_grad_store(dsT, v_lo, v_hi, SCR_p, krow, dist, W, SWP)
     else:
         acc_rel, w_lo, w_hi = _rel_grad_near(dsT, acc_rel, w_lo, w_hi, R0, W, BLOCK_M, BLOCK_N, WIN, RB)
     return acc_rel, v_lo, v_hi, w_lo, w_hi
-
-
-@triton.jit
-def _rel_grad_store(dsT, v_lo, v_hi, SCR_p, krow, dist, W, SWP: tl.constexpr):
-    near = (dist > -W) & (dist < W)
-    tl.store(SCR_p + krow * SWP + (dist + W - 1), dsT, mask=near)
-    v_lo += tl.sum(tl.where(dist <= -W, dsT, 0.0), 1)
-    v_hi += tl.sum(tl.where(dist >= W, dsT, 0.0), 1)
-    return v_lo, v_hi
 
 
 @triton.jit
@@ -547,7 +501,6 @@ def _fwd_tiles(
             BLOCK_M,
             BLOCK_N,
             REL_MODE,
-            False,
         )
         if MASK:
             keep = kpos[None, :] < N
@@ -891,9 +844,6 @@ def _dkv_inner(
     REL_MODE: tl.constexpr,
     NEAR_M: tl.constexpr,
     NEAR_WIN: tl.constexpr,
-    SCR_p,
-    SWP: tl.constexpr,
-    SCRATCH: tl.constexpr,
 ):
     # as _fwd_inner; here distance = k0 - query falls as the loop goes on: beyond +W, near, below -W
     e1 = start
@@ -954,9 +904,6 @@ def _dkv_inner(
             WIN if (NPART == 1 or part != 1) else NEAR_WIN,
             RB,
             REL_MODE if NPART == 1 else (3 if (part == 1 and REL_MODE == 3) else 1 - part),
-            SCR_p,
-            SWP,
-            SCRATCH,
         )
     return dk, dv, acc_rel, s_lo, s_hi
 
@@ -1011,9 +958,6 @@ def _dkv_tiles(
     WIN: tl.constexpr,
     RB: tl.constexpr,
     REL_MODE: tl.constexpr,
-    SCR_p,
-    SWP: tl.constexpr,
-    SCRATCH: tl.constexpr,
 ):
     # the bias gradient's clamped ends, per key row (far tiles) and per diagonal (near tiles): reduced to the
     # scalars s_lo / s_hi once, after the loop
@@ -1048,12 +992,11 @@ def _dkv_tiles(
             rel_hi,
             kpos[:, None],
             qpos[None, :],
-            qp0 + BLOCK_M - 1,
+            k0,
             W,
             BLOCK_N,
             BLOCK_M,
             REL_MODE,
-            True,
         )
         if MASK:
             sT = tl.where(kpos[:, None] <= qpos[None, :], sT, float("-inf"))
@@ -1086,11 +1029,6 @@ def _dkv_tiles(
                 WIN,
                 RB,
                 REL_MODE,
-                SCR_p,
-                (kpos - k0)[:, None],
-                kpos[:, None] - qpos[None, :],
-                SWP,
-                SCRATCH,
             )
     if REL_GRAD:
         s_lo += tl.sum(tl.where(kpos < N, v_lo, 0.0), 0) + tl.sum(w_lo, 0)
@@ -1100,7 +1038,7 @@ def _dkv_tiles(
 
 @triton.autotune(
     configs=_DKV_CONFIGS,
-    key=["BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "NPART", "M_BUCKET", "N_BUCKET", "SCRATCH"],
+    key=["BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "NPART", "M_BUCKET", "N_BUCKET"],
     prune_configs_by={"early_config_prune": _prune_by_smem},
 )
 @triton.heuristics(
@@ -1108,8 +1046,6 @@ def _dkv_tiles(
         "WIN": lambda a: triton.next_power_of_2(a["BLOCK_M"] + a["BLOCK_N"] - 1),
         # near-diagonal steps: 16 queries for "split", NEAR["dkv"] for "table" (as in _fwd_kernel)
         "NEAR_M": lambda a: min(a["BLOCK_M"], NEAR["dkv"] if a["NEAR_TABLE"] else 16),
-        # columns of the scratch read back per step after the loop: about 4096 elements a step
-        "SCOLS": lambda a: min(a["SWP"], max(16, 4096 // a["BLOCK_N"])),
         "NEAR_WIN": lambda a: triton.next_power_of_2(
             min(a["BLOCK_M"], NEAR["dkv"] if a["NEAR_TABLE"] else 16) + a["BLOCK_N"] - 1
         ),
@@ -1127,7 +1063,6 @@ def _dkv_kernel(
     DELTA,
     RBV,
     DREL,
-    SCR,
     BIAS,
     KPM,
     QSEG,
@@ -1176,7 +1111,6 @@ def _dkv_kernel(
     D,
     NGK,
     NKB,
-    NPAD,
     q_off_int,
     qk_scale,
     scale,
@@ -1194,11 +1128,8 @@ def _dkv_kernel(
     NEAR_TABLE: tl.constexpr,
     RBW: tl.constexpr,
     RB: tl.constexpr,
-    SWP: tl.constexpr,
-    SCRATCH: tl.constexpr,
     DREL_BN: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    SCOLS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     WIN: tl.constexpr,
@@ -1256,9 +1187,6 @@ def _dkv_kernel(
         QSEG_b = QSEG + b * sqsb
     bh_m = pid_bh.to(tl.int64) * M
     Q_bh = Q + b * sqb + h * sqh
-    SCR_p = SCR
-    if SCRATCH:  # this program's BLOCK_N scratch rows of SWP distances
-        SCR_p = SCR + (pid_bh.to(tl.int64) * NPAD + k0) * SWP
     DO_bh = DO + b * sdob + h * sdoh
 
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
@@ -1318,9 +1246,6 @@ def _dkv_kernel(
         2,  # per tile (branching); only the masked last tiles run here
         NEAR_M,
         NEAR_WIN,
-        SCR_p,
-        SWP,
-        SCRATCH,
     )
     dk, dv, acc_rel, s_lo, s_hi = _dkv_inner(
         dk,
@@ -1374,9 +1299,6 @@ def _dkv_kernel(
         3 if NEAR_TABLE else 2,
         NEAR_M,
         NEAR_WIN,
-        SCR_p,
-        SWP,
-        SCRATCH,
     )
     dk = dk * scale
     tl.store(
@@ -1390,35 +1312,17 @@ def _dkv_kernel(
         mask=kmask,
     )
     if REL_GRAD:  # one row per program: reduced on the host in a fixed order (deterministic)
-        # rows ordered (batch, key block, head), so the host's sum over batch and key blocks is one reduction
-        # over the leading dim of a contiguous (B * NKB, H * RB) buffer
-        RPB: tl.constexpr = BLOCK_N // DREL_BN  # rows of DREL_BN keys this program covers
-        DREL_p = DREL + ((b * NKB + pid_n * RPB) * H + h) * sdrel
         r = tl.arange(0, RB)
         acc_rel += tl.where(r == 0, s_lo, 0.0) + tl.where(r == 2 * W, s_hi, 0.0)
+        # rows ordered (batch, key block, head), so the host's sum over batch and key blocks is one reduction
+        # over the leading dim of a contiguous (B * NKB, H * sdrel) buffer; a program of RPB rows' worth of keys
+        # writes its sums to the first and zeros to the others
+        RPB: tl.constexpr = BLOCK_N // DREL_BN
+        DREL_p = DREL + ((b * NKB + pid_n * RPB) * H + h) * sdrel
+        tl.store(DREL_p + r, acc_rel, mask=r < sdrel)
         for i in tl.static_range(1, RPB):
-            tl.store(
-                DREL_p + i * H * sdrel + r,
-                tl.zeros((RB,), tl.float32),
-                mask=(r < sdrel) & (pid_n * RPB + i < NKB),
-            )
-        if SCRATCH:
-            # the near tiles' scratch: the slot (key, distance d) holds dS of query key - d, written iff that
-            # query's tile was visited (queries [lo, hi) below M); the program's own global stores are
-            # visible to all its threads after the barrier. Distances -W+1..W-1 go to row entries 1..2W-1.
-            tl.debug_barrier()
-            tl.store(DREL_p + r, acc_rel, mask=(r < sdrel) & ((r == 0) | (r >= 2 * W)))
-            krow = tl.arange(0, BLOCK_N)
-            for c in tl.static_range(0, SWP, SCOLS):
-                j = c + tl.arange(0, SCOLS)
-                qi = kpos[:, None] - (j[None, :] - W + 1) - q_off
-                ok = (qi >= lo) & (qi < hi) & (qi < M) & (kpos[:, None] < N) & (j[None, :] < 2 * W - 1)
-                x = tl.load(
-                    SCR_p + krow[:, None] * SWP + j[None, :], mask=ok, other=0.0, cache_modifier=".cg"
-                )
-                tl.store(DREL_p + 1 + j, tl.sum(x, 0), mask=j < 2 * W - 1)
-        else:
-            tl.store(DREL_p + r, acc_rel, mask=r < sdrel)
+            ok = (r < sdrel) & (pid_n * RPB + i < NKB)
+            tl.store(DREL_p + i * H * sdrel + r, tl.zeros((RB,), tl.float32), mask=ok)
 
 
 @triton.jit
@@ -1608,7 +1512,6 @@ def _dq_tiles(
             BLOCK_M,
             BLOCK_N,
             REL_MODE,
-            False,
         )
         if MASK:
             keep = kpos[None, :] < N
@@ -2240,18 +2143,8 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
     # so every row is written and the buffer needs no initialisation
     srow = (2 * a.w + 1 + 3) // 4 * 4
     drel = torch.empty((b * h * nkb, srow), dtype=torch.float32, device=dev) if rel_grad else a.dummy
-    # near-diagonal gradient scratch ("scratch" mode): BLOCK_N rows of SWP distances per program, written once
-    # per slot and read back by the same program (no initialisation needed: unvisited slots are masked)
-    scratch = rel_grad and _NEAR_GRAD == "scratch"
-    swp = _pow2(max(2 * a.w - 1, 1))
-    npad = triton.cdiv(n, max(c.kwargs["BLOCK_N"] for c in _DKV_CONFIGS)) * max(
-        c.kwargs["BLOCK_N"] for c in _DKV_CONFIGS
-    )
-    scr = torch.empty((b * h * npad, swp), dtype=torch.float32, device=dev) if scratch else a.dummy
-    if _POISON and rel_grad:  # every partial row must be written and every unvisited scratch slot masked
+    if _POISON and rel_grad:  # every partial row must be written
         drel.fill_(float("nan"))
-        if scratch:
-            scr.fill_(float("nan"))
     grid_kv = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * h)
     _dkv_kernel[grid_kv](
         q,
@@ -2264,7 +2157,6 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
         delta,
         a.rbv,
         drel,
-        scr,
         a.bias,
         a.kpm,
         a.qseg,
@@ -2289,7 +2181,6 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
         d,
         a.ngk,
         nkb,
-        npad,
         a.q_off_int,
         a.qk_scale,
         float(scale),
@@ -2307,8 +2198,6 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
         NEAR_TABLE=a.near_table,
         RBW=a.rbw,
         RB=a.rb,
-        SWP=swp,
-        SCRATCH=scratch,
         DREL_BN=bn_min,
         BLOCK_D=a.block_d,
     )
