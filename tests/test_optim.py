@@ -116,6 +116,19 @@ def test_skip_if_changes_nothing(kernel):
     assert not any(torch.equal(p.detach(), b) for p, b in zip(ps, snap[1]))
 
 
+def test_kernel_counts_steps_of_empty_tensors_too():
+    """The kernel path counts the step on the device for every tensor, an empty one (an FSDP shard may be)
+    included, and not at all on a skipped step."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.empty(0))]
+    opt = AdamWScale(ps, lr=1e-2, kernel=True)
+    for flag in (False, True, False):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step(skip_if=torch.tensor(flag))
+    assert [float(opt.state[p]["step"]) for p in ps] == [2.0, 2.0]
+
+
 def test_kernel_address_table_reused_only_while_addresses_hold():
     """The kernel path keeps the device copy of its address table while no tensor moved (gradients written in
     place), and rebuilds it when a gradient comes back at a new address; both give the foreach path's values."""

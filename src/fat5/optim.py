@@ -162,7 +162,6 @@ class AdamWScale(torch.optim.Optimizer):
             if skip_if is None
             else skip_if.to(device=device, dtype=torch.int32)
         )
-        torch._foreach_add_(steps, (1 - skip).to(torch.float32))
         locals_ = [loc(p) for p in params]
         norms = torch._foreach_norm(locals_, 2, dtype=torch.float32)
         if dtensor:

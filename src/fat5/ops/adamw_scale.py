@@ -6,8 +6,8 @@ The foreach implementation in ``optim.py`` is the specification; this kernel com
 (see its docstring) with one rounding per stored value instead of one per foreach op (and eps added in fp32,
 where the foreach path raises it to fp16's smallest subnormal for fp16 tensors), and it needs no host
 value: the step count, the parameter's norm and the skip flag are device tensors. A set skip flag leaves
-every value unchanged, the step count included (the caller increments the count by ``1 - skip`` first),
-so a non-finite step can be dropped without the host reading anything.
+every value unchanged, the step count included (a first, tiny launch adds 1 to each count unless the flag is
+set), so a non-finite step can be dropped without the host reading anything.
 
 Limits: dense tensors; the parameter, its gradient and its states contiguous and of one shape (they are
 viewed flat; FSDP shards are passed as their local tensors); each tensor under 2^31 blocks of 4096.
@@ -69,6 +69,15 @@ def _adamw_scale_kernel(
             tl.store(P + offs, (p + u).to(DT), mask=mask)
 
 
+@triton.jit
+def _count_step_kernel(PTRS, SKIP, T):
+    """Program t adds 1 to tensor t's step count (row 5 of the address table) unless the step is skipped: a
+    launch of its own, so every program of the update kernel then reads the same, new count."""
+    if tl.load(SKIP) == 0:
+        STEP = tl.load(PTRS + 5 * T + tl.program_id(0)).to(tl.pointer_type(tl.float32))
+        tl.store(STEP, tl.load(STEP) + 1.0)
+
+
 _TABLES: dict = {}  # (device, numels) -> (PROG_T, PROG_B, NUMEL, INV_SQRT_NUMEL): fixed for a parameter set
 # (device, dtype, grad dtype, local and global numels) -> (the host list of addresses, their device copy) of the
 # last launch: where no address changed (the states never move; gradients often come back at the same
@@ -124,12 +133,16 @@ def adamw_scale_update_(
     weight_decay: float,
     scale_floor: float,
 ) -> None:
-    """In-place AdamWScale update of all tensors (one dtype, one device) in one launch. ``steps`` (fp32
-    device 0-dim tensors, already incremented unless skipped), ``norms`` (the L2 norm of each parameter before
-    the step, 0-dim fp32) and ``skip`` (0-dim int32; nonzero = leave everything as it is) live on the
-    parameters' device. ``numels``: global sizes, for the RMS (they differ from the local ones for shards)."""
+    """In-place AdamWScale update of all tensors (one dtype, one device) in one launch, after one that counts
+    the step. ``steps`` (fp32 device 0-dim tensors: incremented here unless skipped), ``norms`` (the L2 norm of
+    each parameter before the step, 0-dim fp32) and ``skip`` (0-dim int32; nonzero = leave everything as it
+    is) live on the parameters' device. ``numels``: global sizes, for the RMS (they differ from the local ones
+    for shards). Nothing here waits for the device."""
     local_numels = tuple(p.numel() for p in params)
-    if 0 in local_numels:
+    if 0 in local_numels:  # empty shards: their counts advance too, the update skips them
+        for i, n in enumerate(local_numels):
+            if n == 0:
+                steps[i].add_((1 - skip).to(torch.float32))
         keep = [i for i, n in enumerate(local_numels) if n]
         if not keep:
             return
@@ -156,6 +169,7 @@ def adamw_scale_update_(
     log2_b1 = math.log2(beta1) if beta1 > 0 else -math.inf
     log2_b2 = math.log2(beta2) if beta2 > 0 else -math.inf
     prog_t, prog_b, numel_t, inv_sqrt_numel = _tables(device, local_numels, tuple(numels))
+    _count_step_kernel[(len(params),)](cached[1], skip, len(params))
     _adamw_scale_kernel[(prog_t.numel(),)](
         cached[1], prog_t, prog_b, numel_t, inv_sqrt_numel, torch.stack(norms).float(), skip, len(params), lr, beta1,
         beta2, log2_b1, log2_b2, eps, weight_decay, scale_floor, DT=_DTYPES[dt], GDT=_DTYPES[gdt],
