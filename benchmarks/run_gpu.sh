@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call (device time is scarce): bf16 kernel tests, then the benchmarks,
 # results under ${OUT:-benchmarks/results}. Usage from the repository root on a CUDA machine:
-#   bash benchmarks/run_gpu.sh [quick]
+#   bash benchmarks/run_gpu.sh [quick | step]
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
-if [ "${1:-}" = quick ]; then
+if [ "${1:-}" = step ]; then
+  # the training step alone: its GPU tests (no host sync, device-side skips, the fused optimizer), the step at
+  # 512/114 for the pretrain step, the graph-replayed model and transformers, then the convergence check
+  FAT5_ATTN_AUTOTUNE=0 python3 -m pytest -q -m gpu tests/test_train.py tests/test_optim.py -rf --tb=short 2>&1 |
+    tee "$out/gpu_tests_step.log" | tail -5
+  python3 benchmarks/bench_model.py --impls fat5-trainer,fat5-graph,hf --shapes 0 --steps 5 --out "$out" --tag=_step
+  python3 benchmarks/convergence.py --out "$out"
+elif [ "${1:-}" = quick ]; then
   # shorter: GPU tests with the first config of each attention kernel (autotuning compiles every config per
   # case, ~11 s a test on the H200), the default variant's decode cases autotuned, then the model's shapes
   FAT5_ATTN_AUTOTUNE=0 python3 -m pytest -q -m gpu tests -rf --tb=short 2>&1 | tee "$out/gpu_tests.log" | tail -5
