@@ -96,7 +96,9 @@ def _tables(device: torch.device, local_numels: tuple[int, ...], numels: tuple[i
             prog_t.to(device=device, dtype=torch.int32),
             prog_b.to(device=device, dtype=torch.int32),
             torch.tensor(local_numels, dtype=torch.int64, device=device),
-            torch.tensor([1.0 / math.sqrt(n) for n in numels], dtype=torch.float32, device=device),
+            torch.tensor(
+                [1.0 / math.sqrt(n) if n else 0.0 for n in numels], dtype=torch.float32, device=device
+            ),
         )
     return _TABLES[key]
 
@@ -138,19 +140,8 @@ def adamw_scale_update_(
     each parameter before the step, 0-dim fp32) and ``skip`` (0-dim int32; nonzero = leave everything as it
     is) live on the parameters' device. ``numels``: global sizes, for the RMS (they differ from the local ones
     for shards). Nothing here waits for the device."""
+    # an empty tensor (an FSDP shard may be one) gets no update program; its step is counted like the others
     local_numels = tuple(p.numel() for p in params)
-    if 0 in local_numels:  # empty shards: their counts advance too, the update skips them
-        for i, n in enumerate(local_numels):
-            if n == 0:
-                steps[i].add_((1 - skip).to(torch.float32))
-        keep = [i for i, n in enumerate(local_numels) if n]
-        if not keep:
-            return
-        params, grads = [params[i] for i in keep], [grads[i] for i in keep]
-        exp_avgs, exp_avg_sqs = [exp_avgs[i] for i in keep], [exp_avg_sqs[i] for i in keep]
-        comps = [comps[i] for i in keep] if comps is not None else None
-        steps, norms, numels = [steps[i] for i in keep], [norms[i] for i in keep], [numels[i] for i in keep]
-        local_numels = tuple(local_numels[i] for i in keep)
     dt, gdt = params[0].dtype, grads[0].dtype
     device = params[0].device
     cols = (params, grads, exp_avgs, exp_avg_sqs, comps if comps is not None else params, steps)
@@ -170,6 +161,8 @@ def adamw_scale_update_(
     log2_b2 = math.log2(beta2) if beta2 > 0 else -math.inf
     prog_t, prog_b, numel_t, inv_sqrt_numel = _tables(device, local_numels, tuple(numels))
     _count_step_kernel[(len(params),)](cached[1], skip, len(params))
+    if prog_t.numel() == 0:  # every tensor empty
+        return
     _adamw_scale_kernel[(prog_t.numel(),)](
         cached[1], prog_t, prog_b, numel_t, inv_sqrt_numel, torch.stack(norms).float(), skip, len(params), lr, beta1,
         beta2, log2_b1, log2_b2, eps, weight_decay, scale_floor, DT=_DTYPES[dt], GDT=_DTYPES[gdt],
