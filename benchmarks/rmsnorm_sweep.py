@@ -33,6 +33,10 @@ def main():
     ap.add_argument("--widths", default="512,768,1024,4096")
     ap.add_argument("--kinds", default="fwd,bwd", help="which kernels to sweep (fwd, bwd, reduce)")
     ap.add_argument(
+        "--stages", default="0", help="backward loop pipelining depths to sweep (0: hand prefetch)"
+    )
+    ap.add_argument("--per-sm", default="1,2,4,8", help="backward programs per SM to sweep")
+    ap.add_argument(
         "--mixed",
         action="store_true",
         help="the model's case under bf16 autocast: bf16 x onto an fp32 residual, bf16 normed output",
@@ -79,28 +83,29 @@ def main():
                 print(json.dumps(r), flush=True)
                 if us < best.get("fwd", (1e9,))[0]:
                     best["fwd"] = (us, bm, nw)
-        for per_sm in (1, 2, 4, 8) if "bwd" in args.kinds else ():
-            for bm in (1, 2, 4, 8):
-                if bm * bn > 16384:
-                    continue
-                for nw in (4, 8):
-                    if nw * 32 > bm * bn or nw * 32 * 8 > bm * bn * 4:
-                        continue
-                    rn.TUNE.clear()
-                    rn.TUNE["bwd"] = (bm, nw, per_sm)
-                    us = graph_us(
-                        lambda dy=dy, h=h, w=w, rstd=rstd, dr=dres, lo=low: rn._rms_norm_bwd(
-                            dy, dr, h, w, rstd, lo
-                        )
-                    )
-                    r = dict(
-                        d=d, kind="bwd", per_sm=per_sm, block_m=bm, warps=nw, us=round(us, 2),
-                        pct=round(100 * ideal_bwd / us),
-                    )  # fmt: skip
-                    rows.append(r)
-                    print(json.dumps(r), flush=True)
-                    if us < best.get("bwd", (1e9,))[0]:
-                        best["bwd"] = (us, bm, nw, per_sm)
+        sweep = [
+            (st, per_sm, bm, nw)
+            for st in map(int, args.stages.split(","))
+            for per_sm in map(int, args.per_sm.split(","))
+            for bm in (1, 2, 4, 8)
+            for nw in (4, 8)
+            if bm * bn <= 16384 and nw * 32 <= bm * bn and nw * 32 * 8 <= bm * bn * 4
+        ]
+        for st, per_sm, bm, nw in sweep if "bwd" in args.kinds else ():
+            rn.TUNE.clear()
+            rn.TUNE["bwd"] = (bm, nw, per_sm)
+            rn.TUNE["stages"] = st
+            us = graph_us(
+                lambda dy=dy, h=h, w=w, rstd=rstd, dr=dres, lo=low: rn._rms_norm_bwd(dy, dr, h, w, rstd, lo)
+            )
+            r = dict(
+                d=d, kind="bwd", stages=st, per_sm=per_sm, block_m=bm, warps=nw, us=round(us, 2),
+                pct=round(100 * ideal_bwd / us),
+            )  # fmt: skip
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+            if us < best.get("bwd", (1e9,))[0]:
+                best["bwd"] = (us, bm, nw, per_sm, st)
         for per_sm in (1, 2, 4, 8) if "reduce" in args.kinds else ():
             progs = per_sm * torch.cuda.get_device_properties(0).multi_processor_count
             part = torch.randn(progs, d, device="cuda")

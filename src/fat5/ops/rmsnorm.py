@@ -85,7 +85,7 @@ def _rms_norm_fwd_kernel(
 def _rms_norm_bwd_kernel(
     DY, DRES, H, W, RSTD, DX, DXL, DW_PARTIAL, M, N,
     ROWS_PER_PROGRAM: tl.constexpr, HAS_DRES: tl.constexpr, HAS_DXL: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, STAGES: tl.constexpr = 0,
 ):  # fmt: skip
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -93,6 +93,28 @@ def _rms_norm_bwd_kernel(
     w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
     dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     start = pid * ROWS_PER_PROGRAM
+    if STAGES > 0:
+        # the compiler's software pipeline: STAGES tiles of loads in flight through shared memory (async copies)
+        for i in tl.range(0, ROWS_PER_PROGRAM, BLOCK_M, num_stages=STAGES):
+            rows = start + i + tl.arange(0, BLOCK_M)
+            row_ok = rows < M
+            mask = row_ok[:, None] & col_ok[None, :]
+            offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+            h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+            xhat = h * rstd[:, None]
+            wdy = dy * w[None, :]
+            c = tl.sum(xhat * wdy, axis=1) / N
+            dx = (wdy - xhat * c[:, None]) * rstd[:, None]
+            if HAS_DRES:
+                dx += tl.load(DRES + offs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+            if HAS_DXL:
+                tl.store(DXL + offs, dx.to(DXL.dtype.element_ty), mask=mask)
+            dw += dy * xhat
+        tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, tl.sum(dw, axis=0), mask=col_ok)
+        return
     # the next tile's loads are issued before this tile's math (by hand: the loop carries them), so each
     # program keeps two tiles of h, dy (and d residual) in flight instead of waiting on every load
     rows = start + tl.arange(0, BLOCK_M)
@@ -159,24 +181,27 @@ def _tile(n: int) -> tuple[int, int, int]:
     return block_m, block_n, num_warps
 
 
-def _bwd_tile(n: int, read_bytes: int = 4) -> tuple[int, int, int, int]:
-    """Backward (BLOCK_M, BLOCK_N, num_warps, programs per SM) from the bytes each element reads (h, dy and
-    the residual gradient: 4 for bf16, 10 for the model's bf16 dy with an fp32 residual stream). The H200
-    sweeps (benchmarks/rmsnorm_sweep.py, bf16 at d = 512..4096 and the mixed case at 768) were fastest with
-    tiles reading about 16 KB and about 64 KB in flight per SM (two programs' current and prefetched tiles):
-    bf16 4096-element tiles at 2 programs per SM; mixed 1-row tiles at 4 per SM (92% of copy bandwidth
-    against 82% for the bf16 tile)."""
+def _bwd_tile(n: int, read_bytes: int = 4) -> tuple[int, int, int, int, int]:
+    """Backward (BLOCK_M, BLOCK_N, num_warps, programs per SM, pipeline stages) from the bytes each element
+    reads (h, dy and the residual gradient: 4 for bf16, 10 for the model's bf16 dy with an fp32 residual
+    stream). The loop is software-pipelined by the compiler (``tl.range(num_stages=...)``: the next tiles'
+    loads land in shared memory while this one is computed), which beat the earlier hand prefetch through
+    registers by 1.1-1.3x (H200 sweep, benchmarks/rmsnorm_sweep.py, 2026-12-04: bf16 d 512 / 768 / 1024 at
+    30.8 / 42.4 / 54.2 us against 38.5 / 55.7 / 62.4; the mixed case at 768 even). Fastest there: tiles
+    reading 16-20 KB, 4 warps, 2 programs per SM, 3 stages; the stages shrink for very wide rows so that
+    two programs' buffers still fit in shared memory."""
     block_n = triton.next_power_of_2(n)
-    tile_rows = max(1, 16384 // (block_n * read_bytes))
+    tile_rows = max(1, 20480 // (block_n * read_bytes))
     block_m = min(8, 1 << (tile_rows.bit_length() - 1))
-    per_sm = min(8, max(2, triton.next_power_of_2(triton.cdiv(65536, 2 * block_m * block_n * read_bytes))))
-    return block_m, block_n, 4 if block_n <= 512 else 8, per_sm
+    tile_bytes = block_m * block_n * read_bytes
+    stages = max(1, min(3, (96 * 1024) // tile_bytes))
+    return block_m, block_n, 4 if block_n <= 1024 else 8, 2, stages
 
 
 @functools.cache
 def _num_programs(device: torch.device, per_sm: int | None = None) -> int:
     if device.type == "cuda":
-        # programs per SM from _bwd_tile (2-4 in the sweeps, with the prefetching loop); the fp32 partials stay tiny
+        # programs per SM from _bwd_tile (2 in the sweeps); the fp32 partials stay tiny
         return (per_sm or 2) * torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # the CPU interpreter runs programs one by one: few and long is fastest
 
@@ -233,7 +258,8 @@ def _rms_norm_bwd_impl(
     dx = torch.empty_like(h)
     dlow = torch.empty((m, n), dtype=low_dtype, device=h.device) if low_dtype is not None else h.new_empty(0)
     read_bytes = dy.element_size() + h.element_size() + (dres.element_size() if dres is not None else 0)
-    block_m, block_n, warps, per_sm = _bwd_tile(n, read_bytes)
+    block_m, block_n, warps, per_sm, stages = _bwd_tile(n, read_bytes)
+    stages = TUNE.get("stages", stages)
     if "bwd" in TUNE:
         block_m, warps, per_sm = TUNE["bwd"]
     # Each program's band is a power of two >= BLOCK_M rows: whole tiles, and a compile-time loop count (few
@@ -247,7 +273,7 @@ def _rms_norm_bwd_impl(
         _rms_norm_bwd_kernel[(programs,)](
             dy, dres if dres is not None else dy, h, weight, rstd, dx, dlow if low_dtype is not None else dx,
             partial, m, n, ROWS_PER_PROGRAM=rows_per_program, HAS_DRES=dres is not None,
-            HAS_DXL=low_dtype is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+            HAS_DXL=low_dtype is not None, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=warps,
         )  # fmt: skip
     dw = torch.empty_like(weight)
     if m:
