@@ -87,24 +87,32 @@ class Attention(nn.Module):
         b, l, _ = x.shape
         return x.view(b, l, self.n_heads, self.d_kv).transpose(1, 2)  # (B, H, L, D), a view
 
+    def _packed_kv(self, enc: torch.Tensor) -> torch.Tensor:
+        # one GEMM for k and v: (B, N, 2, H, D), the packed layout ops.attention takes as (k, None)
+        b, n, _ = enc.shape
+        return F.linear(enc, torch.cat([self.k.weight, self.v.weight])).view(b, n, 2, self.n_heads, self.d_kv)
+
     def cross_kv(self, enc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention keys and values (B, H, N, D) of encoder states ``enc`` (B, N, d_model); what the
         cross branch of ``forward`` computes (and caches) when the cache holds none."""
         if not self._fused("k", "v"):
             return self._heads(self.k(enc)), self._heads(self.v(enc))
-        b, n, _ = enc.shape
-        kv = F.linear(enc, torch.cat([self.k.weight, self.v.weight])).view(b, n, 2, self.n_heads, self.d_kv)
+        kv = self._packed_kv(enc)
         return kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)
 
     def forward(self, x, ctx: AttentionContext, kv_input=None, cache=None, layer_idx: int = 0):
         if self.cross:
             q = self._heads(self.q(x))
-            kv = cache.get_cross(layer_idx) if cache is not None else None
-            if kv is None:
-                kv = self.cross_kv(kv_input)
-                if cache is not None:
-                    cache.set_cross(layer_idx, *kv)
-            k, v = kv
+            if cache is None and self._fused("k", "v"):
+                # packed keys and values: the attention backward writes their gradient in this layout
+                k, v = self._packed_kv(kv_input), None
+            else:
+                kv = cache.get_cross(layer_idx) if cache is not None else None
+                if kv is None:
+                    kv = self.cross_kv(kv_input)
+                    if cache is not None:
+                        cache.set_cross(layer_idx, *kv)
+                k, v = kv
             q_seg = ctx.segment_ids if ctx.enc_segment_ids is not None else None
             b, _, m, _ = q.shape
             r = b // k.shape[0]
@@ -139,7 +147,11 @@ class Attention(nn.Module):
                 w = torch.cat([self.q.weight, self.k.weight, self.v.weight])
                 b, m, _ = x.shape
                 qkv = F.linear(x, w).view(b, m, 3, self.n_heads, self.d_kv)
-                q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, M, D) strided views
+                if ctx.rope is None and cache is None:
+                    # packed: the attention backward writes d(qkv) in place, no gather of three gradients
+                    q, k, v = qkv, None, None
+                else:
+                    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, M, D) strided views
             else:
                 q, k, v = self._heads(self.q(x)), self._heads(self.k(x)), self._heads(self.v(x))
             if ctx.rope is not None:

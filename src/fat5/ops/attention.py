@@ -9,7 +9,10 @@ broadcastable to (B, H, M, N); or nothing. A query i sits at absolute position `
 Masks (key j is visible to query i iff all hold): ``key_padding_mask[b, j]`` (True = real token); causal
 ``j <= q_offset + i``; packed documents ``q_segment_ids[b, i] == kv_segment_ids[b, j]``. A query that sees
 no key at all outputs zeros (never NaN).
-Layout: q (B, H, M, D), k and v (B, H, N, D); any strides.
+Layout: q (B, H, M, D), k and v (B, H, N, D); any strides. Packed projections are accepted as they come out
+of one GEMM: ``q`` (B, M, 3, H, D) with ``k = v = None`` (self-attention), or ``k`` (B, N, 2, H, D) with
+``v = None`` (keys and values); ``unpack_qkv`` gives the (B, H, L, D) views. The Triton kernels then write the
+gradient of the packed tensor directly, instead of autograd gathering three strided gradients into it.
 """
 
 from __future__ import annotations
@@ -91,6 +94,26 @@ def position_bias_ref(
     return None
 
 
+def unpack_qkv(
+    q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B, H, L, D) views of q, k, v given separately or packed (module docstring)."""
+    if k is None and v is None:
+        if q.dim() != 5 or q.shape[2] != 3:
+            raise ValueError(
+                f"packed qkv must be (B, M, 3, H, D) when k and v are None, got {tuple(q.shape)}"
+            )
+        return q[:, :, 0].transpose(1, 2), q[:, :, 1].transpose(1, 2), q[:, :, 2].transpose(1, 2)
+    if v is None:
+        if k is None or k.dim() != 5 or k.shape[2] != 2:
+            shape = None if k is None else tuple(k.shape)
+            raise ValueError(f"packed kv must be (B, N, 2, H, D) when v is None, got {shape}")
+        return q, k[:, :, 0].transpose(1, 2), k[:, :, 1].transpose(1, 2)
+    if k is None:
+        raise ValueError("k is None but v is given: pass k, or packed qkv with k = v = None")
+    return q, k, v
+
+
 def attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -109,6 +132,7 @@ def attention_ref(
     kv_segment_ids: torch.Tensor | None = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
+    q, k, v = unpack_qkv(q, k, v)
     b, h, m, d = q.shape
     n = k.shape[2]
     if k.shape != (b, h, n, d) or v.shape[:3] != (b, h, n):

@@ -74,6 +74,7 @@ import triton
 import triton.language as tl
 
 from ..positions import relative_position_bucket
+from .attention import unpack_qkv
 from .registration import op_pair
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -2115,10 +2116,19 @@ def _forward(q, k, v, a: _Args):
     return out, lse
 
 
-def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel_table, bias):
+def _grad_buffers(q, k, v):
+    """Gradients of the op's q, k, v arguments, and the (B, H, L, D) views of them the kernels write: a packed
+    argument gets one contiguous gradient of its own layout (written through strides, no gather afterwards)."""
+    dq, dk, dv = (torch.empty_like(t) if t is not None else None for t in (q, k, v))
+    views = unpack_qkv(dq, dk, dv)
+    # the slot of a None argument gets an empty tensor of its own (a custom op's outputs may not alias)
+    return (dq, q.new_empty(0) if dk is None else dk, q.new_empty(0) if dv is None else dv), views
+
+
+def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel_table, bias, grads):
     b, h, m, d, n = a.b, a.h, a.m, a.d, a.n
     dev = q.device
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = grads
     if _POISON:
         for t in (dq, dk, dv):
             t.fill_(float("nan"))
@@ -2264,7 +2274,7 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
         shape4 = (1,) * (4 - bias.dim()) + tuple(bias.shape)
         dims = tuple(i for i in range(4) if shape4[i] == 1 and (b, h, m, n)[i] != 1)
         d_bias = (db.sum(dim=dims, keepdim=True) if dims else db).reshape(bias.shape).to(bias.dtype)
-    return dq, dk, dv, d_table, d_bias
+    return d_table, d_bias
 
 
 # ------------------------------------------------------------------------- torch.library registration
@@ -2273,8 +2283,8 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
 # an int or as a 0-dim tensor (q_offset_t) that the kernels read on the device.
 def _fwd_impl(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    k: Optional[torch.Tensor],
+    v: Optional[torch.Tensor],
     scale: float,
     causal: bool,
     q_offset: int,
@@ -2288,7 +2298,9 @@ def _fwd_impl(
     q_segment_ids: Optional[torch.Tensor],
     kv_segment_ids: Optional[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out, lse, *saved): saved = (T5 distance vector, kv_lo, kv_hi, q_lo, q_hi) for the backward."""
+    """Returns (out, lse, *saved): saved = (T5 distance vector, kv_lo, kv_hi, q_lo, q_hi) for the backward.
+    q, k, v: separate or packed (``unpack_qkv``)."""
+    q, k, v = unpack_qkv(q, k, v)
     a = _Args(
         q,
         k,
@@ -2326,6 +2338,7 @@ def _fwd_fake(
     q_segment_ids,
     kv_segment_ids,
 ):
+    q, k, v = unpack_qkv(q, k, v)
     b, h, m, d = q.shape
     n = k.shape[2]
     out = q.new_empty((b, m, h, d)).transpose(1, 2)
@@ -2344,8 +2357,8 @@ def _fwd_fake(
 def _bwd_impl(
     do: torch.Tensor,
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    k: Optional[torch.Tensor],
+    v: Optional[torch.Tensor],
     out: torch.Tensor,
     lse: torch.Tensor,
     scale: float,
@@ -2368,6 +2381,10 @@ def _bwd_impl(
     need_drel: bool,
     need_dbias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d q, d k, d v, d rel_table, d bias): the first three in the layout of the q, k, v arguments (a packed
+    argument gets its packed gradient; the slot of a None argument an empty tensor)."""
+    grads, views = _grad_buffers(q, k, v)
+    q, k, v = unpack_qkv(q, k, v)
     a = _Args(
         q,
         k,
@@ -2385,7 +2402,10 @@ def _bwd_impl(
         kv_segment_ids,
         saved=(rbv, kv_lo, kv_hi, q_lo, q_hi),
     )
-    return _backward(do, q, k, v, out, lse, a, scale, need_drel, need_dbias, rel_table, bias)
+    d_table, d_bias = _backward(
+        do, q, k, v, out, lse, a, scale, need_drel, need_dbias, rel_table, bias, views
+    )
+    return (*grads, d_table, d_bias)
 
 
 def _bwd_fake(
@@ -2417,7 +2437,8 @@ def _bwd_fake(
 ):
     d_table = rel_table.new_empty(rel_table.shape) if need_drel and rel_table is not None else q.new_empty(0)
     d_bias = bias.new_empty(bias.shape) if need_dbias and bias is not None else q.new_empty(0)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), d_table, d_bias
+    empty = lambda t: q.new_empty(0) if t is None else torch.empty_like(t)
+    return torch.empty_like(q), empty(k), empty(v), d_table, d_bias
 
 
 _SAVED = (
@@ -2516,8 +2537,8 @@ def _backward_rule(ctx, dout, *_, bwd):  # lse and the saved tensors get no grad
     )
     return (
         dq,
-        dk,
-        dv,
+        dk if s["k"] is not None else None,
+        dv if s["v"] is not None else None,
         None,
         None,
         None,
@@ -2541,8 +2562,8 @@ _attention, _fwd_op, _bwd_op = op_pair(
 # --------------------------------------------------------------------------------------------- public
 def flash_attention(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    k: torch.Tensor | None,
+    v: torch.Tensor | None,
     *,
     scale: float = 1.0,
     causal: bool = False,
@@ -2557,7 +2578,10 @@ def flash_attention(
     kv_segment_ids: torch.Tensor | None = None,
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """Triton attention with exactly ``attention_ref``'s semantics (see the module docstring)."""
+    """Triton attention with exactly ``attention_ref``'s semantics (see the module docstring). q, k, v may be
+    packed (``ops.attention.unpack_qkv``): the backward then writes the packed tensor's gradient in place."""
+    args = (q, k, v)
+    q, k, v = unpack_qkv(q, k, v)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(
             f"q, k, v must be 4-D (B, H, L, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
@@ -2617,9 +2641,7 @@ def flash_attention(
             )
         q_offset_t, q_offset = q_offset.to(q.device), 0
     out = _attention(
-        q,
-        k,
-        v,
+        *args,
         float(scale),
         bool(causal),
         int(q_offset),
