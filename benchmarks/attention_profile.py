@@ -23,6 +23,7 @@ import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 from fat5.ops import attention_triton as at  # noqa: E402
+from fat5.positions import relative_position_bucket  # noqa: E402
 
 H, BUCKETS, MAXDIST, TOKENS = 12, 32, 128, 32768
 
@@ -39,10 +40,27 @@ def inputs(length, d, seed=0, batch=None, kv_length=None):
     return q, k, v, table
 
 
+def t5_bias_dense(table, m, n, q_offset, bidirectional, max_distance):
+    """The T5 bias (1, H, M, N) fp32 materialised from the (buckets, H) table by a one-hot matmul (its gradient
+    into the table is a matmul too), for the "t5-dense" cells: the kernels' dense-bias path against the T5
+    buckets computed in-kernel."""
+    nb, h = table.shape
+    rel = (
+        torch.arange(n, device=table.device)[None, :]
+        - (torch.arange(m, device=table.device) + q_offset)[:, None]
+    )
+    onehot = F.one_hot(relative_position_bucket(rel, bidirectional, nb, max_distance).reshape(-1), nb).float()
+    return (onehot @ table.float()).t().reshape(1, h, m, n)
+
+
 def run_ours(q, k, v, table, causal, bias, seg):
     kw = {}
     if bias in ("t5", "t5-nograd"):
         kw = dict(rel_table=table, rel_bidirectional=not causal, rel_max_distance=MAXDIST)
+    elif (
+        bias == "t5-dense"
+    ):  # the T5 bias materialised as (1, H, M, N) fp32 from the table, then a dense bias
+        kw = dict(bias=t5_bias_dense(table, q.shape[2], k.shape[2], 0, not causal, MAXDIST))
     return at.flash_attention(q, k, v, causal=causal, q_segment_ids=seg, kv_segment_ids=seg, **kw)
 
 
@@ -99,7 +117,8 @@ def main():
         choices=("all", "table", "model"),
         default="all",
         help="table: only the default variant's rows and SDPA; model: the three attentions of T5 v1.1 base at "
-        "512/114, batch 64 (encoder self, decoder self, cross), the T5 table's gradient on and off",
+        "512/114, batch 64 (encoder self, decoder self, cross), the T5 table's gradient on and off, the T5 bias "
+        "in the kernel against materialised from the table (t5-dense)",
     )
     args = ap.parse_args()
     cells = [
@@ -129,6 +148,10 @@ def main():
             ("ours", 64, 512, False, "t5-nograd", None, "table", 64, 512),
             ("sdpa", 64, 114, True, "none", None, "table", 64, 114),
             ("ours", 64, 114, True, "t5", None, "table", 64, 114),
+            ("ours", 64, 114, True, "t5-dense", None, "table", 64, 114),
+            ("ours", 64, 256, True, "t5", None, "table", 64, 256),
+            ("ours", 64, 256, True, "t5-dense", None, "table", 64, 256),
+            ("ours", 64, 512, False, "t5-dense", None, "table", 64, 512),
             ("ours", 64, 1024, False, "t5", None, "table", 32, 1024),
             ("sdpa", 64, 114, False, "none", None, "table", 64, 512),
             ("ours", 64, 114, False, "none", None, "table", 64, 512),
