@@ -18,7 +18,7 @@ import torch
 
 from fat5.ops import attention_triton as at
 from fat5.ops.attention import attention_ref, build_mask, position_bias_ref
-from fat5.positions import alibi_slopes
+from fat5.positions import alibi_slopes, relative_position_bucket
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -541,6 +541,26 @@ def test_torch_compile_and_cuda_graph():
             rel_bidirectional=False,
         )
         assert (static_out.double() - ref).abs().max() < 2e-2
+
+
+def test_device_constants_during_capture(monkeypatch):
+    """The cached constant tensors (bucket ids, index map, placeholder): built once; while a CUDA graph is
+    being captured an existing entry is read as it is (the graph replays no kernels rebuilding it), and a
+    missing one is built without being cached (a tensor made during capture must not outlive the graph)."""
+    dev = torch.device("cpu")
+    at._distance_buckets.cache_clear()
+    first = at._distance_buckets(32, True, 128, dev)
+    assert at._distance_buckets(32, True, 128, dev) is first
+    monkeypatch.setattr(at, "_capturing", lambda d: True)
+    assert at._distance_buckets(32, True, 128, dev) is first
+    fresh = at._distance_buckets(16, False, 64, dev)
+    again = at._distance_buckets(16, False, 64, dev)
+    assert fresh is not again and torch.equal(fresh[0], again[0])  # built each time, never stored
+    assert (16, False, 64, dev) not in at._distance_buckets.entries
+    monkeypatch.setattr(at, "_capturing", lambda d: False)
+    assert at._distance_buckets(16, False, 64, dev) is at._distance_buckets(16, False, 64, dev)
+    ref = relative_position_bucket(torch.arange(-64, 65), False, 16, 64)
+    assert torch.equal(at._distance_buckets(16, False, 64, dev)[0], ref)
 
 
 @pytest.mark.gpu

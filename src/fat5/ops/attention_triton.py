@@ -46,8 +46,8 @@ Inner-loop variants for the T5 bias (same function; selected per launch):
 
 The forward op also returns (as outputs the backward saves; no gradient) the T5 distance vector and the
 segment-range tables, so the backward does not rebuild them; bucket one-hot matrices and placeholder
-tensors are cached per device (never while a CUDA graph is being captured, and built outside the private
-memory pool of a CUDA graph warming up).
+tensors are cached per device (built outside the private memory pool of a CUDA graph warming up; a graph
+captured later reads the cached tensors, and builds without caching only what is missing).
 
 Masks: key padding (B, N) bool; causal against query positions ``q_offset + i`` (``q_offset`` a python int
 or a 0-dim integer tensor read in-kernel: no host sync, CUDA-graph safe); packed documents via segment ids.
@@ -1794,7 +1794,7 @@ def _outside_graph_pools(fn):
     While torch.compile(mode="reduce-overhead") warms a CUDA graph up, it sends every allocation of the calling
     thread to the graph's private memory pool, and a tensor that stays alive there after the step (as a cache
     entry does) fails the graph's check that all live allocations are its outputs. Another thread allocates
-    from the ordinary pool. During a capture itself nothing is cached: see ``_uncached``."""
+    from the ordinary pool. During a capture itself nothing new is cached: see ``_DeviceConstants``."""
 
     @functools.wraps(fn)
     def build(*args):
@@ -1818,13 +1818,39 @@ def _outside_graph_pools(fn):
     return build
 
 
-def _uncached(cached):
-    """The plain builder under an lru_cache'd _outside_graph_pools function (for use during graph capture)."""
-    return cached.__wrapped__.__wrapped__
+class _DeviceConstants:
+    """Memoises a builder of constant device tensors (bucket ids, index maps, a placeholder), keyed by its
+    arguments. Entries are built outside any CUDA graph's memory pool (``_outside_graph_pools``). While a
+    graph is being captured, an entry built before is used as it is: it is constant and lives outside the
+    graph, so the graph only reads it (a captured step replays none of the ~25 small kernels that build it).
+    A missing entry is then built without caching: a tensor made during capture must not outlive its graph.
+    Warm-up steps run eagerly before any capture, so a captured step normally finds every entry."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.build = _outside_graph_pools(fn)
+        self.entries: dict = {}
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args):
+        hit = self.entries.get(args)
+        if hit is not None:
+            return hit
+        dev = next(
+            a if isinstance(a, torch.device) else a.device
+            for a in args
+            if isinstance(a, (torch.device, torch.Tensor))
+        )
+        if _capturing(dev):
+            return self.fn(*args)
+        out = self.entries[args] = self.build(*args)
+        return out
+
+    def cache_clear(self) -> None:
+        self.entries.clear()
 
 
-@functools.lru_cache(maxsize=64)
-@_outside_graph_pools
+@_DeviceConstants
 def _distance_buckets(nb: int, bidirectional: bool, max_distance: int, device: torch.device):
     w = max(int(max_distance), nb)
     dist = torch.arange(-w, w + 1, device=device)
@@ -1832,8 +1858,7 @@ def _distance_buckets(nb: int, bidirectional: bool, max_distance: int, device: t
     return buckets, torch.nn.functional.one_hot(buckets, nb).float()  # (2W+1,), (2W+1, nb)
 
 
-@functools.lru_cache(maxsize=16)
-@_outside_graph_pools
+@_DeviceConstants
 def _dummy_cached(device: torch.device) -> torch.Tensor:
     return torch.empty(1, device=device, dtype=torch.float32)
 
@@ -1843,9 +1868,8 @@ def _capturing(dev: torch.device) -> bool:
 
 
 def _dummy(dev: torch.device) -> torch.Tensor:
-    """Placeholder pointer for absent kernel arguments (never read or written): one per device, except that a
-    tensor allocated during CUDA-graph capture must not outlive the graph."""
-    return torch.empty(1, device=dev, dtype=torch.float32) if _capturing(dev) else _dummy_cached(dev)
+    """Placeholder pointer for absent kernel arguments (never read or written): one per device."""
+    return _dummy_cached(dev)
 
 
 def _nt_rows(w: int) -> int:
@@ -1860,8 +1884,7 @@ def _rel_width(w: int, table: bool) -> int:
     return _nt_rows(w) * NT_COLS.value + (2 * w + 1 + 3) // 4 * 4
 
 
-@functools.lru_cache(maxsize=16)
-@_outside_graph_pools
+@_DeviceConstants
 def _rel_index(buckets: torch.Tensor, w: int) -> torch.Tensor:
     """Bucket of every entry of a "table"-variant head row: table[r, c] holds distance c - r + W + NT_COLS
     (clamped to +-W), then come the distances -W..W, then padding to 16 bytes (never read)."""
@@ -1877,14 +1900,12 @@ def _rel_setup(rel_table: torch.Tensor, bidirectional: bool, max_distance: int):
     """Buckets of the distances -W..W (W beyond which the bucket no longer changes) by the reference function.
 
     They depend only on the bucketing parameters, so they are computed once per device (about 15 small
-    kernels saved per attention call) — except while a CUDA graph is being captured, where kernels do not
-    run and a tensor created then must not be reused outside the graph. Returns W, the buckets and their
-    one-hot matrix (used to map the distance gradient to buckets)."""
+    kernels saved per attention call, in a captured CUDA graph too: ``_DeviceConstants``). Returns W, the
+    buckets and their one-hot matrix (used to map the distance gradient to buckets)."""
     nb = rel_table.shape[0]
     w = max(int(max_distance), nb)
     dev = rel_table.device
-    fn = _uncached(_distance_buckets) if _capturing(dev) else _distance_buckets
-    return (w, *fn(nb, bool(bidirectional), int(max_distance), dev))
+    return (w, *_distance_buckets(nb, bool(bidirectional), int(max_distance), dev))
 
 
 @triton.jit
@@ -2015,8 +2036,7 @@ class _Args:
                 self.near_table = _VARIANT == "table"
                 idx = self.buckets
                 if self.near_table:
-                    fn = _uncached(_rel_index) if _capturing(dev) else _rel_index
-                    idx = fn(self.buckets, self.w)
+                    idx = _rel_index(self.buckets, self.w)
                 self.rbv = rel_table.t().float().index_select(1, idx).mul_(LOG2E)
             self.bias_kind, self.rbw = BIAS_REL, self.rbv.shape[1]
         elif alibi_slopes is not None:
