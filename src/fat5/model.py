@@ -230,15 +230,21 @@ class Block(nn.Module):
         self.ff = FeedForward(config)
         self.dropout = nn.Dropout(config.dropout_rate)
 
-    def forward(self, x, ctx: AttentionContext, enc=None, cache=None, layer_idx: int = 0):
-        # residual adds before a norm are fused into it: h = norm(x + out), x = x + out
-        h = self.attn_norm(x, to_linear=self.attn.single_input_gemm())
+    def forward(self, x, ctx: AttentionContext, enc=None, cache=None, layer_idx: int = 0, pending=None):
+        """Returns (x, out): the residual stream and this block's last output, not yet added to it. Every
+        residual add is fused into the norm that follows it (h = norm(x + out), x = x + out in one pass):
+        ``pending``, the previous block's ``out``, is added by this block's first norm, and the stack's
+        final norm adds the last one."""
+        if pending is None:
+            h = self.attn_norm(x, to_linear=self.attn.single_input_gemm())
+        else:
+            h, x = self.attn_norm(pending, x, to_linear=self.attn.single_input_gemm())
         out = self.dropout(self.attn(h, ctx, cache=cache, layer_idx=layer_idx))
         if self.is_decoder:
             h, x = self.cross_norm(out, x, to_linear=self.cross_attn.single_input_gemm())
             out = self.dropout(self.cross_attn(h, ctx, enc, cache, layer_idx))
         h, x = self.ff_norm(out, x, to_linear=self.ff.single_input_gemm())
-        return x + self.dropout(self.ff(h))
+        return x, self.dropout(self.ff(h))
 
 
 class Stack(nn.Module):
@@ -298,14 +304,18 @@ class Stack(nn.Module):
             n_keys = cache.key_length(m) if cache is not None else n_total
             ctx.bias = self.fire(m, n_keys, q_offset, bidirectional=not self.is_decoder).to(x.dtype)
         x = self.dropout(x)
+        out = None  # the last block's output, added to x by the next norm (Block.forward)
         for i, layer in enumerate(self.layers):
             if self.gradient_checkpointing and self.training and cache is None:
-                x = (self._gradient_checkpointing_func or _checkpoint)(layer, x, ctx, encoder_hidden_states)
+                x, out = (self._gradient_checkpointing_func or _checkpoint)(
+                    layer, x, ctx, encoder_hidden_states, None, i, out
+                )
             else:
-                x = layer(x, ctx, encoder_hidden_states, cache, i)
+                x, out = layer(x, ctx, encoder_hidden_states, cache, i, out)
         if cache is not None:
             cache.advance(m)
-        return self.dropout(self.final_norm(x))
+        h = self.final_norm(x) if out is None else self.final_norm(out, x)[0]
+        return self.dropout(h)
 
 
 def _checkpoint(*args):
