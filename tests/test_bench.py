@@ -3,6 +3,7 @@ commit recorded. The timing itself needs a CUDA GPU and runs only there."""
 
 import json
 
+import pytest
 import torch
 
 from fat5 import bench
@@ -48,3 +49,33 @@ def test_report_ratios_against_hf_of_the_same_shape(tmp_path, monkeypatch):
     assert "| 45.0% | 18.0 | 4.00x, 0.33x |" in text
     assert "| 44.0% | 16.0 | hf: out of memory |" in text
     assert "| hf | 125,000 | 320.0 | 11.0% | 54.0 |  |" in text
+
+
+@pytest.mark.gpu
+def test_whole_step_graph_trains_like_eager_steps_gpu():
+    """fat5-step-graph's captured step (forward, backward, fused AdamW) is a real training step: its replays
+    give the losses of the same steps run eagerly (3 warm-up steps, then one per replay)."""
+    from fat5 import FAT5Config, FAT5ForConditionalGeneration
+
+    cfg = FAT5Config.from_preset("tiny")
+    torch.manual_seed(0)
+    models = [FAT5ForConditionalGeneration(cfg).cuda().train() for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    ids = torch.randint(2, cfg.vocab_size, (4, 64), device="cuda")
+    labels = torch.randint(2, cfg.vocab_size, (4, 16), device="cuda")
+    replay, _, loss = bench._whole_step_graph(models[0], ids, labels, lr=1e-3)
+    graph_losses = []
+    for _ in range(4):
+        replay()
+        graph_losses.append(loss.item())
+    opt = torch.optim.AdamW(models[1].parameters(), lr=1e-3, fused=True)
+    eager = []
+    for _ in range(7):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = models[1](input_ids=ids, labels=labels).loss
+        out.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        eager.append(out.item())
+    assert graph_losses[-1] < graph_losses[0]
+    torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager[3:]), rtol=2e-2, atol=2e-2)

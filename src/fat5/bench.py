@@ -151,7 +151,7 @@ def run_one(
     if impl == "fat5-step-graph":
         # the graph's memory pool is filled while capturing: the peak counts from before the warm-up
         torch.cuda.reset_peak_memory_stats()
-        step, opt = _whole_step_graph(model, ids, labels)
+        step, opt, _ = _whole_step_graph(model, ids, labels)
         return _timed(
             impl, preset, cfg, l_enc, l_dec, batch, steps, peak, prof_out, step, opt, reset_peak=False
         )
@@ -178,14 +178,17 @@ def run_one(
     return _timed(impl, preset, cfg, l_enc, l_dec, batch, steps, peak, prof_out, step, opt)
 
 
-def _whole_step_graph(model: FAT5ForConditionalGeneration, ids: torch.Tensor, labels: torch.Tensor):
+def _whole_step_graph(
+    model: FAT5ForConditionalGeneration, ids: torch.Tensor, labels: torch.Tensor, lr: float = 1e-4
+):
     """fat5-step-graph: the model compiled (torch.compile, default mode), then forward, backward and torch's
     fused AdamW captured together as one CUDA graph. A replay is one launch: the host does no work between
     the backward and the optimizer or between steps, where the cudagraph-tree step (fat5-graph) still runs
     the autograd engine, the optimizer's launches and zero_grad on the host. Inputs are static tensors (a
-    training loop copies each batch into them; with fixed shapes, as in pretraining, that is all it needs)."""
+    training loop copies each batch into them; with fixed shapes, as in pretraining, that is all it needs).
+    Returns (replay, optimizer, the loss tensor each replay rewrites); the warm-up takes 3 real steps."""
     fwd = torch.compile(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, fused=True, capturable=True)
 
     def body():
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -207,8 +210,8 @@ def _whole_step_graph(model: FAT5ForConditionalGeneration, ids: torch.Tensor, la
     # the gradients are allocated inside the capture (grad None before it), so each replay writes them afresh:
     # no accumulation across replays and no zeroing pass
     with torch.cuda.graph(graph):
-        body()
-    return graph.replay, opt
+        loss = body()
+    return graph.replay, opt, loss
 
 
 def _trainer_step(model: FAT5ForConditionalGeneration, ids: torch.Tensor, labels: torch.Tensor):
