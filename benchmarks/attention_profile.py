@@ -57,9 +57,7 @@ def run_ours(q, k, v, table, causal, bias, seg):
     kw = {}
     if bias in ("t5", "t5-nograd"):
         kw = dict(rel_table=table, rel_bidirectional=not causal, rel_max_distance=MAXDIST)
-    elif (
-        bias == "t5-dense"
-    ):  # the T5 bias materialised as (1, H, M, N) fp32 from the table, then a dense bias
+    elif bias == "t5-dense":
         kw = dict(bias=t5_bias_dense(table, q.shape[2], k.shape[2], 0, not causal, MAXDIST))
     return at.flash_attention(q, k, v, causal=causal, q_segment_ids=seg, kv_segment_ids=seg, **kw)
 
