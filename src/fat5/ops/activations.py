@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .launch import Launcher
 from .registration import op_pair
 
 ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
@@ -134,10 +135,13 @@ def _grid(m: int, f: int) -> tuple[tuple[int, int], int, int]:
     return (triton.cdiv(m, block_r), triton.cdiv(f, block_c)), block_r, block_c
 
 
+_LAUNCHERS = {k: Launcher(k) for k in (_gated_act_fwd_kernel, _gated_act_bwd_kernel)}
+
+
 def _launch(kernel, m, f, *args, act, has_up):
     if m and f:
         grid, block_r, block_c = _grid(m, f)
-        kernel[grid](*args, ACT=act, HAS_UP=has_up, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8)
+        _LAUNCHERS[kernel][grid](*args, ACT=act, HAS_UP=has_up, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8)
 
 
 def _check(gate: torch.Tensor, up: torch.Tensor | None, act: str) -> None:

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import Launcher
+
 _BLOCK = 4096
 _DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -76,6 +78,9 @@ def _count_step_kernel(PTRS, SKIP, T):
     if tl.load(SKIP) == 0:
         STEP = tl.load(PTRS + 5 * T + tl.program_id(0)).to(tl.pointer_type(tl.float32))
         tl.store(STEP, tl.load(STEP) + 1.0)
+
+
+_ADAMW_SCALE, _COUNT_STEP = Launcher(_adamw_scale_kernel), Launcher(_count_step_kernel)
 
 
 _TABLES: dict = {}  # (device, numels) -> (PROG_T, PROG_B, NUMEL, INV_SQRT_NUMEL): fixed for a parameter set
@@ -160,10 +165,10 @@ def adamw_scale_update_(
     log2_b1 = math.log2(beta1) if beta1 > 0 else -math.inf
     log2_b2 = math.log2(beta2) if beta2 > 0 else -math.inf
     prog_t, prog_b, numel_t, inv_sqrt_numel = _tables(device, local_numels, tuple(numels))
-    _count_step_kernel[(len(params),)](cached[1], skip, len(params))
+    _COUNT_STEP[(len(params),)](cached[1], skip, len(params))
     if prog_t.numel() == 0:  # every tensor empty
         return
-    _adamw_scale_kernel[(prog_t.numel(),)](
+    _ADAMW_SCALE[(prog_t.numel(),)](
         cached[1], prog_t, prog_b, numel_t, inv_sqrt_numel, torch.stack(norms).float(), skip, len(params), lr, beta1,
         beta2, log2_b1, log2_b2, eps, weight_decay, scale_floor, DT=_DTYPES[dt], GDT=_DTYPES[gdt],
         KAHAN=comps is not None, BLOCK=_BLOCK, num_warps=8,

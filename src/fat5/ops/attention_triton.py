@@ -75,6 +75,7 @@ import triton.language as tl
 
 from ..positions import relative_position_bucket
 from .attention import unpack_qkv
+from .launch import Launcher
 from .registration import op_pair
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -1784,6 +1785,13 @@ def _dq_kernel(
 
 
 # --------------------------------------------------------------------------------------------- host side
+# launched through ``Launcher`` (ops/launch.py): Triton's per-launch Python work is done once per specialisation;
+# the heuristics read the NEAR step widths, so those join the key
+_near_key = lambda: tuple(NEAR.values())  # noqa: E731
+_FWD, _DKV, _DQ = (Launcher(k, extra=_near_key) for k in (_fwd_kernel, _dkv_kernel, _dq_kernel))
+_DELTA = Launcher(_delta_kernel)
+
+
 def _pow2(x: int) -> int:
     return triton.next_power_of_2(max(int(x), 1))
 
@@ -1938,6 +1946,9 @@ def _segment_ranges_kernel(
     tl.store(HI + b * NG_OUT + g, tl.where(anyv, tl.minimum((last + 1) * 16, L_IN), 0).to(tl.int32))
 
 
+_SEG = Launcher(_segment_ranges_kernel)
+
+
 def _segment_ranges(q_seg: torch.Tensor, kv_seg: torch.Tensor, m: int, n: int):
     """_segment_ranges_ref in two launches of one kernel (the reference takes about 60 small torch ops)."""
     b = q_seg.shape[0]
@@ -1946,11 +1957,11 @@ def _segment_ranges(q_seg: torch.Tensor, kv_seg: torch.Tensor, m: int, n: int):
     kv_lo, kv_hi, q_lo, q_hi = new(ngq), new(ngq), new(ngk), new(ngk)
     block = min(64, _pow2(ngk)), min(64, _pow2(ngq))
     if b and ngq:
-        _segment_ranges_kernel[(ngq, b)](
+        _SEG[(ngq, b)](
             q_seg, kv_seg, kv_lo, kv_hi, *q_seg.stride(), *kv_seg.stride(), m, n, ngq, ngk, BLOCK_G=block[0]
         )
     if b and ngk:
-        _segment_ranges_kernel[(ngk, b)](
+        _SEG[(ngk, b)](
             kv_seg, q_seg, q_lo, q_hi, *kv_seg.stride(), *q_seg.stride(), n, m, ngk, ngq, BLOCK_G=block[1]
         )
     return kv_lo, kv_hi, q_lo, q_hi
@@ -2090,7 +2101,7 @@ def _forward(q, k, v, a: _Args):
     if m == 0:
         return out, lse
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), b * h)
-    _fwd_kernel[grid](
+    _FWD[grid](
         q,
         k,
         v,
@@ -2153,7 +2164,7 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
         for t in (dq, dk, dv):
             t.fill_(float("nan"))
     delta = torch.empty((b, h, m), dtype=torch.float32, device=dev)
-    _delta_kernel[(triton.cdiv(m, 16 if _INTERPRET else 64), b * h)](
+    _DELTA[(triton.cdiv(m, 16 if _INTERPRET else 64), b * h)](
         out,
         do,
         delta,
@@ -2176,7 +2187,7 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
     if _POISON and rel_grad:  # every partial row must be written
         drel.fill_(float("nan"))
     grid_kv = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * h)
-    _dkv_kernel[grid_kv](
+    _DKV[grid_kv](
         q,
         k,
         v,
@@ -2235,7 +2246,7 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
     # skipped (fully masked) tiles are never written: their gradient is zero
     db = torch.zeros((b, h, m, n), dtype=torch.float32, device=dev) if bias_grad else a.dummy
     grid_q = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), b * h)
-    _dq_kernel[grid_q](
+    _DQ[grid_q](
         q,
         k,
         v,

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import Launcher
 from .registration import op_pair
 
 
@@ -169,13 +170,16 @@ def _ce_bwd_kernel(
     )
 
 
+_CE_FWD, _CE_BWD = Launcher(_ce_fwd_kernel), Launcher(_ce_bwd_kernel)
+
+
 def _launch_ce_fwd(logits, labels, loss_rows, z_rows, lse, grad, scale, ignore_index, z_loss, smoothing):
     """Per-row kernel over logits (n, V) with unit column stride; grad (n, V) or None (no gradient pass)."""
     n, v = logits.shape
     if n == 0:
         return
     block_v = min(_MAX_BLOCK_V, triton.next_power_of_2(v))
-    _ce_fwd_kernel[(n,)](
+    _CE_FWD[(n,)](
         logits, logits.stride(0), labels, loss_rows, z_rows, lse,
         grad if grad is not None else logits, grad.stride(0) if grad is not None else 0,
         scale, ignore_index, z_loss, smoothing,
@@ -223,7 +227,7 @@ def _ce_bwd_impl(
     grad = torch.empty_like(logits)
     if n:
         scale = grad_loss.to(torch.float32) * _inv_n_valid(labels, ignore_index)
-        _ce_bwd_kernel[(n,)](
+        _CE_BWD[(n,)](
             logits, logits.stride(0), labels, lse, grad, grad.stride(0), scale, ignore_index, z_loss,
             label_smoothing, N_COLS=v, BLOCK_V=min(_MAX_BLOCK_V, triton.next_power_of_2(v)), num_warps=8,
         )  # fmt: skip

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import Launcher
 from .registration import op_pair
 
 
@@ -172,6 +173,9 @@ def _sum_rows_kernel(P, OUT, R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr)
 TUNE: dict = {}
 
 
+_FWD, _BWD, _SUM_ROWS = (Launcher(k) for k in (_rms_norm_fwd_kernel, _rms_norm_bwd_kernel, _sum_rows_kernel))
+
+
 def _tile(n: int) -> tuple[int, int, int]:
     """Forward (BLOCK_M, BLOCK_N, num_warps): about 2048 elements a tile, so narrow rows are batched per
     program (a sweep on the H200, benchmarks/rmsnorm_sweep.py, put the forward at 90-100% of copy bandwidth)."""
@@ -224,7 +228,7 @@ def _rms_norm_fwd_impl(
         block_m, block_n, warps = _tile(n)
         if "fwd" in TUNE:
             block_m, warps = TUNE["fwd"]
-        _rms_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
+        _FWD[(triton.cdiv(m, block_m),)](
             x, residual if residual is not None else x, y, h if residual is not None else y, weight, rstd,
             m, n, eps, HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         )  # fmt: skip
@@ -270,7 +274,7 @@ def _rms_norm_bwd_impl(
     programs = triton.cdiv(m, rows_per_program)
     partial = torch.empty(programs, n, dtype=torch.float32, device=h.device)
     if m:
-        _rms_norm_bwd_kernel[(programs,)](
+        _BWD[(programs,)](
             dy, dres if dres is not None else dy, h, weight, rstd, dx, dlow if low_dtype is not None else dx,
             partial, m, n, ROWS_PER_PROGRAM=rows_per_program, HAS_DRES=dres is not None,
             HAS_DXL=low_dtype is not None, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=warps,
@@ -278,7 +282,7 @@ def _rms_norm_bwd_impl(
     dw = torch.empty_like(weight)
     if m:
         block_r, block_c = TUNE.get("reduce", _reduce_tile(programs))
-        _sum_rows_kernel[(triton.cdiv(n, block_c),)](
+        _SUM_ROWS[(triton.cdiv(n, block_c),)](
             partial, dw, programs, n, BLOCK_R=block_r, BLOCK_N=block_c, num_warps=4
         )
     else:
