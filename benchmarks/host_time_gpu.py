@@ -50,7 +50,7 @@ def host_us(fn, n=20):
     return dt
 
 
-def attention_case(b, length, causal, packed=False, decode=False, d=64, h=12):
+def attention_case(b, length, causal, packed=False, decode=False, fwd_only=False, d=64, h=12):
     dev, dt = "cuda", torch.bfloat16
     m = 1 if decode else length
     q = torch.randn(b, h, m, d, device=dev, dtype=dt, requires_grad=not decode)
@@ -67,6 +67,10 @@ def attention_case(b, length, causal, packed=False, decode=False, d=64, h=12):
         if decode:
             with torch.no_grad():
                 return flash_attention(q, k, v, causal=True, rel_table=table, rel_bidirectional=False)
+        if fwd_only:  # with autograd recording, as a training forward
+            return flash_attention(
+                q, k, v, causal=causal, rel_table=table, rel_bidirectional=not causal, **kw
+            )
         out = flash_attention(q, k, v, causal=causal, rel_table=table, rel_bidirectional=not causal, **kw)
         out.backward(g)
         for t in (q, k, v, table):
@@ -103,6 +107,7 @@ def act_case(tokens=32768, f=2048):
 CASES = {
     "attention T5 512, b64": lambda: attention_case(64, 512, False),
     "attention T5 1024 causal, b32": lambda: attention_case(32, 1024, True),
+    "attention T5 1024 causal, b32, fwd only": lambda: attention_case(32, 1024, True, fwd_only=True),
     "attention T5 1024, b32": lambda: attention_case(32, 1024, False),
     "attention T5 8 packed docs 4096, b8": lambda: attention_case(8, 4096, False, packed=True),
     "attention T5 decode 1 x 512, b64 (fwd only)": lambda: attention_case(64, 512, True, decode=True),
@@ -130,7 +135,7 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--tag", default=time.strftime("%Y-%m-%d"))
     ap.add_argument("--commit", default="")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -146,7 +151,7 @@ def main():
             for flag in (True, False):
                 launch.ENABLED = flag
                 host[flag].append(host_us(fn))
-                wall[flag].append(triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median"))
+                wall[flag].append(triton.testing.do_bench(fn, warmup=5, rep=20, return_mode="median"))
         launch.ENABLED = True
         row = {
             "case": name,
@@ -158,12 +163,10 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
     prof = {}
-    fn = CASES["attention T5 512, b64"]()
-    for flag in (True, False):
-        launch.ENABLED = flag
+    for name in ("attention T5 512, b64", "attention T5 1024 causal, b32, fwd only"):
+        fn = CASES[name]()
         fn()
-        prof[flag] = profile_text(fn)
-    launch.ENABLED = True
+        prof[name] = profile_text(fn)
     meta = {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,

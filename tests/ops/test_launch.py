@@ -200,3 +200,13 @@ def test_ops_bitwise_equal_to_the_ordinary_path_gpu(case, monkeypatch):
         assert torch.equal(a, b)
     for a, b in zip(fast[0], ordinary):
         assert torch.equal(a, b)
+
+
+def test_host_cdiv_and_next_pow2_equal_triton():
+    from fat5.ops.launch import cdiv, next_pow2
+
+    for n in list(range(0, 2100)) + [2**31 - 1, 2**31, 2**40 + 3]:
+        assert next_pow2(n) == triton.next_power_of_2(n), n
+    for a in range(0, 300):
+        for b in (1, 2, 3, 16, 64, 128, 129):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)

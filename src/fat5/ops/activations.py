@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .launch import Launcher
+from .launch import Launcher, cdiv, next_pow2
 from .registration import op_pair
 
 ACTIVATIONS = ("gelu_tanh", "gelu", "silu", "relu")
@@ -130,9 +130,9 @@ def _gated_act_bwd_kernel(
 
 def _grid(m: int, f: int) -> tuple[tuple[int, int], int, int]:
     """About _BLOCK elements a tile: up to 1024 columns, as many rows as fill the rest."""
-    block_c = min(1024, triton.next_power_of_2(max(f, 1)))
+    block_c = min(1024, next_pow2(max(f, 1)))
     block_r = max(1, _BLOCK // block_c)
-    return (triton.cdiv(m, block_r), triton.cdiv(f, block_c)), block_r, block_c
+    return (cdiv(m, block_r), cdiv(f, block_c)), block_r, block_c
 
 
 _LAUNCHERS = {k: Launcher(k) for k in (_gated_act_fwd_kernel, _gated_act_bwd_kernel)}

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Launcher
+from .launch import Launcher, cdiv
 
 _BLOCK = 4096
 _DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -93,7 +93,7 @@ _PTRS: dict = {}
 def _tables(device: torch.device, local_numels: tuple[int, ...], numels: tuple[int, ...]):
     key = (device, local_numels, numels)
     if key not in _TABLES:
-        blocks = torch.tensor([triton.cdiv(n, _BLOCK) for n in local_numels])
+        blocks = torch.tensor([cdiv(n, _BLOCK) for n in local_numels])
         prog_t = torch.repeat_interleave(torch.arange(len(local_numels)), blocks)
         starts = torch.cumsum(blocks, 0) - blocks
         prog_b = torch.arange(len(prog_t)) - torch.repeat_interleave(starts, blocks)

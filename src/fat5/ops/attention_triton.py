@@ -75,7 +75,7 @@ import triton.language as tl
 
 from ..positions import relative_position_bucket
 from .attention import unpack_qkv
-from .launch import Launcher
+from .launch import Launcher, cdiv, next_pow2
 from .registration import op_pair
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -1045,10 +1045,10 @@ def _dkv_tiles(
 )
 @triton.heuristics(
     {
-        "WIN": lambda a: triton.next_power_of_2(a["BLOCK_M"] + a["BLOCK_N"] - 1),
+        "WIN": lambda a: next_pow2(a["BLOCK_M"] + a["BLOCK_N"] - 1),
         # near-diagonal steps: 16 queries for "split", NEAR["dkv"] for "table" (as in _fwd_kernel)
         "NEAR_M": lambda a: min(a["BLOCK_M"], NEAR["dkv"] if a["NEAR_TABLE"] else 16),
-        "NEAR_WIN": lambda a: triton.next_power_of_2(
+        "NEAR_WIN": lambda a: next_pow2(
             min(a["BLOCK_M"], NEAR["dkv"] if a["NEAR_TABLE"] else 16) + a["BLOCK_N"] - 1
         ),
     }
@@ -1793,7 +1793,7 @@ _DELTA = Launcher(_delta_kernel)
 
 
 def _pow2(x: int) -> int:
-    return triton.next_power_of_2(max(int(x), 1))
+    return next_pow2(max(int(x), 1))
 
 
 def _outside_graph_pools(fn):
@@ -1952,7 +1952,7 @@ _SEG = Launcher(_segment_ranges_kernel)
 def _segment_ranges(q_seg: torch.Tensor, kv_seg: torch.Tensor, m: int, n: int):
     """_segment_ranges_ref in two launches of one kernel (the reference takes about 60 small torch ops)."""
     b = q_seg.shape[0]
-    ngq, ngk = triton.cdiv(m, SEG_G), triton.cdiv(n, SEG_G)
+    ngq, ngk = cdiv(m, SEG_G), cdiv(n, SEG_G)
     new = lambda g: torch.empty((b, g), dtype=torch.int32, device=q_seg.device)
     kv_lo, kv_hi, q_lo, q_hi = new(ngq), new(ngq), new(ngk), new(ngk)
     block = min(64, _pow2(ngk)), min(64, _pow2(ngq))
@@ -2077,8 +2077,8 @@ class _Args:
                 self.kv_lo, self.kv_hi, self.q_lo, self.q_hi = _segment_ranges(
                     q_segment_ids, kv_segment_ids, m, n
                 )
-        self.ngq = triton.cdiv(m, SEG_G)
-        self.ngk = triton.cdiv(n, SEG_G)
+        self.ngq = cdiv(m, SEG_G)
+        self.ngk = cdiv(n, SEG_G)
         self.m_bucket, self.n_bucket = _pow2(m), _pow2(n)
 
     def saved(self, dev):
@@ -2100,7 +2100,7 @@ def _forward(q, k, v, a: _Args):
         lse.fill_(float("nan"))
     if m == 0:
         return out, lse
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), b * h)
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]), b * h)
     _FWD[grid](
         q,
         k,
@@ -2164,7 +2164,7 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
         for t in (dq, dk, dv):
             t.fill_(float("nan"))
     delta = torch.empty((b, h, m), dtype=torch.float32, device=dev)
-    _DELTA[(triton.cdiv(m, 16 if _INTERPRET else 64), b * h)](
+    _DELTA[(cdiv(m, 16 if _INTERPRET else 64), b * h)](
         out,
         do,
         delta,
@@ -2178,7 +2178,7 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
     )
     rel_grad = need_drel and a.bias_kind == BIAS_REL
     bn_min = min(c.kwargs["BLOCK_N"] for c in _DKV_CONFIGS)
-    nkb = triton.cdiv(n, bn_min)
+    nkb = cdiv(n, bn_min)
     # one row of 2W+1 distances (padded to 16 bytes) per (batch, key block of bn_min keys, head): a program of
     # BLOCK_N keys writes its BLOCK_N // bn_min rows below nkb (its sums in the first, zeros in the others),
     # so every row is written and the buffer needs no initialisation
@@ -2186,7 +2186,7 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
     drel = torch.empty((b * h * nkb, srow), dtype=torch.float32, device=dev) if rel_grad else a.dummy
     if _POISON and rel_grad:  # every partial row must be written
         drel.fill_(float("nan"))
-    grid_kv = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), b * h)
+    grid_kv = lambda meta: (cdiv(n, meta["BLOCK_N"]), b * h)
     _DKV[grid_kv](
         q,
         k,
@@ -2245,7 +2245,7 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
     bias_grad = need_dbias and a.bias_kind == BIAS_TENSOR
     # skipped (fully masked) tiles are never written: their gradient is zero
     db = torch.zeros((b, h, m, n), dtype=torch.float32, device=dev) if bias_grad else a.dummy
-    grid_q = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), b * h)
+    grid_q = lambda meta: (cdiv(m, meta["BLOCK_M"]), b * h)
     _DQ[grid_q](
         q,
         k,
@@ -2378,7 +2378,7 @@ def _fwd_fake(
     if rel_table is not None:
         w = max(int(rel_max_distance), rel_table.shape[0])
         rbv = q.new_empty((h, _rel_width(w, _VARIANT == "table")), dtype=torch.float32)
-    gq, gk = (b, triton.cdiv(m, SEG_G)), (b, triton.cdiv(n, SEG_G))
+    gq, gk = (b, cdiv(m, SEG_G)), (b, cdiv(n, SEG_G))
     if q_segment_ids is None:
         gq = gk = (0,)
     ranges = [q.new_empty(shape, dtype=torch.int32) for shape in (gq, gq, gk, gk)]

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Launcher
+from .launch import Launcher, next_pow2
 from .registration import op_pair
 
 
@@ -178,7 +178,7 @@ def _launch_ce_fwd(logits, labels, loss_rows, z_rows, lse, grad, scale, ignore_i
     n, v = logits.shape
     if n == 0:
         return
-    block_v = min(_MAX_BLOCK_V, triton.next_power_of_2(v))
+    block_v = min(_MAX_BLOCK_V, next_pow2(v))
     _CE_FWD[(n,)](
         logits, logits.stride(0), labels, loss_rows, z_rows, lse,
         grad if grad is not None else logits, grad.stride(0) if grad is not None else 0,
@@ -229,7 +229,7 @@ def _ce_bwd_impl(
         scale = grad_loss.to(torch.float32) * _inv_n_valid(labels, ignore_index)
         _CE_BWD[(n,)](
             logits, logits.stride(0), labels, lse, grad, grad.stride(0), scale, ignore_index, z_loss,
-            label_smoothing, N_COLS=v, BLOCK_V=min(_MAX_BLOCK_V, triton.next_power_of_2(v)), num_warps=8,
+            label_smoothing, N_COLS=v, BLOCK_V=min(_MAX_BLOCK_V, next_pow2(v)), num_warps=8,
         )  # fmt: skip
     return grad
 

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import Launcher
+from .launch import Launcher, cdiv, next_pow2
 from .registration import op_pair
 
 
@@ -179,7 +179,7 @@ _FWD, _BWD, _SUM_ROWS = (Launcher(k) for k in (_rms_norm_fwd_kernel, _rms_norm_b
 def _tile(n: int) -> tuple[int, int, int]:
     """Forward (BLOCK_M, BLOCK_N, num_warps): about 2048 elements a tile, so narrow rows are batched per
     program (a sweep on the H200, benchmarks/rmsnorm_sweep.py, put the forward at 90-100% of copy bandwidth)."""
-    block_n = triton.next_power_of_2(n)
+    block_n = next_pow2(n)
     block_m = max(1, min(16, 2048 // block_n))
     num_warps = min(8, max(4, block_m * block_n // 512))
     return block_m, block_n, num_warps
@@ -194,7 +194,7 @@ def _bwd_tile(n: int, read_bytes: int = 4) -> tuple[int, int, int, int, int]:
     30.8 / 42.4 / 54.2 us against 38.5 / 55.7 / 62.4; the mixed case at 768 even). Fastest there: tiles
     reading 16-20 KB, 4 warps, 2 programs per SM, 3 stages; the stages shrink for very wide rows so that
     two programs' buffers still fit in shared memory."""
-    block_n = triton.next_power_of_2(n)
+    block_n = next_pow2(n)
     tile_rows = max(1, 20480 // (block_n * read_bytes))
     block_m = min(8, 1 << (tile_rows.bit_length() - 1))
     tile_bytes = block_m * block_n * read_bytes
@@ -228,7 +228,7 @@ def _rms_norm_fwd_impl(
         block_m, block_n, warps = _tile(n)
         if "fwd" in TUNE:
             block_m, warps = TUNE["fwd"]
-        _FWD[(triton.cdiv(m, block_m),)](
+        _FWD[(cdiv(m, block_m),)](
             x, residual if residual is not None else x, y, h if residual is not None else y, weight, rstd,
             m, n, eps, HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
         )  # fmt: skip
@@ -244,7 +244,7 @@ def _rms_norm_fwd_fake(x, weight, residual, eps, out_dtype):
 def _reduce_tile(rows: int) -> tuple[int, int]:
     """(BLOCK_R, BLOCK_N) of the dweight reduction: all partial rows of a column strip in one load where they
     fit, narrow strips so that d / BLOCK_N programs share the work (it is latency-bound: ~1 MB in all)."""
-    block_r = min(256, triton.next_power_of_2(max(rows, 1)))
+    block_r = min(256, next_pow2(max(rows, 1)))
     return block_r, max(8, 4096 // block_r)
 
 
@@ -268,10 +268,8 @@ def _rms_norm_bwd_impl(
         block_m, warps, per_sm = TUNE["bwd"]
     # Each program's band is a power of two >= BLOCK_M rows: whole tiles, and a compile-time loop count (few
     # recompiles across batch sizes; the interpreter with numpy >= 2.4 also fails on runtime loop bounds).
-    rows_per_program = max(
-        block_m, triton.next_power_of_2(triton.cdiv(max(m, 1), _num_programs(h.device, per_sm)))
-    )
-    programs = triton.cdiv(m, rows_per_program)
+    rows_per_program = max(block_m, next_pow2(cdiv(max(m, 1), _num_programs(h.device, per_sm))))
+    programs = cdiv(m, rows_per_program)
     partial = torch.empty(programs, n, dtype=torch.float32, device=h.device)
     if m:
         _BWD[(programs,)](
@@ -282,7 +280,7 @@ def _rms_norm_bwd_impl(
     dw = torch.empty_like(weight)
     if m:
         block_r, block_c = TUNE.get("reduce", _reduce_tile(programs))
-        _SUM_ROWS[(triton.cdiv(n, block_c),)](
+        _SUM_ROWS[(cdiv(n, block_c),)](
             partial, dw, programs, n, BLOCK_R=block_r, BLOCK_N=block_c, num_warps=4
         )
     else:
