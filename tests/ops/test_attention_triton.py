@@ -563,6 +563,20 @@ def test_device_constants_during_capture(monkeypatch):
     assert torch.equal(at._distance_buckets(16, False, 64, dev)[0], ref)
 
 
+@pytest.mark.parametrize("nb,bidirectional,max_distance", [(32, True, 128), (32, False, 128), (8, True, 20)])
+def test_bucket_spans(nb, bidirectional, max_distance):
+    """Each bucket's [lo, hi) span of distance indices runs from its first to one past its last distance (and is
+    empty for a bucket no distance falls in), so the table-gradient kernel's masked scan covers it exactly."""
+    buckets, lo, hi = at._distance_buckets(nb, bidirectional, max_distance, torch.device("cpu"))
+    for bkt in range(nb):
+        where = (buckets == bkt).nonzero().flatten().tolist()
+        if where:
+            assert (lo[bkt].item(), hi[bkt].item()) == (where[0], where[-1] + 1)
+        else:
+            assert lo[bkt].item() == hi[bkt].item() == 0
+    assert lo.dtype == hi.dtype == torch.int32
+
+
 @pytest.mark.gpu
 def test_reduce_overhead_training_steps_gpu():
     """torch.compile(mode="reduce-overhead") records forward and backward as CUDA graphs. The attention's cached

@@ -21,8 +21,9 @@ W = max(max_distance, num_buckets). The host builds (with device ops, no sync) a
 buckets are bit-identical to the reference. Tiles whose whole distance range lies beyond +-W add one scalar;
 only tiles near the diagonal gather from the vector. In the backward, far tiles reduce dS to one scalar per
 side; near tiles reduce dS per diagonal (a ``tl.gather`` skew) into a per-program fp32 vector over distances.
-Each key-block program writes its own row of a partial buffer; the host sums those rows in a fixed order and
-maps distances to buckets with a one-hot matmul, so d(rel_table) is bitwise deterministic.
+Each key-block program writes its own row of a partial buffer; one more launch (``_table_grad_kernel``, a
+program per bucket and head) sums those rows and the bucket's distances in a fixed order, so d(rel_table) is
+bitwise deterministic.
 
 Inner-loop variants for the T5 bias (same function; selected per launch):
   "split": each program computes, from its tile bounds, where its tiles stop being wholly below -W
@@ -45,7 +46,7 @@ Inner-loop variants for the T5 bias (same function; selected per launch):
   variant is by then. Without a T5 bias all variants run the same code.
 
 The forward op also returns (as outputs the backward saves; no gradient) the T5 distance vector and the
-segment-range tables, so the backward does not rebuild them; bucket one-hot matrices and placeholder
+segment-range tables, so the backward does not rebuild them; bucket ids, bucket spans and placeholder
 tensors are cached per device (built outside the private memory pool of a CUDA graph warming up; a graph
 captured later reads the cached tensors, and builds without caching only what is missing).
 
@@ -1313,7 +1314,7 @@ def _dkv_kernel(
         dv.to(DV.dtype.element_ty),
         mask=kmask,
     )
-    if REL_GRAD:  # one row per program: reduced on the host in a fixed order (deterministic)
+    if REL_GRAD:  # one row per program: reduced afterwards in a fixed order (deterministic)
         r = tl.arange(0, RB)
         acc_rel += tl.where(r == 0, s_lo, 0.0) + tl.where(r == 2 * W, s_hi, 0.0)
         # rows ordered (batch, key block, head), so the host's sum over batch and key blocks is one reduction
@@ -1860,10 +1861,16 @@ class _DeviceConstants:
 
 @_DeviceConstants
 def _distance_buckets(nb: int, bidirectional: bool, max_distance: int, device: torch.device):
+    """Buckets of the distances -W..W, and per bucket the span [lo, hi) of distance indices (0..2W) from its
+    first to one past its last distance (lo = hi = 0 for a bucket no distance falls in). Device ops only."""
     w = max(int(max_distance), nb)
     dist = torch.arange(-w, w + 1, device=device)
     buckets = relative_position_bucket(dist, bidirectional, nb, max_distance)  # (2W+1,)
-    return buckets, torch.nn.functional.one_hot(buckets, nb).float()  # (2W+1,), (2W+1, nb)
+    hit = torch.nn.functional.one_hot(buckets, nb).to(torch.uint8)  # (2W+1, nb)
+    present = hit.any(0)
+    lo = torch.where(present, hit.argmax(0), 0).to(torch.int32)
+    hi = torch.where(present, 2 * w + 1 - hit.flip(0).argmax(0), 0).to(torch.int32)
+    return buckets, lo, hi
 
 
 @_DeviceConstants
@@ -1909,7 +1916,7 @@ def _rel_setup(rel_table: torch.Tensor, bidirectional: bool, max_distance: int):
 
     They depend only on the bucketing parameters, so they are computed once per device (about 15 small
     kernels saved per attention call, in a captured CUDA graph too: ``_DeviceConstants``). Returns W, the
-    buckets and their one-hot matrix (used to map the distance gradient to buckets)."""
+    buckets and each bucket's span of distance indices (used to map the distance gradient to buckets)."""
     nb = rel_table.shape[0]
     w = max(int(max_distance), nb)
     dev = rel_table.device
@@ -1999,6 +2006,64 @@ def _segment_ranges_ref(q_seg: torch.Tensor, kv_seg: torch.Tensor, m: int, n: in
     return kv_lo, kv_hi, q_lo, q_hi
 
 
+@triton.jit
+def _rel_vector_kernel(TABLE, IDX, OUT, stb, sth, NIDX, BLOCK: tl.constexpr):
+    """OUT[h, j] = TABLE[IDX[j], h] * log2(e) in fp32: a head's bias row, gathered from the bucket table."""
+    j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    h = tl.program_id(1)
+    ok = j < NIDX
+    bkt = tl.load(IDX + j, mask=ok, other=0)
+    val = tl.load(TABLE + bkt * stb + h * sth, mask=ok, other=0.0).to(tl.float32)
+    tl.store(OUT + h * NIDX + j, val * 1.4426950408889634, mask=ok)
+
+
+@triton.jit
+def _table_grad_kernel(
+    DREL, BUCKETS, LO, HI, OUT, R, ROW, SROW, H, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr
+):  # fmt: skip
+    """OUT[bucket, h] = the sum, over the R partial rows of DREL (ROW floats apart; head h's distances start at
+    h * SROW) and over the distances of that bucket, in one fixed order: a deterministic table gradient."""
+    bkt = tl.program_id(0)
+    h = tl.program_id(1)
+    lo = tl.load(LO + bkt)
+    hi = tl.load(HI + bkt)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for d0 in range(lo, hi, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        mine = (cols < hi) & (tl.load(BUCKETS + cols, mask=cols < hi, other=-1) == bkt)
+        for r0 in range(0, R, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            ptrs = DREL + rows.to(tl.int64)[:, None] * ROW + h * SROW + cols[None, :]
+            acc += tl.load(ptrs, mask=(rows < R)[:, None] & mine[None, :], other=0.0)
+    tl.store(OUT + bkt * H + h, tl.sum(tl.sum(acc, 1), 0).to(OUT.dtype.element_ty))
+
+
+_REL_VECTOR, _TABLE_GRAD = Launcher(_rel_vector_kernel), Launcher(_table_grad_kernel)
+
+
+def _rel_vector(rel_table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """(H, len(idx)) fp32: rel_table[idx].t() * log2(e), in one launch."""
+    nb, h = rel_table.shape
+    out = torch.empty((h, idx.numel()), dtype=torch.float32, device=rel_table.device)
+    if h and idx.numel():
+        _REL_VECTOR[(cdiv(idx.numel(), 1024), h)](
+            rel_table, idx, out, rel_table.stride(0), rel_table.stride(1), idx.numel(), BLOCK=1024
+        )
+    return out
+
+
+def _table_grad(drel: torch.Tensor, a, rows: int, h: int, srow: int, rel_table: torch.Tensor) -> torch.Tensor:
+    """d(rel_table) (num_buckets, H) from the dk/dv kernel's per-(batch, key block) distance sums, one launch."""
+    nb = rel_table.shape[0]
+    out = torch.empty((nb, h), dtype=rel_table.dtype, device=rel_table.device)
+    if nb and h:
+        _TABLE_GRAD[(nb, h)](
+            drel, a.buckets, a.bucket_lo, a.bucket_hi, out, rows, h * srow, srow, h,
+            BLOCK_R=16 if _INTERPRET else 64, BLOCK_D=16 if _INTERPRET else 64,
+        )  # fmt: skip
+    return out
+
+
 class _Args:
     """Kernel arguments shared by the forward and backward launches."""
 
@@ -2036,7 +2101,9 @@ class _Args:
         self.near_table = False
         self.bias, self.bias_strides = self.dummy, (0, 0, 0, 0)
         if rel_table is not None:
-            self.w, self.buckets, self.onehot = _rel_setup(rel_table, rel_bidirectional, rel_max_distance)
+            self.w, self.buckets, self.bucket_lo, self.bucket_hi = _rel_setup(
+                rel_table, rel_bidirectional, rel_max_distance
+            )
             if saved is not None:
                 # the layout is the forward's: the variant may have been switched since
                 self.rbv = saved[0]
@@ -2048,7 +2115,7 @@ class _Args:
                 idx = self.buckets
                 if self.near_table:
                     idx = _rel_index(self.buckets, self.w)
-                self.rbv = rel_table.t().float().index_select(1, idx).mul_(LOG2E)
+                self.rbv = _rel_vector(rel_table, idx)
             self.bias_kind, self.rbw = BIAS_REL, self.rbv.shape[1]
         elif alibi_slopes is not None:
             self.bias_kind = BIAS_ALIBI
@@ -2297,9 +2364,7 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
     )
     d_table = torch.empty(0, device=dev)
     if rel_grad:
-        # fixed-order reductions: over (batch, key block), then distances -> buckets by a one-hot matmul
-        g = drel.view(b * nkb, h * srow).sum(0).view(h, srow)[:, : 2 * a.w + 1]  # (H, 2W+1)
-        d_table = (g @ a.onehot).t().to(rel_table.dtype).contiguous()  # (num_buckets, H); onehot (2W+1, nb)
+        d_table = _table_grad(drel, a, b * nkb, h, srow, rel_table)
     d_bias = torch.empty(0, device=dev)
     if bias_grad:
         shape4 = (1,) * (4 - bias.dim()) + tuple(bias.shape)
