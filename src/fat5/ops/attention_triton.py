@@ -1867,7 +1867,7 @@ def _distance_buckets(nb: int, bidirectional: bool, max_distance: int, device: t
     dist = torch.arange(-w, w + 1, device=device)
     buckets = relative_position_bucket(dist, bidirectional, nb, max_distance)  # (2W+1,)
     hit = torch.nn.functional.one_hot(buckets, nb).to(torch.uint8)  # (2W+1, nb)
-    present = hit.any(0)
+    present = hit.any(0).bool()
     lo = torch.where(present, hit.argmax(0), 0).to(torch.int32)
     hi = torch.where(present, 2 * w + 1 - hit.flip(0).argmax(0), 0).to(torch.int32)
     return buckets, lo, hi
