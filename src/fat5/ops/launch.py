@@ -13,9 +13,9 @@ the keyword arguments, the device, and an optional ``extra`` callable for global
 miss the call goes through Triton unchanged, and the compiled kernel it returns is remembered with its
 meta-parameters (the autotuner's chosen config, the heuristics' values). On a hit that same compiled kernel is
 launched directly with the same arguments. Results are bitwise those of the ordinary path
-(tests/test_launch.py on the GPU).
+(tests/ops/test_launch.py on the GPU).
 
-The ordinary path is used, always, when Triton runs in its interpreter (TRITON_INTERPRET=1), when
+The ordinary path is used, always, without CUDA, when Triton runs in its interpreter (TRITON_INTERPRET=1), when
 ``FAT5_FAST_LAUNCH=0`` is set (or ``launch.ENABLED`` is set False), and while a launch hook is installed
 (profilers that read launch metadata).
 Limits: positional arguments must be the kernel's runtime parameters, in order, and keyword arguments its
@@ -35,7 +35,11 @@ from triton import knobs
 from triton._C.libtriton import native_specialize_impl
 from triton.runtime.autotuner import Autotuner, Heuristics
 
-ENABLED = os.environ.get("FAT5_FAST_LAUNCH", "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
+ENABLED = (
+    os.environ.get("FAT5_FAST_LAUNCH", "1") != "0"
+    and os.environ.get("TRITON_INTERPRET") != "1"
+    and torch.cuda.is_available()
+)
 
 
 class Launcher:
