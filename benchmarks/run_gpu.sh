@@ -24,6 +24,7 @@ elif [ "${1:-}" = quick ]; then
 else
   python3 -m pytest -q -m gpu tests -rf 2>&1 | tee "$out/gpu_tests.log" | tail -5
   python3 benchmarks/attention_profile.py --out "$out"   # per-kernel device time and host time per call
+  python3 benchmarks/host_time_gpu.py --out "$out"       # host time per call, memoised launches on and off
   python3 benchmarks/bench_attention.py --out "$out"
   python3 benchmarks/bench_kernels.py --out "$out"
   python3 benchmarks/bench_model.py --out "$out"
