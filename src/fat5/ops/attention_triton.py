@@ -2362,9 +2362,7 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
         RBW=a.rbw,
         BLOCK_D=a.block_d,
     )
-    d_table = torch.empty(0, device=dev)
-    if rel_grad:
-        d_table = _table_grad(drel, a, b * nkb, h, srow, rel_table)
+    d_table = _table_grad(drel, a, b * nkb, h, srow, rel_table) if rel_grad else torch.empty(0, device=dev)
     d_bias = torch.empty(0, device=dev)
     if bias_grad:
         shape4 = (1,) * (4 - bias.dim()) + tuple(bias.shape)
