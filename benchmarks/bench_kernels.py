@@ -38,6 +38,7 @@ from fat5.ops.activations import (
     gated_act_triton,
 )
 from fat5.ops.cross_entropy import linear_cross_entropy_ref, linear_cross_entropy_triton
+from fat5.ops.rmsnorm import TUNE as RMS_TUNE
 from fat5.ops.rmsnorm import rms_norm_ref, rms_norm_triton
 
 BF16 = 2  # bytes
@@ -78,6 +79,19 @@ def fwd_bwd(fn, inputs, grad_out):
     return step
 
 
+def without_pdl(step):
+    """The same step with RMSNorm's kernels launched the ordinary way (no programmatic dependent launch)."""
+
+    def run():
+        RMS_TUNE["pdl"] = False
+        try:
+            step()
+        finally:
+            RMS_TUNE.pop("pdl", None)
+
+    return run
+
+
 def bench_rmsnorm(tokens: int, widths, results, graph: bool):
     rows = []
     for d in widths:
@@ -88,11 +102,14 @@ def bench_rmsnorm(tokens: int, widths, results, graph: bool):
         nbytes = (2 * tokens * d + d + 3 * tokens * d + d) * BF16
         variants = {
             "triton": rms_norm_triton,
+            "triton no PDL": rms_norm_triton,
             "eager": rms_norm_ref,
             "compile": compiled(rms_norm_ref),
         }
         for name, fn in variants.items():
             step = fwd_bwd(lambda x, w, fn=fn: fn(x, w, 1e-6), (x, w), dy)
+            if name == "triton no PDL":
+                step = without_pdl(step)
             step()  # compile / warm up outside the timed region
             row = dict(op="rms_norm", d=d, tokens=tokens, variant=name, bytes=nbytes)
             row["ms"] = median_ms(step, graph=False)
@@ -246,86 +263,89 @@ def report(results, env) -> str:
         "",
     ]
     checks = []
-    out += [
-        "## RMSNorm, bf16, fwd+bwd",
-        "",
-        "| tokens x d | variant | launched ms | GB/s | % copy | graph ms | GB/s | % copy |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    by = {(r["d"], r["variant"]): r for r in results["rms_norm"]}
-    for r in results["rms_norm"]:
-        out.append(f"| {r['tokens']} x {r['d']} | {r['variant']} | {_bw_cells(r, copy_bw)} |")
-    out.append("")
-    for d in sorted({r["d"] for r in results["rms_norm"]}):
-        t, c = by[(d, "triton")], by[(d, "compile")]
-        for key, label in (("ms", "launched"), ("graph_ms", "graph")):
-            bw = gbps(t, key)
-            speed = c[key] / t[key] if t.get(key) and c.get(key) else None
-            checks.append(
-                (
-                    f"RMSNorm d={d} ({label}): >= 85% of copy bandwidth",
-                    bw is not None and bw >= 0.85 * copy_bw,
-                    f"{fmt(bw and 100 * bw / copy_bw, '.0f')}%",
-                )
-            )
-            checks.append(
-                (
-                    f"RMSNorm d={d} ({label}): >= 1.2x torch.compile",
-                    speed is not None and speed >= 1.2,
-                    f"{fmt(speed, '.2f')}x",
-                )
-            )
-    ce = {r["variant"]: r for r in results["linear_cross_entropy"]}
-    r0 = results["linear_cross_entropy"][0]
-    out += [
-        "## Fused linear cross-entropy, bf16, fwd+bwd",
-        "",
-        f"{r0['tokens']} tokens, d {r0['d']}, vocab {r0['vocab']}, 10% of labels ignored. Peak = max allocated "
-        "during fwd+bwd above what was allocated before it (inputs excluded, returned grads included).",
-        "",
-        "| variant | ms | TFLOP/s (3 matmuls) | peak extra MiB |",
-        "|---|---|---|---|",
-    ]
-    for r in results["linear_cross_entropy"]:
-        out.append(
-            f"| {r['variant']} | {fmt(r['ms'], '.3f')} | {fmt(r['tflops'], '.0f')} | {r['peak_extra_mib']:.0f} |"
-        )
-    out.append("")
-    t, e = ce["triton"], ce["eager"]
-    checks.append(
-        (
-            "Linear CE: peak memory <= 1/4 of eager",
-            t["peak_extra_mib"] <= e["peak_extra_mib"] / 4,
-            f"{t['peak_extra_mib'] / e['peak_extra_mib']:.3f} of eager",
-        )
-    )
-    checks.append(
-        (
-            "Linear CE: time <= eager",
-            t["ms"] is not None and e["ms"] is not None and t["ms"] <= e["ms"],
-            f"{fmt(t['ms'] and e['ms'] and t['ms'] / e['ms'], '.2f')} of eager",
-        )
-    )
-    out += [
-        "## Gated activation (gelu_tanh), bf16, fwd+bwd",
-        "",
-        "Bytes: fwd reads gate, up, writes out; bwd reads dout, gate, up, writes dgate, dup.",
-        "",
-        "| shape | variant | launched ms | GB/s | % copy | graph ms | GB/s | % copy |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results["gated_act"]:
-        out.append(f"| {r['tokens']} x {r['width']} | {r['variant']} | {_bw_cells(r, copy_bw)} |")
-        if r["variant"] == "triton":
+    if results.get("rms_norm"):
+        out += [
+            "## RMSNorm, bf16, fwd+bwd",
+            "",
+            "| tokens x d | variant | launched ms | GB/s | % copy | graph ms | GB/s | % copy |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        by = {(r["d"], r["variant"]): r for r in results["rms_norm"]}
+        for r in results["rms_norm"]:
+            out.append(f"| {r['tokens']} x {r['d']} | {r['variant']} | {_bw_cells(r, copy_bw)} |")
+        out.append("")
+        for d in sorted({r["d"] for r in results["rms_norm"]}):
+            t, c = by[(d, "triton")], by[(d, "compile")]
             for key, label in (("ms", "launched"), ("graph_ms", "graph")):
-                bw = gbps(r, key)
+                bw = gbps(t, key)
+                speed = c[key] / t[key] if t.get(key) and c.get(key) else None
                 checks.append(
                     (
-                        f"Gated act ({label}): >= 85% of copy bandwidth",
+                        f"RMSNorm d={d} ({label}): >= 85% of copy bandwidth",
                         bw is not None and bw >= 0.85 * copy_bw,
                         f"{fmt(bw and 100 * bw / copy_bw, '.0f')}%",
                     )
                 )
+                checks.append(
+                    (
+                        f"RMSNorm d={d} ({label}): >= 1.2x torch.compile",
+                        speed is not None and speed >= 1.2,
+                        f"{fmt(speed, '.2f')}x",
+                    )
+                )
+    if results.get("linear_cross_entropy"):
+        ce = {r["variant"]: r for r in results["linear_cross_entropy"]}
+        r0 = results["linear_cross_entropy"][0]
+        out += [
+            "## Fused linear cross-entropy, bf16, fwd+bwd",
+            "",
+            f"{r0['tokens']} tokens, d {r0['d']}, vocab {r0['vocab']}, 10% of labels ignored. Peak = max allocated "
+            "during fwd+bwd above what was allocated before it (inputs excluded, returned grads included).",
+            "",
+            "| variant | ms | TFLOP/s (3 matmuls) | peak extra MiB |",
+            "|---|---|---|---|",
+        ]
+        for r in results["linear_cross_entropy"]:
+            out.append(
+                f"| {r['variant']} | {fmt(r['ms'], '.3f')} | {fmt(r['tflops'], '.0f')} | {r['peak_extra_mib']:.0f} |"
+            )
+        out.append("")
+        t, e = ce["triton"], ce["eager"]
+        checks.append(
+            (
+                "Linear CE: peak memory <= 1/4 of eager",
+                t["peak_extra_mib"] <= e["peak_extra_mib"] / 4,
+                f"{t['peak_extra_mib'] / e['peak_extra_mib']:.3f} of eager",
+            )
+        )
+        checks.append(
+            (
+                "Linear CE: time <= eager",
+                t["ms"] is not None and e["ms"] is not None and t["ms"] <= e["ms"],
+                f"{fmt(t['ms'] and e['ms'] and t['ms'] / e['ms'], '.2f')} of eager",
+            )
+        )
+    if results.get("gated_act"):
+        out += [
+            "## Gated activation (gelu_tanh), bf16, fwd+bwd",
+            "",
+            "Bytes: fwd reads gate, up, writes out; bwd reads dout, gate, up, writes dgate, dup.",
+            "",
+            "| shape | variant | launched ms | GB/s | % copy | graph ms | GB/s | % copy |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in results["gated_act"]:
+            out.append(f"| {r['tokens']} x {r['width']} | {r['variant']} | {_bw_cells(r, copy_bw)} |")
+            if r["variant"] == "triton":
+                for key, label in (("ms", "launched"), ("graph_ms", "graph")):
+                    bw = gbps(r, key)
+                    checks.append(
+                        (
+                            f"Gated act ({label}): >= 85% of copy bandwidth",
+                            bw is not None and bw >= 0.85 * copy_bw,
+                            f"{fmt(bw and 100 * bw / copy_bw, '.0f')}%",
+                        )
+                    )
     if results.get("model_cases"):
         out += [
             "",
@@ -365,6 +385,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results/", help="folder for the markdown report and raw JSON")
     p.add_argument("--no-graph", action="store_true", help="skip the CUDA-graph re-timing")
+    p.add_argument(
+        "--ops",
+        default="rms_norm,linear_cross_entropy,gated_act,model",
+        help="comma-separated sections to run",
+    )
     args = p.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA GPU")
@@ -376,13 +401,18 @@ def main() -> None:
     results = {"env": env, "copy_gbps": copy_bandwidth()}
     print(f"copy bandwidth {results['copy_gbps']:.0f} GB/s")
     graph = not args.no_graph
-    for run in (
-        lambda: bench_rmsnorm(32768, (512, 768, 1024, 4096), results, graph),
-        lambda: bench_linear_ce(16384, 768, 32128, results),
-        lambda: bench_act(32768, 2048, results, graph),
-        lambda: bench_model_cases(32768, 768, 2048, results, graph),
-    ):
-        run()
+    sections = {
+        "rms_norm": lambda: bench_rmsnorm(32768, (512, 768, 1024, 4096), results, graph),
+        "linear_cross_entropy": lambda: bench_linear_ce(16384, 768, 32128, results),
+        "gated_act": lambda: bench_act(32768, 2048, results, graph),
+        "model": lambda: bench_model_cases(32768, 768, 2048, results, graph),
+    }
+    wanted = args.ops.split(",")
+    unknown = set(wanted) - set(sections)
+    if unknown:
+        raise SystemExit(f"--ops: unknown section(s) {sorted(unknown)}; choose from {sorted(sections)}")
+    for name in wanted:
+        sections[name]()
         results["wall_s"] = time.time() - t0
         (out / f"{stem}.json").write_text(
             json.dumps(results, indent=1)

@@ -559,8 +559,30 @@ def test_device_constants_during_capture(monkeypatch):
     assert (16, False, 64, dev) not in at._distance_buckets.entries
     monkeypatch.setattr(at, "_capturing", lambda d: False)
     assert at._distance_buckets(16, False, 64, dev) is at._distance_buckets(16, False, 64, dev)
-    ref = relative_position_bucket(torch.arange(-64, 65), False, 16, 64)
+    w = at._saturation_width(16, False, 64)
+    ref = relative_position_bucket(torch.arange(-w, w + 1), False, 16, 64)
     assert torch.equal(at._distance_buckets(16, False, 64, dev)[0], ref)
+
+
+@pytest.mark.parametrize(
+    "nb,bidirectional,max_distance",
+    [(32, True, 128), (32, False, 128), (8, True, 20), (16, False, 64), (64, True, 512), (4, True, 3)],
+)
+def test_saturation_width(nb, bidirectional, max_distance):
+    """W: every distance at or beyond +-W falls in the bucket of +-W (checked far past max_distance), and W is
+    the first such distance up to the one distance of margin (W - 2 is not saturated on some side)."""
+    w = at._saturation_width(nb, bidirectional, max_distance)
+    assert 1 <= w <= max(max_distance, nb)
+    far = 4 * max(max_distance, nb)
+    d = torch.arange(-far, far + 1)
+    b = relative_position_bucket(d, bidirectional, nb, max_distance)
+    at_d = lambda x: b[far + x].item()
+    assert all(at_d(x) == at_d(w) for x in range(w, far + 1))
+    assert all(at_d(-x) == at_d(-w) for x in range(w, far + 1))
+    if w > 2:
+        assert at_d(w - 2) != at_d(w) or at_d(2 - w) != at_d(-w)
+    if (nb, bidirectional, max_distance) == (32, True, 128):
+        assert w == 92  # the last log bucket of T5's default starts at |d| = 91
 
 
 @pytest.mark.parametrize("nb,bidirectional,max_distance", [(32, True, 128), (32, False, 128), (8, True, 20)])

@@ -15,8 +15,9 @@ Position bias kinds (constexpr ``BIAS_KIND``):
   0 none; 1 T5 relative buckets; 2 ALiBi (-slope * |j - i|); 3 an arbitrary tensor broadcastable to
   (B, H, M, N) (read through its strides, stride 0 for broadcast dims; its gradient is stored dense in fp32
   and summed over the broadcast dims afterwards).
-T5 buckets: the bucket depends only on the key-minus-query distance and is constant for |distance| >=
-W = max(max_distance, num_buckets). The host builds (with device ops, no sync) a per-head vector
+T5 buckets: the bucket depends only on the key-minus-query distance and is constant for |distance| >= W, the
+exact saturation point of the bucketing (``_saturation_width``: 92 for 32 bidirectional buckets and max
+distance 128, 114 causal; at most max(max_distance, num_buckets)). The host builds (with device ops, no sync) a per-head vector
 ``rb[h, W + d] = table[bucket(d), h]`` for d in [-W, W] by calling ``relative_position_bucket`` itself, so
 buckets are bit-identical to the reference. Tiles whose whole distance range lies beyond +-W add one scalar;
 only tiles near the diagonal gather from the vector. In the backward, far tiles reduce dS to one scalar per
@@ -73,6 +74,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from ..positions import relative_position_bucket
 from .attention import unpack_qkv
@@ -1859,11 +1861,33 @@ class _DeviceConstants:
         self.entries.clear()
 
 
+@functools.cache
+def _saturation_width(nb: int, bidirectional: bool, max_distance: int) -> int:
+    """W: the bucket of every distance d >= W equals that of W, and of every d <= -W that of -W.
+
+    Bucketing saturates at max_distance (and every bucket id is < nb), but in practice sooner: with 32
+    bidirectional buckets and max distance 128 the last log bucket already starts at |d| = 91 (113 for 32
+    causal buckets). Every distance the kernels treat as "near" costs a gathered bias and a skewed gradient,
+    so W is the exact saturation point, found by the reference bucketing on the host, plus one distance of
+    margin: a log rounded differently on another device may move a bucket boundary by one, never more."""
+    w_max = max(int(max_distance), nb)
+    # real CPU tensors even when first called from a fake-tensor trace (torch.compile's shape propagation)
+    with unset_fake_temporarily():
+        d = torch.arange(-w_max, w_max + 1, device="cpu")
+        b = relative_position_bucket(d, bidirectional, nb, max_distance).tolist()
+    lo, hi = b[0], b[-1]
+    w = w_max
+    while w > 1 and b[w_max + w - 1] == hi and b[w_max - (w - 1)] == lo:
+        w -= 1
+    return min(w + 1, w_max)
+
+
 @_DeviceConstants
 def _distance_buckets(nb: int, bidirectional: bool, max_distance: int, device: torch.device):
-    """Buckets of the distances -W..W, and per bucket the span [lo, hi) of distance indices (0..2W) from its
-    first to one past its last distance (lo = hi = 0 for a bucket no distance falls in). Device ops only."""
-    w = max(int(max_distance), nb)
+    """Buckets of the distances -W..W (W = ``_saturation_width``), and per bucket the span [lo, hi) of distance
+    indices (0..2W) from its first to one past its last distance (lo = hi = 0 for a bucket no distance falls
+    in). Device ops only."""
+    w = _saturation_width(nb, bool(bidirectional), int(max_distance))
     dist = torch.arange(-w, w + 1, device=device)
     buckets = relative_position_bucket(dist, bidirectional, nb, max_distance)  # (2W+1,)
     hit = torch.nn.functional.one_hot(buckets, nb).to(torch.uint8)  # (2W+1, nb)
@@ -1918,7 +1942,7 @@ def _rel_setup(rel_table: torch.Tensor, bidirectional: bool, max_distance: int):
     kernels saved per attention call, in a captured CUDA graph too: ``_DeviceConstants``). Returns W, the
     buckets and each bucket's span of distance indices (used to map the distance gradient to buckets)."""
     nb = rel_table.shape[0]
-    w = max(int(max_distance), nb)
+    w = _saturation_width(nb, bool(bidirectional), int(max_distance))
     dev = rel_table.device
     return (w, *_distance_buckets(nb, bool(bidirectional), int(max_distance), dev))
 
@@ -2439,7 +2463,7 @@ def _fwd_fake(
     lse = q.new_empty((b, h, m), dtype=torch.float32)
     rbv = q.new_empty(0, dtype=torch.float32)
     if rel_table is not None:
-        w = max(int(rel_max_distance), rel_table.shape[0])
+        w = _saturation_width(rel_table.shape[0], bool(rel_bidirectional), int(rel_max_distance))
         rbv = q.new_empty((h, _rel_width(w, _VARIANT == "table")), dtype=torch.float32)
     gq, gk = (b, cdiv(m, SEG_G)), (b, cdiv(n, SEG_G))
     if q_segment_ids is None:

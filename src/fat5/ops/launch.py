@@ -134,6 +134,19 @@ class Launcher:
         return compiled
 
 
+@functools.cache
+def pdl(device: torch.device) -> bool:
+    """Whether kernels on ``device`` launch as programmatic dependents (PDL, Hopper and newer): a kernel launched
+    so may start while the previous kernel of its stream finishes, and must first wait (``gdc_wait``) before
+    touching memory. Off under the interpreter, on older GPUs, and with ``FAT5_PDL=0``."""
+    return (
+        device.type == "cuda"
+        and os.environ.get("TRITON_INTERPRET") != "1"
+        and os.environ.get("FAT5_PDL", "1") != "0"
+        and torch.cuda.get_device_capability(device)[0] >= 9
+    )
+
+
 def cdiv(a: int, b: int) -> int:
     """``triton.cdiv`` for host code: that one is a constexpr function, about 10 us a call on a slow host."""
     return -(-a // b)

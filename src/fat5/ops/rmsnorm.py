@@ -20,8 +20,9 @@ import functools
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .launch import Launcher, cdiv, next_pow2
+from .launch import Launcher, cdiv, next_pow2, pdl
 from .registration import op_pair
 
 
@@ -62,8 +63,11 @@ _MAX_WIDTH = 65536
 @triton.jit
 def _rms_norm_fwd_kernel(
     X, R, Y, H, W, RSTD, M, N, eps,
-    HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False,
 ):  # fmt: skip
+    if PDL:  # launched as a programmatic dependent: wait for the previous kernel, let the next one get placed
+        gdc_wait()
+        gdc_launch_dependents()
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     row_ok = rows < M
@@ -86,8 +90,11 @@ def _rms_norm_fwd_kernel(
 def _rms_norm_bwd_kernel(
     DY, DRES, H, W, RSTD, DX, DXL, DW_PARTIAL, M, N,
     ROWS_PER_PROGRAM: tl.constexpr, HAS_DRES: tl.constexpr, HAS_DXL: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, STAGES: tl.constexpr = 0,
+    BLOCK_N: tl.constexpr, STAGES: tl.constexpr = 0, PDL: tl.constexpr = False,
 ):  # fmt: skip
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -157,8 +164,10 @@ def _rms_norm_bwd_kernel(
 
 
 @triton.jit
-def _sum_rows_kernel(P, OUT, R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+def _sum_rows_kernel(P, OUT, R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
     """OUT[n] = sum over the R rows of P[:, n] in a fixed order, cast to OUT's dtype (one launch)."""
+    if PDL:
+        gdc_wait()
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
@@ -174,6 +183,12 @@ TUNE: dict = {}
 
 
 _FWD, _BWD, _SUM_ROWS = (Launcher(k) for k in (_rms_norm_fwd_kernel, _rms_norm_bwd_kernel, _sum_rows_kernel))
+
+
+def _pdl(device: torch.device) -> dict:
+    """Launch options of a programmatic dependent launch where the GPU has it (``launch.pdl``): the kernel's
+    start overlaps the previous kernel's last programs. Off as well with ``TUNE["pdl"] = False`` (sweeps)."""
+    return {"PDL": True, "launch_pdl": True} if pdl(device) and TUNE.get("pdl", True) else {}
 
 
 def _tile(n: int) -> tuple[int, int, int]:
@@ -231,6 +246,7 @@ def _rms_norm_fwd_impl(
         _FWD[(cdiv(m, block_m),)](
             x, residual if residual is not None else x, y, h if residual is not None else y, weight, rstd,
             m, n, eps, HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+            **_pdl(x.device),
         )  # fmt: skip
     return y, h, rstd
 
@@ -276,12 +292,13 @@ def _rms_norm_bwd_impl(
             dy, dres if dres is not None else dy, h, weight, rstd, dx, dlow if low_dtype is not None else dx,
             partial, m, n, ROWS_PER_PROGRAM=rows_per_program, HAS_DRES=dres is not None,
             HAS_DXL=low_dtype is not None, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=warps,
+            **_pdl(h.device),
         )  # fmt: skip
     dw = torch.empty_like(weight)
     if m:
         block_r, block_c = TUNE.get("reduce", _reduce_tile(programs))
         _SUM_ROWS[(cdiv(n, block_c),)](
-            partial, dw, programs, n, BLOCK_R=block_r, BLOCK_N=block_c, num_warps=4
+            partial, dw, programs, n, BLOCK_R=block_r, BLOCK_N=block_c, num_warps=4, **_pdl(h.device)
         )
     else:
         dw.zero_()
