@@ -31,11 +31,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--widths", default="512,768,1024,4096")
-    ap.add_argument("--kinds", default="fwd,bwd", help="which kernels to sweep (fwd, bwd, reduce)")
+    ap.add_argument(
+        "--kinds",
+        default="fwd,bwd",
+        help="which kernels to sweep (fwd, bwd, reduce; default: the shipped tiles)",
+    )
     ap.add_argument(
         "--stages", default="0", help="backward loop pipelining depths to sweep (0: hand prefetch)"
     )
     ap.add_argument("--per-sm", default="1,2,4,8", help="backward programs per SM to sweep")
+    ap.add_argument("--block-m", default="1,2,4,8", help="backward rows per tile to sweep")
+    ap.add_argument("--warps", default="4,8", help="backward warps per program to sweep")
     ap.add_argument(
         "--mixed",
         action="store_true",
@@ -67,6 +73,20 @@ def main():
         dres = torch.randn_like(h) if args.mixed else None
         low = torch.bfloat16 if args.mixed else None
         best = {}
+        if (
+            "default" in args.kinds
+        ):  # the shipped tiles, each kernel timed on its own (bwd: with the reduction)
+            rn.TUNE.clear()
+            f_us = graph_us(lambda x=x, w=w, r=res, o=out_dtype: rn._rms_norm_fwd(x, w, r, 1e-6, o))
+            b_us = graph_us(
+                lambda dy=dy, h=h, w=w, rstd=rstd, dr=dres, lo=low: rn._rms_norm_bwd(dy, dr, h, w, rstd, lo)
+            )
+            r = dict(
+                d=d, kind="default", fwd_us=round(f_us, 2), bwd_us=round(b_us, 2),
+                fwd_pct=round(100 * ideal_fwd / f_us), bwd_pct=round(100 * ideal_bwd / b_us),
+            )  # fmt: skip
+            rows.append(r)
+            print(json.dumps(r), flush=True)
         for bm in (1, 2, 4, 8, 16) if "fwd" in args.kinds else ():
             if bm * bn > 32768 or bm * bn < 512:
                 continue
@@ -87,8 +107,8 @@ def main():
             (st, per_sm, bm, nw)
             for st in map(int, args.stages.split(","))
             for per_sm in map(int, args.per_sm.split(","))
-            for bm in (1, 2, 4, 8)
-            for nw in (4, 8)
+            for bm in map(int, args.block_m.split(","))
+            for nw in map(int, args.warps.split(","))
             if bm * bn <= 16384 and nw * 32 <= bm * bn and nw * 32 * 8 <= bm * bn * 4
         ]
         for st, per_sm, bm, nw in sweep if "bwd" in args.kinds else ():

@@ -144,6 +144,11 @@ assert (
 # interpreter's blocks are 32 wide, so it keeps 16 and its tests still walk narrower near steps than blocks
 NEAR = dict.fromkeys(("fwd", "dkv", "dq"), 16 if _INTERPRET else 32)
 
+# near-diagonal tiles of the "table" variant load the next step's bias tile before this step's dot (carried
+# through the loop in registers): the table read is an L2 hit whose latency the loop otherwise waits for on
+# every near step. FAT5_ATTN_PREFETCH=0 (read at import) turns it off, for comparison.
+PREFETCH = tl.constexpr(os.environ.get("FAT5_ATTN_PREFETCH", "1") != "0")
+
 # debug aid for tests: fill outputs with NaN before the kernels write them, so an unwritten element shows
 _POISON = os.environ.get("FAT5_ATTN_POISON") == "1"
 
@@ -203,6 +208,19 @@ def _split_bounds(start, end, first_near, first_far, STEP: tl.constexpr):
 
 
 @triton.jit
+def _near_bias(RB_h, qpos2, kpos2, ref, W):
+    """Near-diagonal bias tile from the per-head Toeplitz table (the "table" variant): row q - ref + K, column
+    k - ref, with ref the tile's first key (forward, dq) or the key block's (dk/dv); the rows are contiguous,
+    so these are vector loads with no per-element distance arithmetic. The near loops cover whole blocks, so a
+    row can fall outside the table on a step that lies wholly beyond +-W (or on the step after the last, which
+    the prefetching loops load and never use): clamping the row is exact and in bounds, since the table
+    saturates at both ends (row 0 holds distances >= W, the last row distances <= -W)."""
+    nt_h = RB_h - (2 * W + 3 * NT_COLS) * NT_COLS
+    row = tl.minimum(tl.maximum(qpos2 - ref + W + NT_COLS, 0), 2 * W + 3 * NT_COLS - 1)
+    return tl.load(nt_h + row * NT_COLS + (kpos2 - ref))
+
+
+@triton.jit
 def _add_bias(
     s,
     BIAS_KIND: tl.constexpr,
@@ -235,15 +253,9 @@ def _add_bias(
         elif REL_MODE == 0:
             s += tl.load(RB_h + tl.minimum(tl.maximum(kpos2 - qpos2, -W), W) + W)
         elif REL_MODE == 3:
-            # near-diagonal tile from the per-head Toeplitz table (the "table" variant): row q - ref + K,
-            # column k - ref, with ref the tile's first key (forward, dq) or the key block's (dk/dv); the rows
-            # are contiguous, so these are vector loads with no per-element distance arithmetic.
-            # The near loops cover whole blocks, so a row can fall outside the table on a step that lies
-            # wholly beyond +-W: clamping the row is exact there, since the table saturates at both ends
-            # (row 0 holds distances >= W, the last row distances <= -W).
-            nt_h = RB_h - (2 * W + 3 * NT_COLS) * NT_COLS
-            row = tl.minimum(tl.maximum(qpos2 - ref + W + NT_COLS, 0), 2 * W + 3 * NT_COLS - 1)
-            s += tl.load(nt_h + row * NT_COLS + (kpos2 - ref))
+            s += _near_bias(RB_h, qpos2, kpos2, ref, W)
+        elif REL_MODE == 4:  # a near tile whose bias the loop prefetched and added itself
+            s = s
         elif REL_MODE == -1:
             s += b_lo
         else:
@@ -480,14 +492,21 @@ def _fwd_tiles(
     BLOCK_N: tl.constexpr,
     REL_MODE: tl.constexpr,
 ):
+    if REL_MODE == 3 and PREFETCH:
+        next_bias = _near_bias(RB_h, qpos[:, None], start + tl.arange(0, BLOCK_N)[None, :], start, W)
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kpos = start_n + tl.arange(0, BLOCK_N)
+        if REL_MODE == 3 and PREFETCH:
+            bias = next_bias
+            next_bias = _near_bias(RB_h, qpos[:, None], kpos[None, :] + BLOCK_N, start_n + BLOCK_N, W)
         kmask = (kpos[:, None] < N) & (offs_d[None, :] < D)
         k = tl.load(K_bh + kpos[:, None] * skn + offs_d[None, :] * skd, mask=kmask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         rel_lo = start_n - (qp0 + BLOCK_M - 1)
         rel_hi = start_n + BLOCK_N - 1 - qp0
+        if REL_MODE == 3 and PREFETCH:
+            s += bias
         s = _add_bias(
             s,
             BIAS_KIND,
@@ -505,7 +524,7 @@ def _fwd_tiles(
             W,
             BLOCK_M,
             BLOCK_N,
-            REL_MODE,
+            4 if (REL_MODE == 3 and PREFETCH) else REL_MODE,
         )
         if MASK:
             keep = kpos[None, :] < N
@@ -970,10 +989,15 @@ def _dkv_tiles(
     v_hi = tl.zeros([BLOCK_N], tl.float32)
     w_lo = tl.zeros([WIN], tl.float32)
     w_hi = tl.zeros([WIN], tl.float32)
+    if REL_MODE == 3 and PREFETCH:  # as _fwd_tiles, along the queries
+        next_bias = _near_bias(RB_h, (q_off + start + tl.arange(0, BLOCK_M))[None, :], kpos[:, None], k0, W)
     for start_m in range(start, end, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         qpos = q_off + offs_m
+        if REL_MODE == 3 and PREFETCH:
+            bias = next_bias
+            next_bias = _near_bias(RB_h, qpos[None, :] + BLOCK_M, kpos[:, None], k0, W)
         mmask = (offs_m[:, None] < M) & (offs_d[None, :] < D)
         q = tl.load(Q_bh + offs_m[:, None] * sqm + offs_d[None, :] * sqd, mask=mmask, other=0.0)
         do = tl.load(DO_bh + offs_m[:, None] * sdom + offs_d[None, :] * sdod, mask=mmask, other=0.0)
@@ -984,6 +1008,8 @@ def _dkv_tiles(
         qp0 = q_off + start_m
         rel_lo = k0 - (qp0 + BLOCK_M - 1)
         rel_hi = k0 + BLOCK_N - 1 - qp0
+        if REL_MODE == 3 and PREFETCH:
+            sT += bias
         sT = _add_bias(
             sT,
             BIAS_KIND,
@@ -1001,7 +1027,7 @@ def _dkv_tiles(
             W,
             BLOCK_N,
             BLOCK_M,
-            REL_MODE,
+            4 if (REL_MODE == 3 and PREFETCH) else REL_MODE,
         )
         if MASK:
             sT = tl.where(kpos[:, None] <= qpos[None, :], sT, float("-inf"))
@@ -1489,9 +1515,14 @@ def _dq_tiles(
     BLOCK_N: tl.constexpr,
     REL_MODE: tl.constexpr,
 ):
+    if REL_MODE == 3 and PREFETCH:  # as _fwd_tiles
+        next_bias = _near_bias(RB_h, qpos[:, None], start + tl.arange(0, BLOCK_N)[None, :], start, W)
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kpos = start_n + tl.arange(0, BLOCK_N)
+        if REL_MODE == 3 and PREFETCH:
+            bias = next_bias
+            next_bias = _near_bias(RB_h, qpos[:, None], kpos[None, :] + BLOCK_N, start_n + BLOCK_N, W)
         kmask = (kpos[:, None] < N) & (offs_d[None, :] < D)
         k = tl.load(K_bh + kpos[:, None] * skn + offs_d[None, :] * skd, mask=kmask, other=0.0)
         v = tl.load(V_bh + kpos[:, None] * svn + offs_d[None, :] * svd, mask=kmask, other=0.0)
@@ -1499,6 +1530,8 @@ def _dq_tiles(
         rel_lo = start_n - (qp0 + BLOCK_M - 1)
         rel_hi = start_n + BLOCK_N - 1 - qp0
         tile_mask = (offs_m[:, None] < M) & (kpos[None, :] < N)
+        if REL_MODE == 3 and PREFETCH:
+            s += bias
         s = _add_bias(
             s,
             BIAS_KIND,
@@ -1516,7 +1549,7 @@ def _dq_tiles(
             W,
             BLOCK_M,
             BLOCK_N,
-            REL_MODE,
+            4 if (REL_MODE == 3 and PREFETCH) else REL_MODE,
         )
         if MASK:
             keep = kpos[None, :] < N
