@@ -144,9 +144,10 @@ assert (
 # interpreter's blocks are 32 wide, so it keeps 16 and its tests still walk narrower near steps than blocks
 NEAR = dict.fromkeys(("fwd", "dkv", "dq"), 16 if _INTERPRET else 32)
 
-# near-diagonal tiles of the "table" variant load the next step's bias tile before this step's dot (carried
-# through the loop in registers): the table read is an L2 hit whose latency the loop otherwise waits for on
-# every near step. FAT5_ATTN_PREFETCH=0 (read at import) turns it off, for comparison.
+# near-diagonal tiles of the "table" variant in the backward (dq, dk/dv) load the next step's bias tile before
+# this step's dots (carried through the loop in registers): the table read is an L2 hit whose latency the loop
+# otherwise waits for on every near step (H200, L=1024: fwd+bwd 185 -> 192 TFLOP/s). FAT5_ATTN_PREFETCH=0 (read
+# at import) turns it off, for comparison.
 PREFETCH = tl.constexpr(os.environ.get("FAT5_ATTN_PREFETCH", "1") != "0")
 
 # debug aid for tests: fill outputs with NaN before the kernels write them, so an unwritten element shows
@@ -492,21 +493,16 @@ def _fwd_tiles(
     BLOCK_N: tl.constexpr,
     REL_MODE: tl.constexpr,
 ):
-    if REL_MODE == 3 and PREFETCH:
-        next_bias = _near_bias(RB_h, qpos[:, None], start + tl.arange(0, BLOCK_N)[None, :], start, W)
+    # no prefetch of the near bias here (unlike dq and dk/dv): it took the 8-warp 128x64 forward from 126 to
+    # 169 registers (one program per SM instead of two) and the forward from 362 to 337 TFLOP/s at L=4096
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kpos = start_n + tl.arange(0, BLOCK_N)
-        if REL_MODE == 3 and PREFETCH:
-            bias = next_bias
-            next_bias = _near_bias(RB_h, qpos[:, None], kpos[None, :] + BLOCK_N, start_n + BLOCK_N, W)
         kmask = (kpos[:, None] < N) & (offs_d[None, :] < D)
         k = tl.load(K_bh + kpos[:, None] * skn + offs_d[None, :] * skd, mask=kmask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         rel_lo = start_n - (qp0 + BLOCK_M - 1)
         rel_hi = start_n + BLOCK_N - 1 - qp0
-        if REL_MODE == 3 and PREFETCH:
-            s += bias
         s = _add_bias(
             s,
             BIAS_KIND,
@@ -524,7 +520,7 @@ def _fwd_tiles(
             W,
             BLOCK_M,
             BLOCK_N,
-            4 if (REL_MODE == 3 and PREFETCH) else REL_MODE,
+            REL_MODE,
         )
         if MASK:
             keep = kpos[None, :] < N
