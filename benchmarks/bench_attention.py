@@ -31,6 +31,7 @@ import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+from fat5.ops import attention_triton as at  # noqa: E402
 from fat5.ops.attention_triton import flash_attention, set_variant  # noqa: E402
 from fat5.positions import relative_position_bucket  # noqa: E402
 
@@ -173,6 +174,16 @@ def fmt(x, nd=1):
     return x if isinstance(x, str) else f"{x:.{nd}f}"
 
 
+def tuned_configs() -> dict:
+    """The autotuner's pick per kernel and key, for the JSON: each process tunes anew, and a different pick is
+    the first suspect when a row moves between runs of the same code."""
+    out = {}
+    for name in ("_fwd_kernel", "_dkv_kernel", "_dq_kernel"):
+        kern = getattr(at, name)
+        out[name] = {str(k): str(v) for k, v in getattr(kern, "cache", {}).items()}
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -189,6 +200,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--rep", type=int, default=40)
     ap.add_argument("--commit", default=None)
+    ap.add_argument("--tag", default="", help="suffix of the report's file names")
     args = ap.parse_args()
     if args.quick and "--methods" not in sys.argv:
         args.methods = QUICK_METHODS
@@ -262,9 +274,9 @@ def main():
         "seconds": round(time.time() - t_start, 1),
     }
     os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"attention_{meta['date']}" + ("_quick" if args.quick else ""))
+    stem = os.path.join(args.out, f"attention_{meta['date']}" + ("_quick" if args.quick else "") + args.tag)
     with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows, "packed": packed_all}, f, indent=1)
+        json.dump({"meta": meta, "rows": rows, "packed": packed_all, "configs": tuned_configs()}, f, indent=1)
     keys = sorted({k_ for r in rows for k_ in r}, key=lambda s: (s not in ("d", "L", "B", "causal"), s))
     with open(stem + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
