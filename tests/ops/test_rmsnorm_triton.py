@@ -178,3 +178,63 @@ def test_bf16_gpu(shape, with_residual):
 def test_bf16_onto_fp32_stream_gpu():
     # the model's case under bf16 autocast: bf16 layer output, fp32 residual stream, bf16 normed output
     _check((4103, 768), torch.bfloat16, True, device="cuda", r_dtype=torch.float32, out_dtype=torch.bfloat16)
+
+
+_COMPILE_PDL = r"""
+import sys
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile as triton_compile
+from fat5.ops import rmsnorm as r
+
+kernels = {
+    "fwd": (r._rms_norm_fwd_kernel,
+            {"X": "*bf16", "R": "*bf16", "Y": "*bf16", "H": "*bf16", "W": "*bf16", "RSTD": "*fp32",
+             "M": "i32", "N": "i32", "eps": "fp32"},
+            {"HAS_RES": False, "BLOCK_M": 4, "BLOCK_N": 512}),
+    "bwd": (r._rms_norm_bwd_kernel,
+            {"DY": "*bf16", "DRES": "*bf16", "H": "*bf16", "W": "*bf16", "RSTD": "*fp32", "DX": "*bf16",
+             "DXL": "*bf16", "DW_PARTIAL": "*fp32", "M": "i32", "N": "i32"},
+            {"ROWS_PER_PROGRAM": 64, "HAS_DRES": False, "HAS_DXL": False, "BLOCK_M": 8, "BLOCK_N": 512,
+             "STAGES": 3}),
+    "sum_rows": (r._sum_rows_kernel, {"P": "*fp32", "OUT": "*bf16", "R": "i32", "N": "i32"},
+                 {"BLOCK_R": 256, "BLOCK_N": 16}),
+}
+for name, (fn, sig, consts) in kernels.items():
+    for arch, pdl in ((90, True), (90, False), (80, False)):
+        consts_ = {**consts, "PDL": pdl}
+        sig_ = {**sig, **{k: "constexpr" for k in consts_}}
+        k = triton_compile(ASTSource(fn=fn, signature=sig_, constexprs=consts_), target=GPUTarget("cuda", arch, 32),
+                           options={"launch_pdl": pdl})
+        print(name, arch, pdl, k.asm["ptx"].count("griddepcontrol"), k.metadata.launch_pdl)
+"""
+
+
+def test_pdl_kernels_compile_for_hopper_only(tmp_path):
+    """The programmatic-dependent-launch path: compiled offline (no GPU, outside the interpreter) for sm_90 it
+    waits on the previous grid (griddepcontrol in the PTX, launch_pdl in the metadata); without PDL, and for an
+    sm_80 target, which has no such instruction, nothing of it is emitted. No CUDA device means no PDL."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fat5.ops import rmsnorm
+    from fat5.ops.launch import pdl
+
+    assert not pdl(torch.device("cpu")) and rmsnorm._pdl(torch.device("cpu")) == {}
+    script = tmp_path / "compile_pdl.py"
+    script.write_text(_COMPILE_PDL)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2] / "src")
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    res = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line.split() for line in res.stdout.splitlines()]
+    assert len(rows) == 9
+    assert {(r[1], r[2]) for r in rows} == {("90", "True"), ("90", "False"), ("80", "False")}
+    for name, _arch, with_pdl, n_gdc, meta_pdl in rows:
+        if with_pdl == "True":
+            # fwd and bwd wait and release their dependents; the last kernel of the chain only waits
+            assert int(n_gdc) == (1 if name == "sum_rows" else 2) and meta_pdl == "True", rows
+        else:
+            assert int(n_gdc) == 0 and meta_pdl == "False", rows
