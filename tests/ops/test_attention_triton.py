@@ -585,6 +585,17 @@ def test_saturation_width(nb, bidirectional, max_distance):
         assert w == 92  # the last log bucket of T5's default starts at |d| = 91
 
 
+def test_saturation_width_under_fake_tensors():
+    """torch.compile's shape propagation calls the forward's fake implementation, which needs W for the
+    distance buffer's shape, inside a fake-tensor mode: W is still computed on real CPU tensors there."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    at._saturation_width.cache_clear()
+    with FakeTensorMode():
+        w = at._saturation_width(32, True, 128)
+    assert w == 92
+
+
 @pytest.mark.parametrize("nb,bidirectional,max_distance", [(32, True, 128), (32, False, 128), (8, True, 20)])
 def test_bucket_spans(nb, bidirectional, max_distance):
     """Each bucket's [lo, hi) span of distance indices runs from its first to one past its last distance (and is
