@@ -17,14 +17,14 @@ Position bias kinds (constexpr ``BIAS_KIND``):
   and summed over the broadcast dims afterwards).
 T5 buckets: the bucket depends only on the key-minus-query distance and is constant for |distance| >= W, the
 exact saturation point of the bucketing (``_saturation_width``: 92 for 32 bidirectional buckets and max
-distance 128, 114 causal; at most max(max_distance, num_buckets)). The host builds (with device ops, no sync) a per-head vector
-``rb[h, W + d] = table[bucket(d), h]`` for d in [-W, W] by calling ``relative_position_bucket`` itself, so
-buckets are bit-identical to the reference. Tiles whose whole distance range lies beyond +-W add one scalar;
-only tiles near the diagonal gather from the vector. In the backward, far tiles reduce dS to one scalar per
-side; near tiles reduce dS per diagonal (a ``tl.gather`` skew) into a per-program fp32 vector over distances.
-Each key-block program writes its own row of a partial buffer; one more launch (``_table_grad_kernel``, a
-program per bucket and head) sums those rows and the bucket's distances in a fixed order, so d(rel_table) is
-bitwise deterministic.
+distance 128, 114 causal; at most max(max_distance, num_buckets)). The host builds (with device ops, no sync) a
+per-head vector ``rb[h, W + d] = table[bucket(d), h]`` for d in [-W, W] by calling ``relative_position_bucket``
+itself, so buckets are bit-identical to the reference. Tiles whose whole distance range lies beyond +-W add one
+scalar; only tiles near the diagonal gather from the vector. In the backward, far tiles reduce dS to one scalar
+per side; near tiles reduce dS per diagonal (a ``tl.gather`` skew) into a per-program fp32 vector over
+distances. Each key-block program writes its own row of a partial buffer; one more launch
+(``_table_grad_kernel``, a program per bucket and head) sums those rows and the bucket's distances in a fixed
+order, so d(rel_table) is bitwise deterministic.
 
 Inner-loop variants for the T5 bias (same function; selected per launch):
   "split": each program computes, from its tile bounds, where its tiles stop being wholly below -W
@@ -985,7 +985,7 @@ def _dkv_tiles(
     v_hi = tl.zeros([BLOCK_N], tl.float32)
     w_lo = tl.zeros([WIN], tl.float32)
     w_hi = tl.zeros([WIN], tl.float32)
-    if REL_MODE == 3 and PREFETCH:  # as _fwd_tiles, along the queries
+    if REL_MODE == 3 and PREFETCH:  # as _dq_tiles, along the queries
         next_bias = _near_bias(RB_h, (q_off + start + tl.arange(0, BLOCK_M))[None, :], kpos[:, None], k0, W)
     for start_m in range(start, end, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
@@ -1511,7 +1511,7 @@ def _dq_tiles(
     BLOCK_N: tl.constexpr,
     REL_MODE: tl.constexpr,
 ):
-    if REL_MODE == 3 and PREFETCH:  # as _fwd_tiles
+    if REL_MODE == 3 and PREFETCH:  # step i + 1's bias tile is loaded before step i's dots (see PREFETCH)
         next_bias = _near_bias(RB_h, qpos[:, None], start + tl.arange(0, BLOCK_N)[None, :], start, W)
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
