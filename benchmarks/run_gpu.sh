@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call (device time is scarce): bf16 kernel tests, then the benchmarks,
 # results under ${OUT:-benchmarks/results}. Usage from the repository root on a CUDA machine:
-#   bash benchmarks/run_gpu.sh [quick | step]
+#   bash benchmarks/run_gpu.sh [quick | step | kernels]
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 out=${OUT:-benchmarks/results}
@@ -13,6 +13,14 @@ if [ "${1:-}" = step ]; then
     tee "$out/gpu_tests_step.log" | tail -5
   python3 benchmarks/bench_model.py --impls fat5-trainer,fat5-graph,hf --shapes 0 --steps 5 --out "$out" --tag=_step
   python3 benchmarks/convergence.py --out "$out"
+elif [ "${1:-}" = kernels ]; then
+  # the attention and RMSNorm targets alone (a few minutes): attention against SDPA (the autotuner's picks go
+  # into the JSON), the kernels at the model's shapes, RMSNorm with its copy + add bound row
+  FAT5_ATTN_AUTOTUNE=0 python3 -m pytest -q -m gpu tests/ops/test_rmsnorm_triton.py tests/ops/test_launch.py \
+    -rf --tb=short 2>&1 | tee "$out/gpu_tests_kernels.log" | tail -3
+  python3 benchmarks/bench_attention.py --quick --methods sdpa,ours --out "$out" --tag=_kernels
+  python3 benchmarks/attention_profile.py --cells model --out "$out"
+  python3 benchmarks/bench_kernels.py --ops rms_norm,model --out "$out"
 elif [ "${1:-}" = quick ]; then
   # shorter: GPU tests with the first config of each attention kernel (autotuning compiles every config per
   # case, ~11 s a test on the H200), the default variant's decode cases autotuned, then the model's shapes
