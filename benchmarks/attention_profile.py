@@ -99,14 +99,6 @@ def host_us(fn, args, grad, n=20):
     return dt
 
 
-def best_configs():
-    out = {}
-    for name in ("_fwd_kernel", "_dkv_kernel", "_dq_kernel"):
-        kern = getattr(at, name)
-        out[name] = {str(k): str(v) for k, v in getattr(kern, "cache", {}).items()}
-    return out
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
@@ -199,7 +191,7 @@ def main():
         print(json.dumps(row), flush=True)
         del q, k, v, table
         torch.cuda.empty_cache()
-    cfg = best_configs()
+    cfg = at.autotuned_configs()
     print(json.dumps(cfg, indent=1))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"attention_profile_{datetime.date.today().isoformat()}_{args.cells}.json")

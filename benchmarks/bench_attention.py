@@ -174,16 +174,6 @@ def fmt(x, nd=1):
     return x if isinstance(x, str) else f"{x:.{nd}f}"
 
 
-def tuned_configs() -> dict:
-    """The autotuner's pick per kernel and key, for the JSON: each process tunes anew, and a different pick is
-    the first suspect when a row moves between runs of the same code."""
-    out = {}
-    for name in ("_fwd_kernel", "_dkv_kernel", "_dq_kernel"):
-        kern = getattr(at, name)
-        out[name] = {str(k): str(v) for k, v in getattr(kern, "cache", {}).items()}
-    return out
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -276,7 +266,9 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"attention_{meta['date']}" + ("_quick" if args.quick else "") + args.tag)
     with open(stem + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows, "packed": packed_all, "configs": tuned_configs()}, f, indent=1)
+        json.dump(
+            {"meta": meta, "rows": rows, "packed": packed_all, "configs": at.autotuned_configs()}, f, indent=1
+        )
     keys = sorted({k_ for r in rows for k_ in r}, key=lambda s: (s not in ("d", "L", "B", "causal"), s))
     with open(stem + ".csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)

@@ -2707,6 +2707,16 @@ _attention, _fwd_op, _bwd_op = op_pair(
 
 
 # --------------------------------------------------------------------------------------------- public
+def autotuned_configs() -> dict[str, dict[str, str]]:
+    """The autotuner's pick per kernel and tuning key in this process, as strings (for benchmark reports: each
+    process tunes anew, and a different pick is the first suspect when a timing moves between runs)."""
+    kernels = {"_fwd_kernel": _fwd_kernel, "_dkv_kernel": _dkv_kernel, "_dq_kernel": _dq_kernel}
+    return {
+        name: {str(k): str(v) for k, v in getattr(kern, "cache", {}).items()}
+        for name, kern in kernels.items()
+    }
+
+
 def flash_attention(
     q: torch.Tensor,
     k: torch.Tensor | None,
