@@ -34,7 +34,7 @@ def main():
     ap.add_argument(
         "--kinds",
         default="fwd,bwd",
-        help="which kernels to sweep (fwd, bwd, reduce; default: the shipped tiles)",
+        help="which kernels to sweep (fwd, bwd, reduce; default: the shipped tiles; parts: each kernel of a fwd+bwd alone, and torch copy / add of the same bytes)",
     )
     ap.add_argument(
         "--stages", default="0", help="backward loop pipelining depths to sweep (0: hand prefetch)"
@@ -47,6 +47,7 @@ def main():
         action="store_true",
         help="the model's case under bf16 autocast: bf16 x onto an fp32 residual, bf16 normed output",
     )
+    ap.add_argument("--tag", default="", help="suffix of the report's file name")
     args = ap.parse_args()
     x0 = torch.randn(2**28, device="cuda", dtype=torch.bfloat16)
     y0 = torch.empty_like(x0)
@@ -85,6 +86,50 @@ def main():
                 d=d, kind="default", fwd_us=round(f_us, 2), bwd_us=round(b_us, 2),
                 fwd_pct=round(100 * ideal_fwd / f_us), bwd_pct=round(100 * ideal_bwd / b_us),
             )  # fmt: skip
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+        if "parts" in args.kinds:
+            # where a fwd+bwd's time goes: each kernel alone, the backward without its dweight reduction, the
+            # reduction alone, and torch's own streaming kernels moving the same bytes (copy as the forward,
+            # add as the backward)
+            rn.TUNE.clear()
+            parts = {}
+            fwd = lambda x=x, w=w, r=res, o=out_dtype: rn._rms_norm_fwd(x, w, r, 1e-6, o)  # noqa: E731
+            bwd = lambda dy=dy, h=h, w=w, rstd=rstd, dr=dres, lo=low: rn._rms_norm_bwd(dy, dr, h, w, rstd, lo)  # noqa: E731
+
+            def both(fwd=fwd, bwd=bwd):
+                fwd()
+                bwd()
+
+            parts["fwd"] = graph_us(fwd)
+            parts["bwd"] = graph_us(bwd)
+            parts["fwd_bwd"] = graph_us(both)
+            rn.TUNE["no_reduce"] = True
+            parts["bwd_no_reduce"] = graph_us(bwd)
+            rn.TUNE.clear()
+            progs = rn._num_programs(x.device)
+            progs = triton.cdiv(TOKENS, max(8, triton.next_power_of_2(triton.cdiv(TOKENS, progs))))
+            part = torch.randn(progs, d, device="cuda")
+            br, bc = rn._reduce_tile(progs)
+            dwo = torch.empty_like(w)
+            parts["reduce"] = graph_us(
+                lambda part=part, dwo=dwo, progs=progs, d=d, br=br, bc=bc: rn._sum_rows_kernel[
+                    (triton.cdiv(d, bc),)
+                ](part, dwo, progs, d, BLOCK_R=br, BLOCK_N=bc)
+            )
+            ys, zs = torch.empty_like(x), torch.empty_like(x)
+            copy = lambda x=x, ys=ys: ys.copy_(x)  # noqa: E731
+            add = lambda x=x, dy=dy, zs=zs: torch.add(x, dy, out=zs)  # noqa: E731
+
+            def copy_add(copy=copy, add=add):
+                copy()
+                add()
+
+            parts["torch_copy"] = graph_us(copy)
+            parts["torch_add"] = graph_us(add)
+            parts["torch_copy_add"] = graph_us(copy_add)
+            r = dict(d=d, kind="parts", ideal_fwd_us=round(ideal_fwd, 2), ideal_bwd_us=round(ideal_bwd, 2))
+            r.update({k: round(v, 2) for k, v in parts.items()})
             rows.append(r)
             print(json.dumps(r), flush=True)
         for bm in (1, 2, 4, 8, 16) if "fwd" in args.kinds else ():
@@ -143,7 +188,8 @@ def main():
     rn.TUNE.clear()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(
-        args.out, f"rmsnorm_sweep_{datetime.date.today().isoformat()}{'_mixed' if args.mixed else ''}.json"
+        args.out,
+        f"rmsnorm_sweep_{datetime.date.today().isoformat()}{'_mixed' if args.mixed else ''}{args.tag}.json",
     )
     with open(path, "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name(), "copy_gbs": copy_gbs, "rows": rows}, f, indent=1)

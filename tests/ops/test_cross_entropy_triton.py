@@ -10,7 +10,7 @@ import importlib
 
 import pytest
 import torch
-from kernel_checks import _assert_within, _poison_empty  # noqa: F401  (autouse fixture)
+from kernel_checks import _assert_within, _poison_empty, zero_fills  # noqa: F401  (autouse fixture)
 
 ce = importlib.import_module("fat5.ops.cross_entropy")  # fat5.ops.cross_entropy is also a function name
 
@@ -166,6 +166,17 @@ def test_lce_only_hidden_needs_grad_and_no_grad_mode():
     with torch.no_grad():
         loss_ng, _ = ce.linear_cross_entropy_triton(hidden, weight, labels)
     torch.testing.assert_close(loss_ng, loss.detach())
+
+
+def test_lce_backward_fills_no_zero_gradients():
+    # the held gradients are outputs (non-differentiable): materialised, their unused gradients would be zero
+    # fills as large as the hidden states and the fp32 embedding gradient on every backward
+    hidden = torch.randn(6, 16, device=DEVICE, requires_grad=True)
+    weight = torch.randn(40, 16, device=DEVICE, requires_grad=True)
+    labels = torch.randint(0, 40, (6,), device=DEVICE)
+    loss, _ = ce.linear_cross_entropy_triton(hidden, weight, labels, z_loss=1e-3)
+    fills = zero_fills(lambda: torch.autograd.grad(loss, (hidden, weight)))
+    assert not fills, fills
 
 
 def test_lce_bad_input():

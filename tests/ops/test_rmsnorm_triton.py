@@ -6,7 +6,7 @@ Error rule (DESIGN.md): in low precision the kernel's max error against the floa
 
 import pytest
 import torch
-from kernel_checks import _assert_within, _poison_empty  # noqa: F401  (autouse fixture)
+from kernel_checks import _assert_within, _poison_empty, zero_fills  # noqa: F401  (autouse fixture)
 
 from fat5.ops.rmsnorm import rms_norm_ref, rms_norm_triton
 
@@ -121,6 +121,32 @@ def test_only_new_residual_used():
     torch.testing.assert_close(x.grad, torch.full_like(x, 3.0))
     torch.testing.assert_close(r.grad, torch.full_like(r, 3.0))
     torch.testing.assert_close(w.grad, torch.zeros_like(w))
+
+
+def test_only_normed_output_used():
+    # the returned residual is unused: its gradient reaches the rule as None and counts as zero
+    x = torch.randn(7, 40, device=DEVICE, requires_grad=True)
+    r = torch.randn(7, 40, device=DEVICE, requires_grad=True)
+    w = (1 + 0.3 * torch.randn(40, device=DEVICE)).requires_grad_()
+    g = torch.randn(7, 40, device=DEVICE)
+    got = torch.autograd.grad(rms_norm_triton(x, w, 1e-6, r)[0], (x, r, w), g)
+    want = torch.autograd.grad(rms_norm_ref(x, w, 1e-6, r)[0], (x, r, w), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_backward_fills_no_zero_gradients(with_residual):
+    # the saved 1/rms (and an unused new residual) get no gradient: autograd would otherwise materialise a
+    # zero tensor for each on every backward, one fill kernel per call on the GPU
+    x = torch.randn(9, 64, device=DEVICE, requires_grad=True)
+    w = torch.ones(64, device=DEVICE, requires_grad=True)
+    r = torch.randn(9, 64, device=DEVICE) if with_residual else None
+    out = rms_norm_triton(x, w, 1e-6, r)
+    y = out[0] if with_residual else out
+    g = torch.ones_like(y)
+    fills = zero_fills(lambda: torch.autograd.grad(y, (x, w), g))
+    assert not fills, fills
 
 
 def test_bad_input():

@@ -248,6 +248,8 @@ def _ce_setup(ctx, inputs, output):
 
 def _ce_backward(ctx, grad_loss, grad_z, grad_lse, bwd):
     logits, labels, lse = ctx.saved_tensors
+    if grad_loss is None:  # only the logging terms were used
+        return None, None, None, None, None
     grad = bwd(grad_loss, logits, labels, lse, ctx.ignore_index, ctx.z_loss, ctx.label_smoothing)
     return grad, None, None, None, None
 
@@ -363,11 +365,16 @@ def _lce_setup(ctx, inputs, output):
     ctx.weight_dtype = weight.dtype
     _, z, grad_hidden, grad_weight = output
     ctx.mark_non_differentiable(z, grad_hidden, grad_weight)
+    # the stored gradients are outputs too: materialised, their (unused) gradients would be zero fills as large
+    # as the hidden states and the embedding, on every backward
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(grad_hidden, grad_weight)
 
 
 def _lce_backward(ctx, grad_loss, grad_z, grad_gh, grad_gw):
     grad_hidden, grad_weight = ctx.saved_tensors
+    if grad_loss is None:  # only the z-loss term (logging) was used
+        return None, None, None, None, None, None, None, None
     # the stored gradients are for grad_output = 1; a 0-dim fp32 factor keeps each tensor's dtype
     dh = grad_hidden * grad_loss if ctx.need_grad_hidden else None
     dw = (grad_weight * grad_loss).to(ctx.weight_dtype) if ctx.need_grad_weight else None

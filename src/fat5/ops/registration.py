@@ -6,6 +6,8 @@ keep ``torch.compile`` graphs whole. In eager mode their dispatch layer costs ho
 it on real ops), which short kernels cannot hide. So eager calls run the same implementations through a plain ``torch.autograd.Function``
 with the same context setup and backward rule; the returned callable picks the path.
 
+Gradients are not materialised: the rule gets None for an output whose gradient nobody produced (an unused
+statistic, a logging term), and must treat it as zero.
 Limits: the backward rule receives the backward implementation as ``bwd`` and must call only that.
 """
 
@@ -36,13 +38,18 @@ def op_pair(
     bwd_op = torch.library.custom_op(f"fat5::{name}_bwd", mutates_args=())(bwd_impl)
     fwd_op.register_fake(fwd_fake)
     bwd_op.register_fake(bwd_fake)
-    fwd_op.register_autograd(
-        lambda ctx, *grads: backward(ctx, *grads, bwd=bwd_op), setup_context=setup_context
-    )
+
+    def setup(ctx, inputs, output):
+        # gradients of outputs nobody used (saved statistics, logging terms, empty placeholders) reach the rule
+        # as None: materialised, each would be a zero-filled tensor, one fill kernel per backward call
+        ctx.set_materialize_grads(False)
+        setup_context(ctx, inputs, output)
+
+    fwd_op.register_autograd(lambda ctx, *grads: backward(ctx, *grads, bwd=bwd_op), setup_context=setup)
 
     def forward(ctx, *inputs):
         output = fwd_impl(*inputs)
-        setup_context(ctx, inputs, output)
+        setup(ctx, inputs, output)
         return output
 
     def eager_backward(ctx, *grads):

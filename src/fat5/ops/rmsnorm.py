@@ -178,7 +178,8 @@ def _sum_rows_kernel(P, OUT, R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 # tile overrides for benchmarks/rmsnorm_sweep.py: {"fwd": (BLOCK_M, num_warps), "bwd": (BLOCK_M, num_warps,
-# programs per SM), "reduce": (BLOCK_R, BLOCK_N)}; empty = the defaults below
+# programs per SM), "reduce": (BLOCK_R, BLOCK_N), "no_reduce": True (dweight left unwritten, to time the
+# backward kernel alone)}; empty = the defaults below
 TUNE: dict = {}
 
 
@@ -299,6 +300,8 @@ def _rms_norm_bwd_impl(
             **_pdl(h.device),
         )  # fmt: skip
     dw = torch.empty_like(weight)
+    if m and TUNE.get("no_reduce"):  # sweeps only: time the backward kernel without the dweight reduction
+        return dx, dlow, dw
     if m:
         block_r, block_c = TUNE.get("reduce", _reduce_tile(programs))
         _SUM_ROWS[(cdiv(n, block_c),)](
@@ -318,6 +321,8 @@ def _rms_norm_setup(ctx, inputs, output):
     x, weight, residual, eps, out_dtype = inputs
     y, h, rstd = output
     ctx.has_res = residual is not None
+    ctx.y_dtype = y.dtype
+    ctx.mark_non_differentiable(rstd)
     # with a mixed-dtype add, the backward writes the gradient once more in the lower of the two dtypes
     ctx.x_low = ctx.has_res and x.dtype != h.dtype
     ctx.r_low = ctx.has_res and residual.dtype != h.dtype
@@ -327,7 +332,9 @@ def _rms_norm_setup(ctx, inputs, output):
 
 def _rms_norm_backward(ctx, dy, dh_out, drstd, bwd):
     h, weight, rstd = ctx.saved_tensors
-    dres = dh_out.contiguous() if ctx.has_res else None
+    if dy is None:  # only the returned residual was used: the normed output's gradient is zero
+        dy = torch.zeros(h.shape, dtype=ctx.y_dtype, device=h.device)
+    dres = dh_out.contiguous() if ctx.has_res and dh_out is not None else None
     dh, dlow, dw = bwd(dy.contiguous(), dres, h, weight, rstd, ctx.low_dtype)
     if not ctx.has_res:
         return dh, dw, None, None, None
