@@ -22,6 +22,14 @@ from fat5.ops import rmsnorm as rn
 TOKENS = 32768
 
 
+BASE: dict = {}  # TUNE entries every measurement keeps (--tma)
+
+
+def reset():
+    rn.TUNE.clear()
+    rn.TUNE.update(BASE)
+
+
 def graph_us(fn):
     fn()
     return 1e3 * do_bench_cudagraph(fn, rep=50, return_mode="median")
@@ -48,7 +56,10 @@ def main():
         help="the model's case under bf16 autocast: bf16 x onto an fp32 residual, bf16 normed output",
     )
     ap.add_argument("--tag", default="", help="suffix of the report's file name")
+    ap.add_argument("--tma", action="store_true", help="backward tiles loaded by tensor descriptors")
     args = ap.parse_args()
+    if args.tma:
+        BASE["tma"] = True
     x0 = torch.randn(2**28, device="cuda", dtype=torch.bfloat16)
     y0 = torch.empty_like(x0)
     copy_gbs = 2 * x0.numel() * 2 / do_bench(lambda: y0.copy_(x0), rep=100, return_mode="median") / 1e6
@@ -61,7 +72,7 @@ def main():
         bn = triton.next_power_of_2(d)
         ideal_fwd = 2 * x.numel() * 2 / copy_gbs / 1e3  # us
         ideal_bwd = 3 * x.numel() * 2 / copy_gbs / 1e3
-        rn.TUNE.clear()
+        reset()
         # mixed: fwd reads x (2 B) + r (4 B), writes h (4 B) + y (2 B); bwd reads dy (2), dh (4), h (4), writes
         # dh (4) + its bf16 copy (2); otherwise bf16 x -> y and dy, x -> dx
         res = torch.randn(TOKENS, d, device="cuda") if args.mixed else None
@@ -77,7 +88,7 @@ def main():
         if (
             "default" in args.kinds
         ):  # the shipped tiles, each kernel timed on its own (bwd: with the reduction)
-            rn.TUNE.clear()
+            reset()
             f_us = graph_us(lambda x=x, w=w, r=res, o=out_dtype: rn._rms_norm_fwd(x, w, r, 1e-6, o))
             b_us = graph_us(
                 lambda dy=dy, h=h, w=w, rstd=rstd, dr=dres, lo=low: rn._rms_norm_bwd(dy, dr, h, w, rstd, lo)
@@ -92,7 +103,7 @@ def main():
             # where a fwd+bwd's time goes: each kernel alone, the backward without its dweight reduction, the
             # reduction alone, and torch's own streaming kernels moving the same bytes (copy as the forward,
             # add as the backward)
-            rn.TUNE.clear()
+            reset()
             parts = {}
             fwd = lambda x=x, w=w, r=res, o=out_dtype: rn._rms_norm_fwd(x, w, r, 1e-6, o)  # noqa: E731
             bwd = lambda dy=dy, h=h, w=w, rstd=rstd, dr=dres, lo=low: rn._rms_norm_bwd(dy, dr, h, w, rstd, lo)  # noqa: E731
@@ -106,7 +117,7 @@ def main():
             parts["fwd_bwd"] = graph_us(both)
             rn.TUNE["no_reduce"] = True
             parts["bwd_no_reduce"] = graph_us(bwd)
-            rn.TUNE.clear()
+            reset()
             progs = rn._num_programs(x.device)
             progs = triton.cdiv(TOKENS, max(8, triton.next_power_of_2(triton.cdiv(TOKENS, progs))))
             part = torch.randn(progs, d, device="cuda")
@@ -117,6 +128,22 @@ def main():
                     (triton.cdiv(d, bc),)
                 ](part, dwo, progs, d, BLOCK_R=br, BLOCK_N=bc)
             )
+            # the same fwd+bwd through autograd (as a model calls it), and the kernels it runs
+            xg = x.detach().requires_grad_(not args.mixed)
+            wg = w.detach().requires_grad_()
+
+            def step(xg=xg, wg=wg, dy=dy):
+                y = rn.rms_norm_triton(xg, wg, 1e-6)
+                torch.autograd.grad(y, [t for t in (xg, wg) if t.requires_grad], dy)
+
+            parts["autograd_step"] = graph_us(step)
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                step()
+                torch.cuda.synchronize()
+            kernels = [e.name[:40] for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+            print(f"d={d} autograd step kernels: {kernels}", flush=True)
             ys, zs = torch.empty_like(x), torch.empty_like(x)
             copy = lambda x=x, ys=ys: ys.copy_(x)  # noqa: E731
             add = lambda x=x, dy=dy, zs=zs: torch.add(x, dy, out=zs)  # noqa: E731
@@ -138,7 +165,7 @@ def main():
             for nw in (2, 4, 8):
                 if nw * 32 * 4 > bm * bn * 2 or nw * 32 > bm * bn:
                     continue
-                rn.TUNE.clear()
+                reset()
                 rn.TUNE["fwd"] = (bm, nw)
                 us = graph_us(lambda x=x, w=w, r=res, o=out_dtype: rn._rms_norm_fwd(x, w, r, 1e-6, o))
                 r = dict(
@@ -157,7 +184,7 @@ def main():
             if bm * bn <= 16384 and nw * 32 <= bm * bn and nw * 32 * 8 <= bm * bn * 4
         ]
         for st, per_sm, bm, nw in sweep if "bwd" in args.kinds else ():
-            rn.TUNE.clear()
+            reset()
             rn.TUNE["bwd"] = (bm, nw, per_sm)
             rn.TUNE["stages"] = st
             us = graph_us(
@@ -185,7 +212,7 @@ def main():
             print(json.dumps(r), flush=True)
         print(f"d={d}: best {best}; ideal fwd {ideal_fwd:.1f} us, bwd {ideal_bwd:.1f} us", flush=True)
         rows.append(dict(d=d, kind="best", best=best, ideal_fwd_us=ideal_fwd, ideal_bwd_us=ideal_bwd))
-    rn.TUNE.clear()
+    reset()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(
         args.out,

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from .launch import Launcher, cdiv, next_pow2, pdl
 from .registration import op_pair
@@ -90,7 +91,7 @@ def _rms_norm_fwd_kernel(
 def _rms_norm_bwd_kernel(
     DY, DRES, H, W, RSTD, DX, DXL, DW_PARTIAL, M, N,
     ROWS_PER_PROGRAM: tl.constexpr, HAS_DRES: tl.constexpr, HAS_DXL: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, STAGES: tl.constexpr = 0, PDL: tl.constexpr = False,
+    BLOCK_N: tl.constexpr, STAGES: tl.constexpr = 0, PDL: tl.constexpr = False, TMA: tl.constexpr = False,
 ):  # fmt: skip
     if PDL:
         gdc_wait()
@@ -108,8 +109,13 @@ def _rms_norm_bwd_kernel(
             row_ok = rows < M
             mask = row_ok[:, None] & col_ok[None, :]
             offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-            h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+            # with TMA, H and DY are tensor descriptors: one bulk copy per tile, rows and columns outside read 0
+            if TMA:
+                h = H.load([start + i, 0]).to(tl.float32)
+                dy = DY.load([start + i, 0]).to(tl.float32)
+            else:
+                h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
             rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
             xhat = h * rstd[:, None]
             wdy = dy * w[None, :]
@@ -121,45 +127,44 @@ def _rms_norm_bwd_kernel(
             if HAS_DXL:
                 tl.store(DXL + offs, dx.to(DXL.dtype.element_ty), mask=mask)
             dw += dy * xhat
-        tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, tl.sum(dw, axis=0), mask=col_ok)
-        return
-    # the next tile's loads are issued before this tile's math (by hand: the loop carries them), so each
-    # program keeps two tiles of h, dy (and d residual) in flight instead of waiting on every load
-    rows = start + tl.arange(0, BLOCK_M)
-    mask = (rows < M)[:, None] & col_ok[None, :]
-    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-    h_n = tl.load(H + offs, mask=mask, other=0.0)
-    dy_n = tl.load(DY + offs, mask=mask, other=0.0)
-    rstd_n = tl.load(RSTD + rows, mask=rows < M, other=0.0)
-    if HAS_DRES:
-        dres_n = tl.load(DRES + offs, mask=mask, other=0.0)
-    for i in range(0, ROWS_PER_PROGRAM, BLOCK_M):
-        h = h_n.to(tl.float32)
-        dy = dy_n.to(tl.float32)
-        rstd = rstd_n
-        if HAS_DRES:
-            dres = dres_n.to(tl.float32)
-        cur_offs = offs
-        cur_mask = mask
-        rows = start + i + BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = (rows < M) & (i + BLOCK_M + tl.arange(0, BLOCK_M) < ROWS_PER_PROGRAM)
-        mask = row_ok[:, None] & col_ok[None, :]
+    else:
+        # the next tile's loads are issued before this tile's math (by hand: the loop carries them), so each
+        # program keeps two tiles of h, dy (and d residual) in flight instead of waiting on every load
+        rows = start + tl.arange(0, BLOCK_M)
+        mask = (rows < M)[:, None] & col_ok[None, :]
         offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
         h_n = tl.load(H + offs, mask=mask, other=0.0)
         dy_n = tl.load(DY + offs, mask=mask, other=0.0)
-        rstd_n = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        rstd_n = tl.load(RSTD + rows, mask=rows < M, other=0.0)
         if HAS_DRES:
             dres_n = tl.load(DRES + offs, mask=mask, other=0.0)
-        xhat = h * rstd[:, None]
-        wdy = dy * w[None, :]
-        c = tl.sum(xhat * wdy, axis=1) / N
-        dx = (wdy - xhat * c[:, None]) * rstd[:, None]
-        if HAS_DRES:
-            dx += dres
-        tl.store(DX + cur_offs, dx.to(DX.dtype.element_ty), mask=cur_mask)
-        if HAS_DXL:  # the same gradient in the lower dtype of a mixed-dtype add (x or residual)
-            tl.store(DXL + cur_offs, dx.to(DXL.dtype.element_ty), mask=cur_mask)
-        dw += dy * xhat
+        for i in range(0, ROWS_PER_PROGRAM, BLOCK_M):
+            h = h_n.to(tl.float32)
+            dy = dy_n.to(tl.float32)
+            rstd = rstd_n
+            if HAS_DRES:
+                dres = dres_n.to(tl.float32)
+            cur_offs = offs
+            cur_mask = mask
+            rows = start + i + BLOCK_M + tl.arange(0, BLOCK_M)
+            row_ok = (rows < M) & (i + BLOCK_M + tl.arange(0, BLOCK_M) < ROWS_PER_PROGRAM)
+            mask = row_ok[:, None] & col_ok[None, :]
+            offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+            h_n = tl.load(H + offs, mask=mask, other=0.0)
+            dy_n = tl.load(DY + offs, mask=mask, other=0.0)
+            rstd_n = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+            if HAS_DRES:
+                dres_n = tl.load(DRES + offs, mask=mask, other=0.0)
+            xhat = h * rstd[:, None]
+            wdy = dy * w[None, :]
+            c = tl.sum(xhat * wdy, axis=1) / N
+            dx = (wdy - xhat * c[:, None]) * rstd[:, None]
+            if HAS_DRES:
+                dx += dres
+            tl.store(DX + cur_offs, dx.to(DX.dtype.element_ty), mask=cur_mask)
+            if HAS_DXL:  # the same gradient in the lower dtype of a mixed-dtype add (x or residual)
+                tl.store(DXL + cur_offs, dx.to(DXL.dtype.element_ty), mask=cur_mask)
+            dw += dy * xhat
     tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, tl.sum(dw, axis=0), mask=col_ok)
 
 
@@ -178,7 +183,7 @@ def _sum_rows_kernel(P, OUT, R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 # tile overrides for benchmarks/rmsnorm_sweep.py: {"fwd": (BLOCK_M, num_warps), "bwd": (BLOCK_M, num_warps,
-# programs per SM), "reduce": (BLOCK_R, BLOCK_N), "no_reduce": True (dweight left unwritten, to time the
+# programs per SM), "reduce": (BLOCK_R, BLOCK_N), "tma": True (backward tiles by tensor descriptor), "no_reduce": True (dweight left unwritten, to time the
 # backward kernel alone)}; empty = the defaults below
 TUNE: dict = {}
 
@@ -269,6 +274,11 @@ def _reduce_tile(rows: int) -> tuple[int, int]:
     return block_r, max(8, 4096 // block_r)
 
 
+def _tma_ok(t: torch.Tensor, n: int) -> bool:
+    """A (rows, n) contiguous tensor a 2D tensor descriptor can address: 16-byte aligned base and rows."""
+    return t.data_ptr() % 16 == 0 and (n * t.element_size()) % 16 == 0
+
+
 def _rms_norm_bwd_impl(
     dy: torch.Tensor,
     dres: torch.Tensor | None,
@@ -292,12 +302,17 @@ def _rms_norm_bwd_impl(
     rows_per_program = max(block_m, next_pow2(cdiv(max(m, 1), _num_programs(h.device, per_sm))))
     programs = cdiv(m, rows_per_program)
     partial = torch.empty(programs, n, dtype=torch.float32, device=h.device)
+    h_arg, dy_arg, tma = h, dy, False
+    if TUNE.get("tma") and stages > 0 and _tma_ok(h, n) and _tma_ok(dy, n):
+        h_arg = TensorDescriptor.from_tensor(h, [block_m, block_n])
+        dy_arg = TensorDescriptor.from_tensor(dy, [block_m, block_n])
+        tma = True
     if m:
         _BWD[(programs,)](
-            dy, dres if dres is not None else dy, h, weight, rstd, dx, dlow if low_dtype is not None else dx,
-            partial, m, n, ROWS_PER_PROGRAM=rows_per_program, HAS_DRES=dres is not None,
-            HAS_DXL=low_dtype is not None, BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, num_warps=warps,
-            **_pdl(h.device),
+            dy_arg, dres if dres is not None else dy, h_arg, weight, rstd, dx,
+            dlow if low_dtype is not None else dx, partial, m, n, ROWS_PER_PROGRAM=rows_per_program,
+            HAS_DRES=dres is not None, HAS_DXL=low_dtype is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+            STAGES=stages, num_warps=warps, TMA=tma, **_pdl(h.device),
         )  # fmt: skip
     dw = torch.empty_like(weight)
     if m and TUNE.get("no_reduce"):  # sweeps only: time the backward kernel without the dweight reduction
