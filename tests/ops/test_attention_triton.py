@@ -8,7 +8,9 @@ CUDA at larger shapes. Outputs are poisoned with NaN before the kernels write th
 The inner-loop variants ("split", "table": ``at.set_variant``) are both checked. They differ only for the T5
 bias, so "split" runs only the T5 cases, including ones with a small max distance W where tiles lie wholly
 below -W, near the diagonal and wholly beyond +W. "split" walks near-diagonal tiles 16 keys (or queries) at a
-time and "table" reads them from a Toeplitz table; they match to float32 rounding.
+time and "table" reads them from a Toeplitz table; they match to float32 rounding. The "table" forward with
+its near tiles read as 2D blocks through a tensor descriptor (``at.TMA``) gives bitwise the results of its
+per-element pointer loads in the interpreter.
 """
 
 from __future__ import annotations
@@ -308,6 +310,198 @@ def test_table_variant_large_blocks(shape, q_offset, near, monkeypatch):
     _check(case, torch.float32, DEV)
 
 
+# ------------------------------------------------------------------ near bias through a tensor descriptor (TMA)
+def _near_rows(qp0, lo, end, w, bm, bn, near):
+    """Table rows (lowest, highest) the forward's near steps read for a query block starting at position qp0
+    whose main loop covers key blocks [lo, end), or None without near steps: the host mirror of _split_bounds
+    and of _fwd_inner's near loop (rows qp0 + i - s + W + 2 NT_COLS, s a step's first key)."""
+    first_near, first_far = qp0 - w - bn + 2, qp0 + bm - 1 + w
+    e1 = lo + (max(first_near - lo, 0) + bn - 1) // bn * bn
+    e2 = lo + (max(first_far - lo, 0) + bn - 1) // bn * bn
+    e1 = min(e1, max(end, lo))
+    e2 = min(max(e2, e1), max(end, lo))
+    if e2 <= e1:
+        return None
+    assert (e2 - e1) % near == 0
+    last = e2 - near
+    k2 = 2 * at.NT_COLS.value
+    return qp0 - last + w + k2, qp0 + bm - 1 - e1 + w + k2
+
+
+@pytest.mark.parametrize("w", [1, 8, 17, 92, 114, 128])
+def test_fwd_near_rows_stay_in_table(w):
+    """With the near bias read as one 2D block (TMA) no row is clamped: every row a forward near step reads
+    must lie in its head's Toeplitz table, for every forward config (the GPU's and the interpreter's), near
+    steps of 32 and 64 keys, any query position and loop range. The extremes are those of ``_nt_rows``'s
+    argument, and the lead rows are needed (the 128-row configs read rows below NT_COLS)."""
+    k = at.NT_COLS.value
+    rows = at._nt_rows(w)
+    assert at._rel_width(w, True) % k == 0
+    assert at._rel_index.fn(torch.arange(2 * w + 1), w).numel() == at._rel_width(w, True)
+    blocks = {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in at._FWD_CONFIGS_GPU + at._FWD_CONFIGS}
+    lowest = rows
+    for bm, bn in sorted(blocks):
+        for near in (32, 64):
+            near = min(near, bn)
+            lo_seen, hi_seen = rows, -1
+            for qp0 in range(-w - 3 * bn - bm, w + 3 * bn + bm):
+                for end in [j * bn for j in range(0, (2 * w + 4 * bn + bm) // bn + 2)]:
+                    r = _near_rows(qp0, 0, end, w, bm, bn, near)
+                    if r is not None:
+                        assert 0 <= r[0] <= r[1] < rows, (bm, bn, near, qp0, end, r)
+                        lo_seen, hi_seen = min(lo_seen, r[0]), max(hi_seen, r[1])
+            # the bounds of the argument in _nt_rows are reached
+            assert lo_seen == 2 * k + near + 2 - bm - bn, (bm, bn, near, lo_seen)
+            assert hi_seen == 2 * k + 2 * w + bm + bn - 3, (bm, bn, near, hi_seen)
+            lowest = min(lowest, lo_seen)
+    assert lowest < k
+
+
+def _forward_runs(case, dtype, monkeypatch, tma):
+    """out and lse of the forward on ``case`` with the near bias read through a descriptor or not; also whether
+    the launch asked for TMA, and the row (of the head's table) each descriptor load of the interpreter
+    started at."""
+    from triton.runtime import interpreter
+
+    monkeypatch.setattr(at, "TMA", tma)
+    got, flags, rows = [], [], []
+    forward, launch = at._forward, at._FWD.run
+
+    def fwd(q, k, v, a):
+        got.append((forward(q, k, v, a), a.rbw))
+        return got[-1][0]
+
+    monkeypatch.setattr(at, "_forward", fwd)
+
+    def run(grid, *args, **kwargs):
+        flags.append(kwargs["TMA"])
+        return launch(grid, *args, **kwargs)
+
+    monkeypatch.setattr(at._FWD, "run", run)
+    load = interpreter.InterpreterBuilder.create_descriptor_load
+
+    def counted(self, desc, indices, *args):
+        rows.append(int(indices[0].data.reshape(-1)[0]))
+        return load(self, desc, indices, *args)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_descriptor_load", counted)
+    gen = torch.Generator().manual_seed(11)
+    leaves, kw = _make(case, dtype, DEV, gen)
+    with torch.no_grad():
+        _call(at.flash_attention, leaves, kw)
+    (out, lse), rbw = got[-1]
+    return out, lse, flags[-1], [r % (rbw // at.NT_COLS.value) for r in rows]
+
+
+TMA_CASES = [
+    "t5_bidir",
+    "t5_causal",
+    "t5_near_far",
+    "t5_near_far_causal_kpm",
+    "t5_near_far_segments",
+    "segments_causal_t5",
+    "t5_near_far_q_offset",
+    "q_offset_tensor",
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name", TMA_CASES)
+def test_tma_forward_matches_pointer_path(name, dtype, monkeypatch):
+    """The forward with the near bias loaded through a tensor descriptor (at.TMA) gives bitwise the output and
+    logsumexp of the per-element pointer path, with the same near steps: M != N, odd lengths, causal, key
+    padding, segments, an int and a tensor query offset (decode-sized blocks of 5 queries)."""
+    if DEV == "cuda":
+        pytest.skip("interpreter case; test_tma_forward_gpu runs the GPU")
+    monkeypatch.setattr(at, "_VARIANT", "table")
+    out0, lse0, flag0, rows0 = _forward_runs(CASES[name], dtype, monkeypatch, False)
+    out1, lse1, flag1, rows1 = _forward_runs(CASES[name], dtype, monkeypatch, True)
+    assert not flag0 and not rows0 and flag1 and rows1
+    assert torch.isfinite(out1).all()
+    assert torch.equal(out0, out1) and torch.equal(lse0, lse1)
+
+
+@pytest.mark.parametrize("near", [32, 64])
+@pytest.mark.parametrize("block", [(128, 128), (128, 64)], ids=["128x128", "128x64"])
+@pytest.mark.parametrize(
+    "shape, q_offset, causal",
+    [
+        ((1, 2, 300, 600, 32), 38, False),
+        ((1, 2, 300, 576, 32), None, False),
+        ((1, 1, 5, 600, 32), ("t", 300), False),
+        ((1, 2, 257, 257, 32), None, True),
+    ],
+    ids=["offset38", "m<n", "decode_tensor_offset", "causal"],
+)
+def test_tma_forward_large_blocks(shape, q_offset, causal, block, near, monkeypatch):
+    """The GPU's 128-row forward blocks with near steps of 32 and 64 keys, TMA against pointers (bitwise). With
+    W = 92 (32 buckets, max distance 128) and queries at offset 38, qp0 + W + BLOCK_M - 1 lies one past a key
+    block start: the last near step is the furthest beyond +W there can be, and reads the lowest table row of
+    the bound in _nt_rows (below NT_COLS, in the lead rows, for all but 128x64 at 64: what a clamped pointer
+    load hides and a 2D block load cannot)."""
+    if DEV == "cuda":
+        pytest.skip("interpreter case; the gpu tests run these blocks")
+    monkeypatch.setattr(at, "_VARIANT", "table")
+    monkeypatch.setattr(at._fwd_kernel, "configs", [at._cfg(*block, 1, 1)])
+    monkeypatch.setattr(at, "NEAR", {**at.NEAR, "fwd": near})
+    case = dict(shape=shape, bias="t5", kw=dict(causal=causal, rel_bidirectional=not causal))
+    if q_offset is not None:
+        case["q_offset"] = q_offset
+    out0, lse0, _, _ = _forward_runs(case, torch.float32, monkeypatch, False)
+    out1, lse1, flag, rows = _forward_runs(case, torch.float32, monkeypatch, True)
+    assert flag and rows
+    if q_offset == 38:
+        k = at.NT_COLS.value
+        assert min(rows) == 2 * k + near + 2 - sum(block), rows
+    assert torch.equal(out0, out1) and torch.equal(lse0, lse1)
+
+
+@pytest.mark.parametrize("name", ["alibi_causal", "bias_BHMN_kpm", "plain", "t5_bidir"])
+def test_tma_flag_without_table(name, monkeypatch):
+    """With the flag on, a launch without the Toeplitz table (no T5 bias, or the "split" variant) does not ask
+    for a descriptor and gives the results of the flag off."""
+    if DEV == "cuda":
+        pytest.skip("interpreter case")
+    monkeypatch.setattr(at, "_VARIANT", "split")
+    out0, lse0, _, _ = _forward_runs(CASES[name], torch.float32, monkeypatch, False)
+    out1, lse1, flag, rows = _forward_runs(CASES[name], torch.float32, monkeypatch, True)
+    assert not flag and not rows
+    assert torch.equal(out0, out1) and torch.equal(lse0, lse1)
+
+
+def test_tma_scratch_allocator():
+    """The descriptor's scratch allocator is installed where none is set (a fresh thread's context), and a
+    user's allocator is kept."""
+    import contextvars
+
+    import triton
+    from triton.runtime import _allocation
+
+    def user_set():
+        user = lambda size, alignment, stream: None  # noqa: E731
+        triton.set_allocator(user)
+        at._scratch_allocator()
+        assert _allocation._allocator.get() is user
+
+    def none_set():
+        _allocation._allocator.set(_allocation._NULL_ALLOCATOR)
+        at._scratch_allocator()
+        assert _allocation._allocator.get() is at._tma_scratch
+
+    contextvars.copy_context().run(user_set)
+    contextvars.copy_context().run(none_set)
+
+
+def test_tma_needs_hopper(monkeypatch):
+    """Below compute capability 9 the forward keeps per-element pointers (Triton would lower the descriptor to
+    them anyway); off CUDA (the interpreter, offline compiles) the descriptor path is allowed."""
+    has_tma = at._has_tma.__wrapped__
+    for cap, want in (((8, 0), False), ((9, 0), True), ((10, 0), True)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda dev, cap=cap: cap)
+        assert has_tma(torch.device("cuda", 0)) is want
+    assert has_tma(torch.device("cpu"))
+
+
 def test_reference_keeps_float64():
     """The kernels are judged against attention_ref on float64 inputs: it must compute in float64, not round
     to float32 (which would make the "float64 reference" a float32 one)."""
@@ -473,6 +667,16 @@ def test_table_grad_deterministic_gpu(variant):
     case = dict(shape=(4, 8, 1024, 1024, 64), bias="t5")
     g1, g2 = (_table_grad(case, "cuda", torch.bfloat16) for _ in range(2))
     assert torch.equal(g1, g2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", [n for n, c in GPU_CASES.items() if c.get("bias") == "t5"])
+def test_tma_forward_gpu(name, monkeypatch):
+    """The forward with its near bias through TMA, in the near steps it would use (64 keys), on the GPU."""
+    monkeypatch.setattr(at, "_VARIANT", "table")
+    monkeypatch.setattr(at, "TMA", True)
+    monkeypatch.setattr(at, "NEAR", {**at.NEAR, "fwd": 64})
+    _check(GPU_CASES[name], torch.bfloat16, "cuda")
 
 
 def test_eager_and_compiled_paths_agree():

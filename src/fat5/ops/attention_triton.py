@@ -37,11 +37,13 @@ Inner-loop variants for the T5 bias (same function; selected per launch):
   autotuned configs, gave a wrong table gradient for a one-query decode step on the GPU; it was removed.
   The per-tile branch remains only for the masked last tiles below, at the near-step width.)
   "table" (default): as "split", but a near-diagonal tile's bias is read from a per-head Toeplitz table (rows
-  q - ref + W + 128, 128 columns, ref = the tile's first key, or the key block's start in dk/dv) placed before
+  q - ref + W + 256, 128 columns, ref = the tile's first key, or the key block's start in dk/dv) placed before
   the distance vector in the same buffer: contiguous rows, so vector loads with no per-element distance
   arithmetic (sm_90a forward at 128x64: 133 registers against 147 for "split"). With the same near steps it
   gave bitwise the results of "split" at 1.20x its forward and 1.10x its forward+backward (L=4096, H200, equal
   configs: benchmarks/results/attention_variants_2026-12-02.md); its near steps are now 32 wide (``NEAR``).
+  Opt-in (``FAT5_ATTN_TMA=1``, ``TMA``; Hopper): the forward reads a near tile as one 2D block of the table
+  through a tensor descriptor built in-kernel, in near steps of 64 keys.
   Select with ``FAT5_ATTN_VARIANT`` in the environment (read at import) or
   ``set_variant("table" | "split")``; a backward reads the layout its forward saved, whatever the
   variant is by then. Without a T5 bias all variants run the same code.
@@ -75,6 +77,7 @@ import torch
 import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import unset_fake_temporarily
+from triton.runtime import _allocation
 
 from ..positions import relative_position_bucket
 from .attention import unpack_qkv
@@ -111,6 +114,8 @@ def _cfg(bm, bn, w, s):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
 
 
+# the GPU's forward configs (also read by the tests of the forward's near-step bounds, see _nt_rows)
+_FWD_CONFIGS_GPU = [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3)]
 if _INTERPRET:  # the interpreter is slow and autotuning there measures nothing: one small config
     # 32-wide key (dkv: query) steps, so the 16-wide near-diagonal tiles of the split variant are exercised
     _FWD_CONFIGS = [_cfg(16, 32, 1, 1)]
@@ -118,7 +123,7 @@ if _INTERPRET:  # the interpreter is slow and autotuning there measures nothing:
     _DQ_CONFIGS = [_cfg(16, 32, 1, 1)]
 else:
     # few configs: every one is compiled per (head dim, bias kind, masks) on first use
-    _FWD_CONFIGS = [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3)]
+    _FWD_CONFIGS = _FWD_CONFIGS_GPU
     # key-block kernel: BLOCK_M (queries per step) <= BLOCK_N (keys held) -- the diagonal skew needs it
     # (with the T5 table gradient, offline ptxas -v for sm_90a shows the 4-warp 64/128-wide tiles spilling
     # 150-1000 bytes; the 8-warp and 16-row ones below do not, so autotune can choose them)
@@ -143,6 +148,16 @@ assert (
 # 32 was fastest on the H200 for every kernel and length swept (attention_near_sweep_2026-12-02.json); the
 # interpreter's blocks are 32 wide, so it keeps 16 and its tests still walk narrower near steps than blocks
 NEAR = dict.fromkeys(("fwd", "dkv", "dq"), 16 if _INTERPRET else 32)
+
+# FAT5_ATTN_TMA=1 (read at import; ``TMA`` is read at every launch): the "table" forward loads a near step's bias
+# tile as one 2D block through a tensor descriptor (TMA on Hopper) instead of one pointer per element. A tile
+# then costs no pointer registers, so the forward steps 64 keys at a time (per-element pointers at 64 spilled:
+# 0.496 against 0.401 ms at L=1024, H200). Off by default: not yet timed on the GPU. Used on compute
+# capability >= 9 only (elsewhere the descriptor would be lowered to per-element pointers again); the
+# interpreter keeps its narrow near steps, so its tests walk near steps narrower than blocks.
+TMA = os.environ.get("FAT5_ATTN_TMA") == "1"
+if TMA and not _INTERPRET:
+    NEAR["fwd"] = 64
 
 # near-diagonal tiles of the "table" variant in the backward (dq, dk/dv) load the next step's bias tile before
 # this step's dots (carried through the loop in registers): the table read is an L2 hit whose latency the loop
@@ -210,14 +225,15 @@ def _split_bounds(start, end, first_near, first_far, STEP: tl.constexpr):
 
 @triton.jit
 def _near_bias(RB_h, qpos2, kpos2, ref, W):
-    """Near-diagonal bias tile from the per-head Toeplitz table (the "table" variant): row q - ref + K, column
-    k - ref, with ref the tile's first key (forward, dq) or the key block's (dk/dv); the rows are contiguous,
-    so these are vector loads with no per-element distance arithmetic. The near loops cover whole blocks, so a
-    row can fall outside the table on a step that lies wholly beyond +-W (or on the step after the last, which
-    the prefetching loops load and never use): clamping the row is exact and in bounds, since the table
-    saturates at both ends (row 0 holds distances >= W, the last row distances <= -W)."""
-    nt_h = RB_h - (2 * W + 3 * NT_COLS) * NT_COLS
-    row = tl.minimum(tl.maximum(qpos2 - ref + W + NT_COLS, 0), 2 * W + 3 * NT_COLS - 1)
+    """Near-diagonal bias tile from the per-head Toeplitz table (the "table" variant): row q - ref + W + 2 K,
+    column k - ref (K = NT_COLS), with ref the tile's first key (forward, dq) or the key block's (dk/dv); the
+    rows are contiguous, so these are vector loads with no per-element distance arithmetic. The forward's near
+    steps stay inside the table (``_nt_rows``); in the backward a row can fall outside it on a step that lies
+    wholly beyond +-W (or on the step after the last, which the prefetching loops load and never use):
+    clamping the row is exact and in bounds, since the table saturates at both ends (row 0 holds distances
+    >= W, the last row distances <= -W)."""
+    nt_h = RB_h - (2 * W + 4 * NT_COLS) * NT_COLS
+    row = tl.minimum(tl.maximum(qpos2 - ref + W + 2 * NT_COLS, 0), 2 * W + 4 * NT_COLS - 1)
     return tl.load(nt_h + row * NT_COLS + (kpos2 - ref))
 
 
@@ -359,6 +375,8 @@ def _fwd_inner(
     KSEG_b,
     BIAS_bh,
     RB_h,
+    NT,
+    nt_row,
     b_lo,
     b_hi,
     slope,
@@ -391,6 +409,7 @@ def _fwd_inner(
     NPART: tl.constexpr,
     REL_MODE: tl.constexpr,
     NEAR_N: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     # NPART 1: one loop over [start, end) adding the T5 bias by REL_MODE; NPART 3 ("split" variant): three
     # branch-free loops, tiles wholly below -W (distance = key - query), near the diagonal, wholly beyond +W
@@ -414,6 +433,8 @@ def _fwd_inner(
             KSEG_b,
             BIAS_bh,
             RB_h,
+            NT,
+            nt_row,
             b_lo,
             b_hi,
             slope,
@@ -444,6 +465,7 @@ def _fwd_inner(
             BLOCK_M,
             BLOCK_N if (NPART == 1 or part != 1) else NEAR_N,
             REL_MODE if NPART == 1 else (3 if (part == 1 and REL_MODE == 3) else part - 1),
+            TMA,
         )
     return acc, l_i, m_i
 
@@ -462,6 +484,8 @@ def _fwd_tiles(
     KSEG_b,
     BIAS_bh,
     RB_h,
+    NT,
+    nt_row,
     b_lo,
     b_hi,
     slope,
@@ -492,6 +516,7 @@ def _fwd_tiles(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     REL_MODE: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     # no prefetch of the near bias here (unlike dq and dk/dv): it took the 8-warp 128x64 forward from 126 to
     # 169 registers (one program per SM instead of two) and the forward from 362 to 337 TFLOP/s at L=4096
@@ -501,6 +526,10 @@ def _fwd_tiles(
         kmask = (kpos[:, None] < N) & (offs_d[None, :] < D)
         k = tl.load(K_bh + kpos[:, None] * skn + offs_d[None, :] * skd, mask=kmask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if REL_MODE == 3 and TMA:
+            # the near tile's bias as one block of the Toeplitz table (rows of queries qp0.., columns of keys
+            # start_n..): the same values _near_bias gathers, and _add_bias below adds nothing (mode 4)
+            s += NT.load([nt_row + qp0 - start_n, 0])
         rel_lo = start_n - (qp0 + BLOCK_M - 1)
         rel_hi = start_n + BLOCK_N - 1 - qp0
         s = _add_bias(
@@ -520,7 +549,7 @@ def _fwd_tiles(
             W,
             BLOCK_M,
             BLOCK_N,
-            REL_MODE,
+            4 if (REL_MODE == 3 and TMA) else REL_MODE,
         )
         if MASK:
             keep = kpos[None, :] < N
@@ -546,7 +575,8 @@ def _fwd_tiles(
 
 
 @triton.autotune(
-    configs=_FWD_CONFIGS, key=["BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "NPART", "M_BUCKET", "N_BUCKET"]
+    configs=_FWD_CONFIGS,
+    key=["BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "NPART", "TMA", "M_BUCKET", "N_BUCKET"],
 )
 # near-diagonal tiles: "split" steps 16 keys (a gather holds one pointer per element in registers, and at
 # full width it pushes the kernel to the register limit: 255 at 128x64, half the occupancy); "table" NEAR["fwd"]
@@ -610,6 +640,7 @@ def _fwd_kernel(
     DOT_PREC: tl.constexpr,
     NPART: tl.constexpr,
     NEAR_TABLE: tl.constexpr,
+    TMA: tl.constexpr,
     RBW: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -650,10 +681,23 @@ def _fwd_kernel(
     b_lo = 0.0
     b_hi = 0.0
     slope = 0.0
+    NT = RBV  # the near steps' tensor descriptor (TMA), else unused
+    nt_row = 0
     if BIAS_KIND == 1:
         RB_h = RBV + h * RBW
         if NEAR_TABLE:  # the Toeplitz table comes first in each head's row (see _rel_index)
-            RB_h += (2 * W + 3 * NT_COLS) * NT_COLS
+            RB_h += (2 * W + 4 * NT_COLS) * NT_COLS
+            if TMA:
+                # all heads' rows as one (H * RBW / K, K) matrix (RBW is a multiple of K = NT_COLS); a near
+                # step's tile is the block at row nt_row + qp0 - (its first key), column 0, and stays in the
+                # head's table (_nt_rows), so the descriptor's zero padding is never used
+                NT = tl.make_tensor_descriptor(
+                    RBV,
+                    shape=[H * (RBW // NT_COLS), NT_COLS],
+                    strides=[NT_COLS, 1],
+                    block_shape=[BLOCK_M, NEAR_N],
+                )
+                nt_row = (pid_bh % H) * (RBW // NT_COLS) + W + 2 * NT_COLS
         b_lo = tl.load(RB_h)
         b_hi = tl.load(RB_h + 2 * W)
     if BIAS_KIND == 2:
@@ -686,6 +730,8 @@ def _fwd_kernel(
         KSEG_b,
         BIAS_bh,
         RB_h,
+        NT,
+        nt_row,
         b_lo,
         b_hi,
         slope,
@@ -718,6 +764,7 @@ def _fwd_kernel(
         NPART,
         3 if NEAR_TABLE else 2,
         NEAR_N,
+        TMA,
     )
     acc, l_i, m_i = _fwd_inner(
         acc,
@@ -732,6 +779,8 @@ def _fwd_kernel(
         KSEG_b,
         BIAS_bh,
         RB_h,
+        NT,
+        nt_row,
         b_lo,
         b_hi,
         slope,
@@ -764,6 +813,7 @@ def _fwd_kernel(
         1,
         0 if NPART == 3 else 2,  # the last tile(s): gathering is exact on any tile
         NEAR_N,
+        TMA,
     )
     empty = l_i == 0.0  # no visible key: output zeros, lse=+inf makes the backward's P exactly 0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -1201,7 +1251,7 @@ def _dkv_kernel(
     if BIAS_KIND == 1:
         RB_h = RBV + h * RBW
         if NEAR_TABLE:  # the Toeplitz table comes first in each head's row (see _rel_index)
-            RB_h += (2 * W + 3 * NT_COLS) * NT_COLS
+            RB_h += (2 * W + 4 * NT_COLS) * NT_COLS
         b_lo = tl.load(RB_h)
         b_hi = tl.load(RB_h + 2 * W)
     if BIAS_KIND == 2:
@@ -1688,7 +1738,7 @@ def _dq_kernel(
     if BIAS_KIND == 1:
         RB_h = RBV + h * RBW
         if NEAR_TABLE:  # the Toeplitz table comes first in each head's row (see _rel_index)
-            RB_h += (2 * W + 3 * NT_COLS) * NT_COLS
+            RB_h += (2 * W + 4 * NT_COLS) * NT_COLS
         b_lo = tl.load(RB_h)
         b_hi = tl.load(RB_h + 2 * W)
     if BIAS_KIND == 2:
@@ -1941,25 +1991,38 @@ def _dummy(dev: torch.device) -> torch.Tensor:
 
 
 def _nt_rows(w: int) -> int:
-    # rows q - ref + W + NT_COLS of near-diagonal tiles span [0, 2W + 3 NT_COLS) for blocks <= NT_COLS
-    return 2 * w + 3 * NT_COLS.value
+    """Rows of the Toeplitz table: row q - ref + W + 2K (K = NT_COLS) for a query q of a near tile whose first
+    key is ref. The forward reads a near step's rows as one block (``_fwd_tiles``, TMA: nothing clamps them),
+    so all of them must lie in the table. Its near steps (``_fwd_inner``) run from e1 to e2 in steps of NEAR_N,
+    where e1 (e2) is the first key-block start >= qp0 - W - BLOCK_N + 2 (>= qp0 + BLOCK_M - 1 + W), qp0 the
+    block's first query position, and e2 - e1 is a multiple of BLOCK_N, hence of NEAR_N (clamping both to the
+    loop's end keeps that). So every step start s has qp0 - W - BLOCK_N + 2 <= s
+    <= qp0 + BLOCK_M - 1 + W + BLOCK_N - 1 - NEAR_N, and its rows qp0 + i - s + W + 2K (0 <= i < BLOCK_M) span
+    [2K + NEAR_N + 2 - BLOCK_M - BLOCK_N, 2K + 2W + BLOCK_M + BLOCK_N - 3]: within [0, 2W + 4K) for blocks of
+    at most K and any NEAR_N >= 1 (tests/ops/test_attention_triton.py checks the bounds, on every forward
+    config). The lowest rows only serve steps wholly beyond +W, the highest only steps wholly below -W; the
+    first K rows are read only when NEAR_N < BLOCK_M + BLOCK_N - K - 2 (128x128 with steps of 32 or 64 keys,
+    128x64 with 32): without them, those steps' rows would start before the table."""
+    return 2 * w + 4 * NT_COLS.value
 
 
 def _rel_width(w: int, table: bool) -> int:
-    """Per-head row length of the distance buffer: [Toeplitz table | 2W+1 distances | pad to 16 bytes]."""
+    """Per-head row length of the distance buffer: [Toeplitz table | 2W+1 distances | pad]. With the table the
+    row is padded to a multiple of NT_COLS floats, so every head's table starts on a table row of the whole
+    buffer: the forward's tensor descriptor sees all heads as one (H * RBW / K, K) matrix."""
     if not table:
         return 2 * w + 1
-    return _nt_rows(w) * NT_COLS.value + (2 * w + 1 + 3) // 4 * 4
+    return _nt_rows(w) * NT_COLS.value + cdiv(2 * w + 1, NT_COLS.value) * NT_COLS.value
 
 
 @_DeviceConstants
 def _rel_index(buckets: torch.Tensor, w: int) -> torch.Tensor:
-    """Bucket of every entry of a "table"-variant head row: table[r, c] holds distance c - r + W + NT_COLS
-    (clamped to +-W), then come the distances -W..W, then padding to 16 bytes (never read)."""
+    """Bucket of every entry of a "table"-variant head row: table[r, c] holds distance c - r + W + 2 NT_COLS
+    (clamped to +-W), then come the distances -W..W, then padding (never read)."""
     dev = buckets.device
     r = torch.arange(_nt_rows(w), device=dev)[:, None]
     c = torch.arange(NT_COLS.value, device=dev)[None, :]
-    table = (c - r + w + NT_COLS.value).clamp(-w, w) + w
+    table = (c - r + w + 2 * NT_COLS.value).clamp(-w, w) + w
     pad = torch.zeros(_rel_width(w, True) - table.numel() - (2 * w + 1), dtype=torch.long, device=dev)
     return buckets[torch.cat([table.reshape(-1), torch.arange(2 * w + 1, device=dev), pad])]
 
@@ -2211,6 +2274,29 @@ class _Args:
         return (rbv, *(none(torch.int32) for _ in range(4)))
 
 
+@functools.cache
+def _has_tma(dev: torch.device) -> bool:
+    """Whether the forward may read its near bias through a tensor descriptor on ``dev``: TMA needs compute
+    capability 9 (Hopper); below it Triton lowers a descriptor to per-element pointers, the cost TMA avoids.
+    True off CUDA: there the kernels only run in the interpreter or compile offline for a given target."""
+    return dev.type != "cuda" or torch.cuda.get_device_capability(dev)[0] >= 9
+
+
+def _tma_scratch(size: int, alignment: int, stream: Optional[int]) -> torch.Tensor:
+    # Triton launches on the current device and stream, which torch.empty allocates for (the caching
+    # allocator's alignment, 512 bytes, exceeds the 128 a descriptor needs)
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _scratch_allocator() -> None:
+    """A kernel that builds a tensor descriptor in-kernel writes it to global scratch memory, which Triton's
+    launcher requests from the allocator of ``triton.set_allocator`` on every launch. That allocator is a
+    context variable, unset (an allocator that raises) in every new thread, autograd's device threads included
+    (an activation-checkpointed forward runs there): install one where none is set, never replacing a user's."""
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_tma_scratch)
+
+
 def _forward(q, k, v, a: _Args):
     b, h, m, d, n = a.b, a.h, a.m, a.d, a.n
     out = torch.empty((b, m, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, H, M, D) view
@@ -2220,6 +2306,9 @@ def _forward(q, k, v, a: _Args):
         lse.fill_(float("nan"))
     if m == 0:
         return out, lse
+    tma = TMA and a.near_table and _has_tma(q.device)
+    if tma:
+        _scratch_allocator()
     grid = lambda meta: (cdiv(m, meta["BLOCK_M"]), b * h)
     _FWD[grid](
         q,
@@ -2261,6 +2350,7 @@ def _forward(q, k, v, a: _Args):
         DOT_PREC=a.dot_prec,
         NPART=a.npart,
         NEAR_TABLE=a.near_table,
+        TMA=tma,
         RBW=a.rbw,
         BLOCK_D=a.block_d,
     )
@@ -2652,6 +2742,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward_rule(ctx, dout, *_, bwd):  # lse and the saved tensors get no gradient
+    if dout is None:  # only lse was used: no gradient reaches the inputs
+        return (None,) * 15
     s = dict(zip(_SAVED, ctx.saved_tensors))
     scale, causal, q_offset, rel_bidirectional, rel_max_distance = ctx.static
     need_dbias, need_drel = ctx.needs_input_grad[7], ctx.needs_input_grad[8]
