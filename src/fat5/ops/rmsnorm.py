@@ -308,7 +308,8 @@ def _rms_norm_bwd_impl(
         dy_arg = TensorDescriptor.from_tensor(dy, [block_m, block_n])
         tma = True
     if m:
-        _BWD[(programs,)](
+        # descriptor arguments go through Triton's own launch path (the memoised one keys on tensors and ints)
+        (_rms_norm_bwd_kernel if tma else _BWD)[(programs,)](
             dy_arg, dres if dres is not None else dy, h_arg, weight, rstd, dx,
             dlow if low_dtype is not None else dx, partial, m, n, ROWS_PER_PROGRAM=rows_per_program,
             HAS_DRES=dres is not None, HAS_DXL=low_dtype is not None, BLOCK_M=block_m, BLOCK_N=block_n,
