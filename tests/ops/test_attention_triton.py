@@ -851,3 +851,19 @@ def test_reduce_overhead_training_steps_gpu():
         losses.append(run)
     assert all(torch.isfinite(torch.tensor(r)).all() for r in losses)
     torch.testing.assert_close(torch.tensor(losses[0]), torch.tensor(losses[1]), rtol=2e-3, atol=2e-3)
+
+
+def test_backward_fills_no_zero_gradients(monkeypatch):
+    """lse and the bias buffer are outputs nobody differentiates: autograd must not zero-fill their gradients
+    (an lse-sized and a ~3.5 MB fill per call at the model's size)."""
+    from kernel_checks import zero_fills
+
+    monkeypatch.setattr(at, "_POISON", False)  # the debug NaN fills of the outputs are fills too
+
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 2, 24, 16, generator=gen).to(DEV).requires_grad_() for _ in range(3))
+    table = torch.randn(8, 2, generator=gen).to(DEV).requires_grad_()
+    out = at.flash_attention(q, k, v, rel_table=table, rel_bidirectional=True, rel_max_distance=8)
+    g = torch.randn_like(out)
+    fills = zero_fills(lambda: torch.autograd.grad(out, (q, k, v, table), g))
+    assert not fills, fills
