@@ -58,6 +58,16 @@ def _compile_every_config(self, *args, **kwargs):
         self.fn.run(*args, warmup=True, **kwargs, **cfg.all_kwargs())
 
 
+def compile_only() -> None:
+    """Make kernel launches in this process compile for sm_90a instead of running (and every autotune config
+    compile instead of being timed); refuses to run under the interpreter, which would compile nothing."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: this compiles real sm_90a code")
+    driver.set_active(CompileOnlyDriver())
+    JITFunction.run = _compile_only
+    Autotuner.run = _compile_every_config
+
+
 def ptxas_report(ptx: str) -> tuple[int, int]:
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
@@ -81,11 +91,7 @@ def main() -> None:
         "--segments", default="no,yes", help="compile without and/or with packed-document segment ids"
     )
     args = p.parse_args()
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        raise SystemExit("unset TRITON_INTERPRET: this compiles real sm_90a code")
-    driver.set_active(CompileOnlyDriver())
-    JITFunction.run = _compile_only
-    Autotuner.run = _compile_every_config
+    compile_only()
     from fat5.ops import attention_triton as A
 
     rows = []

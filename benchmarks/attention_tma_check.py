@@ -11,23 +11,13 @@ CPU machine (TRITON_INTERPRET unset): `.venv/bin/python benchmarks/attention_tma
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import torch
-from triton.runtime import driver
-from triton.runtime.autotuner import Autotuner
-from triton.runtime.jit import JITFunction
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention_registers import (  # noqa: E402
-    CompileOnlyDriver,
-    _compile_every_config,
-    _compile_only,
-    compiled,
-    ptxas_report,
-)
+from attention_registers import compile_only, compiled, ptxas_report  # noqa: E402
 
 
 def main() -> None:
@@ -37,11 +27,7 @@ def main() -> None:
     p.add_argument("--length", type=int, default=1024)
     p.add_argument("--tma", default="off,on", help="near bias by pointers (off) and/or by TMA (on)")
     args = p.parse_args()
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        raise SystemExit("unset TRITON_INTERPRET: this compiles real sm_90a code")
-    driver.set_active(CompileOnlyDriver())
-    JITFunction.run = _compile_only
-    Autotuner.run = _compile_every_config
+    compile_only()
     from fat5.ops import attention_triton as A
 
     A.set_variant("table")

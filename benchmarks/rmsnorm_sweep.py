@@ -30,6 +30,16 @@ def reset():
     rn.TUNE.update(BASE)
 
 
+def in_turn(*fns):
+    """One callable running ``fns`` one after the other (a pair of ops timed as one graph)."""
+
+    def run():
+        for fn in fns:
+            fn()
+
+    return run
+
+
 def graph_us(fn):
     fn()
     return 1e3 * do_bench_cudagraph(fn, rep=50, return_mode="median")
@@ -108,13 +118,9 @@ def main():
             fwd = lambda x=x, w=w, r=res, o=out_dtype: rn._rms_norm_fwd(x, w, r, 1e-6, o)  # noqa: E731
             bwd = lambda dy=dy, h=h, w=w, rstd=rstd, dr=dres, lo=low: rn._rms_norm_bwd(dy, dr, h, w, rstd, lo)  # noqa: E731
 
-            def both(fwd=fwd, bwd=bwd):
-                fwd()
-                bwd()
-
             parts["fwd"] = graph_us(fwd)
             parts["bwd"] = graph_us(bwd)
-            parts["fwd_bwd"] = graph_us(both)
+            parts["fwd_bwd"] = graph_us(in_turn(fwd, bwd))
             rn.TUNE["no_reduce"] = True
             parts["bwd_no_reduce"] = graph_us(bwd)
             reset()
@@ -148,13 +154,9 @@ def main():
             copy = lambda x=x, ys=ys: ys.copy_(x)  # noqa: E731
             add = lambda x=x, dy=dy, zs=zs: torch.add(x, dy, out=zs)  # noqa: E731
 
-            def copy_add(copy=copy, add=add):
-                copy()
-                add()
-
             parts["torch_copy"] = graph_us(copy)
             parts["torch_add"] = graph_us(add)
-            parts["torch_copy_add"] = graph_us(copy_add)
+            parts["torch_copy_add"] = graph_us(in_turn(copy, add))
             r = dict(d=d, kind="parts", ideal_fwd_us=round(ideal_fwd, 2), ideal_bwd_us=round(ideal_bwd, 2))
             r.update({k: round(v, 2) for k, v in parts.items()})
             rows.append(r)
