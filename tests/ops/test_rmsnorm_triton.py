@@ -279,5 +279,9 @@ def test_backward_tensor_descriptor_tiles_match_pointer_tiles(n, m, monkeypatch)
     monkeypatch.setattr(rn, "TUNE", {"stages": 2})
     dx, _, dw = rn._rms_norm_bwd_impl(dy, None, x, w, rstd, None)
     rn.TUNE["tma"] = True
+    made = []
+    real = rn.TensorDescriptor.from_tensor
+    monkeypatch.setattr(rn.TensorDescriptor, "from_tensor", lambda t, b: made.append(b) or real(t, b))
     dx_t, _, dw_t = rn._rms_norm_bwd_impl(dy, None, x, w, rstd, None)
+    assert len(made) == 2  # h and dy went through descriptors
     assert torch.equal(dx, dx_t) and torch.equal(dw, dw_t)
