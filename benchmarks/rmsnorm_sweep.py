@@ -54,8 +54,11 @@ def main():
         default="fwd,bwd",
         help="which kernels to sweep (fwd, bwd, reduce; default: the shipped tiles; parts: each kernel of a fwd+bwd alone, and torch copy / add of the same bytes)",
     )
+    ap.add_argument("--stages", default="3", help="backward loop pipelining depths to sweep")
     ap.add_argument(
-        "--stages", default="0", help="backward loop pipelining depths to sweep (0: hand prefetch)"
+        "--chunks",
+        default="0",
+        help="backward row chunks to sweep (columns; 0: the whole row, the default layout)",
     )
     ap.add_argument("--per-sm", default="1,2,4,8", help="backward programs per SM to sweep")
     ap.add_argument("--block-m", default="1,2,4,8", help="backward rows per tile to sweep")
@@ -135,12 +138,18 @@ def main():
                 ](part, dwo, progs, d, BLOCK_R=br, BLOCK_N=bc)
             )
             # the same fwd+bwd through autograd (as a model calls it), and the kernels it runs
-            xg = x.detach().requires_grad_(not args.mixed)
+            # (mixed: bf16 x onto the fp32 residual, bf16 output; the gradients of the output and of the new
+            # residual flow back, as in the model)
+            xg = x.detach().requires_grad_()
             wg = w.detach().requires_grad_()
+            rg = res.detach().requires_grad_() if args.mixed else None
 
-            def step(xg=xg, wg=wg, dy=dy):
-                y = rn.rms_norm_triton(xg, wg, 1e-6)
-                torch.autograd.grad(y, [t for t in (xg, wg) if t.requires_grad], dy)
+            def step(xg=xg, wg=wg, rg=rg, dy=dy, dres=dres):
+                if rg is None:
+                    torch.autograd.grad(rn.rms_norm_triton(xg, wg, 1e-6), [xg, wg], dy)
+                else:
+                    y, hn = rn.rms_norm_triton(xg, wg, 1e-6, rg, torch.bfloat16)
+                    torch.autograd.grad([y, hn], [xg, wg, rg], [dy, dres])
 
             parts["autograd_step"] = graph_us(step)
             from torch.profiler import ProfilerActivity, profile
@@ -178,28 +187,31 @@ def main():
                 if us < best.get("fwd", (1e9,))[0]:
                     best["fwd"] = (us, bm, nw)
         sweep = [
-            (st, per_sm, bm, nw)
+            (st, per_sm, bm, nw, ch)
+            for ch in map(int, args.chunks.split(","))
             for st in map(int, args.stages.split(","))
             for per_sm in map(int, args.per_sm.split(","))
             for bm in map(int, args.block_m.split(","))
             for nw in map(int, args.warps.split(","))
             if bm * bn <= 16384 and nw * 32 <= bm * bn and nw * 32 * 8 <= bm * bn * 4
         ]
-        for st, per_sm, bm, nw in sweep if "bwd" in args.kinds else ():
+        for st, per_sm, bm, nw, ch in sweep if "bwd" in args.kinds else ():
             reset()
             rn.TUNE["bwd"] = (bm, nw, per_sm)
             rn.TUNE["stages"] = st
+            if ch:
+                rn.TUNE["chunk"] = ch
             us = graph_us(
                 lambda dy=dy, h=h, w=w, rstd=rstd, dr=dres, lo=low: rn._rms_norm_bwd(dy, dr, h, w, rstd, lo)
             )
             r = dict(
-                d=d, kind="bwd", stages=st, per_sm=per_sm, block_m=bm, warps=nw, us=round(us, 2),
+                d=d, kind="bwd", stages=st, per_sm=per_sm, block_m=bm, warps=nw, chunk=ch, us=round(us, 2),
                 pct=round(100 * ideal_bwd / us),
             )  # fmt: skip
             rows.append(r)
             print(json.dumps(r), flush=True)
             if us < best.get("bwd", (1e9,))[0]:
-                best["bwd"] = (us, bm, nw, per_sm, st)
+                best["bwd"] = (us, bm, nw, per_sm, st, ch)
         for per_sm in (1, 2, 4, 8) if "reduce" in args.kinds else ():
             progs = per_sm * torch.cuda.get_device_properties(0).multi_processor_count
             part = torch.randn(progs, d, device="cuda")

@@ -91,81 +91,57 @@ def _rms_norm_fwd_kernel(
 def _rms_norm_bwd_kernel(
     DY, DRES, H, W, RSTD, DX, DXL, DW_PARTIAL, M, N,
     ROWS_PER_PROGRAM: tl.constexpr, HAS_DRES: tl.constexpr, HAS_DXL: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, STAGES: tl.constexpr = 0, PDL: tl.constexpr = False, TMA: tl.constexpr = False,
+    BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, STAGES: tl.constexpr = 3, PDL: tl.constexpr = False,
+    TMA: tl.constexpr = False,
 ):  # fmt: skip
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
     pid = tl.program_id(0)
-    cols = tl.arange(0, BLOCK_N)
+    # A tile is held as (BLOCK_M, BLOCK_N // CHUNK, CHUNK): row r, column s * CHUNK + c at [r, s, c]. With
+    # CHUNK = BLOCK_N that is the plain (rows, columns) tile, whose columns Triton spreads over several warps when
+    # a row is wider than one warp's loads, so each row sum meets in shared memory behind a barrier, every tile.
+    # With a narrow CHUNK the warps are spread over rows instead (Triton lays out the unit-stride dim first, then
+    # the others in index order: rows before chunks): a thread holds the same lanes of every chunk, and a row's
+    # sum stays in one warp (in-thread adds, then shuffles).
+    cols = tl.arange(0, BLOCK_N // CHUNK)[None, :, None] * CHUNK + tl.arange(0, CHUNK)[None, None, :]
     col_ok = cols < N
-    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    start = pid * ROWS_PER_PROGRAM
-    if STAGES > 0:
-        # the compiler's software pipeline: STAGES tiles of loads in flight through shared memory (async copies)
-        for i in tl.range(0, ROWS_PER_PROGRAM, BLOCK_M, num_stages=STAGES):
-            rows = start + i + tl.arange(0, BLOCK_M)
-            row_ok = rows < M
-            mask = row_ok[:, None] & col_ok[None, :]
-            offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-            # with TMA, H and DY are tensor descriptors: one bulk copy per tile, rows and columns outside read 0
-            if TMA:
-                h = H.load([start + i, 0]).to(tl.float32)
-                dy = DY.load([start + i, 0]).to(tl.float32)
-            else:
-                h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
-                dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-            xhat = h * rstd[:, None]
-            wdy = dy * w[None, :]
-            c = tl.sum(xhat * wdy, axis=1) / N
-            dx = (wdy - xhat * c[:, None]) * rstd[:, None]
-            if HAS_DRES:
-                dx += tl.load(DRES + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
-            if HAS_DXL:
-                tl.store(DXL + offs, dx.to(DXL.dtype.element_ty), mask=mask)
-            dw += dy * xhat
+    if CHUNK < BLOCK_N:
+        # w loaded once per tile row, a tile-shaped load that takes the tiles' layout (loaded as one row, its
+        # layout would spread the warps over the chunks, and the whole loop would follow it)
+        w = tl.load(W + cols + 0 * tl.arange(0, BLOCK_M)[:, None, None], mask=col_ok, other=0.0)
     else:
-        # the next tile's loads are issued before this tile's math (by hand: the loop carries them), so each
-        # program keeps two tiles of h, dy (and d residual) in flight instead of waiting on every load
-        rows = start + tl.arange(0, BLOCK_M)
-        mask = (rows < M)[:, None] & col_ok[None, :]
-        offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-        h_n = tl.load(H + offs, mask=mask, other=0.0)
-        dy_n = tl.load(DY + offs, mask=mask, other=0.0)
-        rstd_n = tl.load(RSTD + rows, mask=rows < M, other=0.0)
+        w = tl.load(W + cols, mask=col_ok, other=0.0)
+    w = w.to(tl.float32)
+    dw = tl.zeros([BLOCK_M, BLOCK_N // CHUNK, CHUNK], dtype=tl.float32)
+    start = pid * ROWS_PER_PROGRAM
+    # the compiler's software pipeline: STAGES tiles of loads in flight through shared memory (async copies)
+    for i in tl.range(0, ROWS_PER_PROGRAM, BLOCK_M, num_stages=STAGES):
+        rows = start + i + tl.arange(0, BLOCK_M)
+        row_ok = rows < M
+        mask = row_ok[:, None, None] & col_ok
+        offs = rows.to(tl.int64)[:, None, None] * N + cols
+        # with TMA (CHUNK == BLOCK_N only), H and DY are tensor descriptors: one bulk copy per tile, rows and
+        # columns outside read 0
+        if TMA:
+            h = H.load([start + i, 0]).to(tl.float32)[:, None, :]
+            dy = DY.load([start + i, 0]).to(tl.float32)[:, None, :]
+        else:
+            h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)[:, None, None]
+        xhat = h * rstd
+        wdy = dy * w
+        c = tl.sum(tl.sum(xhat * wdy, axis=2), axis=1) / N
+        dx = (wdy - xhat * c[:, None, None]) * rstd
         if HAS_DRES:
-            dres_n = tl.load(DRES + offs, mask=mask, other=0.0)
-        for i in range(0, ROWS_PER_PROGRAM, BLOCK_M):
-            h = h_n.to(tl.float32)
-            dy = dy_n.to(tl.float32)
-            rstd = rstd_n
-            if HAS_DRES:
-                dres = dres_n.to(tl.float32)
-            cur_offs = offs
-            cur_mask = mask
-            rows = start + i + BLOCK_M + tl.arange(0, BLOCK_M)
-            row_ok = (rows < M) & (i + BLOCK_M + tl.arange(0, BLOCK_M) < ROWS_PER_PROGRAM)
-            mask = row_ok[:, None] & col_ok[None, :]
-            offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
-            h_n = tl.load(H + offs, mask=mask, other=0.0)
-            dy_n = tl.load(DY + offs, mask=mask, other=0.0)
-            rstd_n = tl.load(RSTD + rows, mask=row_ok, other=0.0)
-            if HAS_DRES:
-                dres_n = tl.load(DRES + offs, mask=mask, other=0.0)
-            xhat = h * rstd[:, None]
-            wdy = dy * w[None, :]
-            c = tl.sum(xhat * wdy, axis=1) / N
-            dx = (wdy - xhat * c[:, None]) * rstd[:, None]
-            if HAS_DRES:
-                dx += dres
-            tl.store(DX + cur_offs, dx.to(DX.dtype.element_ty), mask=cur_mask)
-            if HAS_DXL:  # the same gradient in the lower dtype of a mixed-dtype add (x or residual)
-                tl.store(DXL + cur_offs, dx.to(DXL.dtype.element_ty), mask=cur_mask)
-            dw += dy * xhat
-    tl.store(DW_PARTIAL + pid.to(tl.int64) * N + cols, tl.sum(dw, axis=0), mask=col_ok)
+            dx += tl.load(DRES + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        if HAS_DXL:  # the same gradient in the lower dtype of a mixed-dtype add (x or residual)
+            tl.store(DXL + offs, dx.to(DXL.dtype.element_ty), mask=mask)
+        dw += dy * xhat
+    pcols = tl.arange(0, BLOCK_N // CHUNK)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
+    tl.store(DW_PARTIAL + pid.to(tl.int64) * N + pcols, tl.sum(dw, axis=0), mask=pcols < N)
 
 
 @triton.jit
@@ -183,8 +159,9 @@ def _sum_rows_kernel(P, OUT, R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 
 
 # tile overrides for benchmarks/rmsnorm_sweep.py: {"fwd": (BLOCK_M, num_warps), "bwd": (BLOCK_M, num_warps,
-# programs per SM), "reduce": (BLOCK_R, BLOCK_N), "tma": True (backward tiles by tensor descriptor), "no_reduce": True (dweight left unwritten, to time the
-# backward kernel alone)}; empty = the defaults below
+# programs per SM), "stages": backward pipeline depth (>= 1), "chunk": backward row chunk (columns; see the
+# kernel), "reduce": (BLOCK_R, BLOCK_N), "tma": True (backward tiles by tensor descriptor), "no_reduce": True
+# (dweight left unwritten, to time the backward kernel alone)}; empty = the defaults below
 TUNE: dict = {}
 
 
@@ -294,7 +271,10 @@ def _rms_norm_bwd_impl(
     dlow = torch.empty((m, n), dtype=low_dtype, device=h.device) if low_dtype is not None else h.new_empty(0)
     read_bytes = dy.element_size() + h.element_size() + (dres.element_size() if dres is not None else 0)
     block_m, block_n, warps, per_sm, stages = _bwd_tile(n, read_bytes)
-    stages = TUNE.get("stages", stages)
+    stages = max(1, TUNE.get("stages", stages))
+    # chunked row layout (see the kernel): opt-in until measured on the GPU; a chunk of 128 columns is one
+    # warp's 16-byte loads of bf16 rows twice over, of fp32 rows once
+    chunk = min(block_n, TUNE["chunk"]) if TUNE.get("chunk") else block_n
     if "bwd" in TUNE:
         block_m, warps, per_sm = TUNE["bwd"]
     # Each program's band is a power of two >= BLOCK_M rows: whole tiles, and a compile-time loop count (few
@@ -303,7 +283,7 @@ def _rms_norm_bwd_impl(
     programs = cdiv(m, rows_per_program)
     partial = torch.empty(programs, n, dtype=torch.float32, device=h.device)
     h_arg, dy_arg, tma = h, dy, False
-    if TUNE.get("tma") and stages > 0 and _tma_ok(h, n) and _tma_ok(dy, n):
+    if TUNE.get("tma") and chunk == block_n and _tma_ok(h, n) and _tma_ok(dy, n):
         h_arg = TensorDescriptor.from_tensor(h, [block_m, block_n])
         dy_arg = TensorDescriptor.from_tensor(dy, [block_m, block_n])
         tma = True
@@ -313,7 +293,7 @@ def _rms_norm_bwd_impl(
             dy_arg, dres if dres is not None else dy, h_arg, weight, rstd, dx,
             dlow if low_dtype is not None else dx, partial, m, n, ROWS_PER_PROGRAM=rows_per_program,
             HAS_DRES=dres is not None, HAS_DXL=low_dtype is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-            STAGES=stages, num_warps=warps, TMA=tma, **_pdl(h.device),
+            CHUNK=chunk, STAGES=stages, num_warps=warps, TMA=tma, **_pdl(h.device),
         )  # fmt: skip
     dw = torch.empty_like(weight)
     if m and TUNE.get("no_reduce"):  # sweeps only: time the backward kernel without the dweight reduction
