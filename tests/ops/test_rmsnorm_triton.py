@@ -216,7 +216,7 @@ kernels = {
     "fwd": (r._rms_norm_fwd_kernel,
             {"X": "*bf16", "R": "*bf16", "Y": "*bf16", "H": "*bf16", "W": "*bf16", "RSTD": "*fp32",
              "M": "i32", "N": "i32", "eps": "fp32"},
-            {"HAS_RES": False, "BLOCK_M": 4, "BLOCK_N": 512}),
+            {"HAS_RES": False, "BLOCK_M": 4, "BLOCK_N": 512, "CHUNK": 512}),
     "bwd": (r._rms_norm_bwd_kernel,
             {"DY": "*bf16", "DRES": "*bf16", "H": "*bf16", "W": "*bf16", "RSTD": "*fp32", "DX": "*bf16",
              "DXL": "*bf16", "DW_PARTIAL": "*fp32", "M": "i32", "N": "i32"},
@@ -296,11 +296,11 @@ def test_backward_tensor_descriptor_tiles_match_pointer_tiles(n, m, monkeypatch)
     ],
 )
 def test_backward_chunked_rows_match_reference(chunk, shape, dtype, r_dtype, out_dtype, monkeypatch):
-    # TUNE["chunk"]: the backward holds each tile as (rows, chunks, chunk columns), so that a row's sums stay in
-    # one warp; same values and gradients as the reference, and run-to-run identical
+    # TUNE["chunk"] / ["fwd_chunk"]: the kernels hold each tile as (rows, chunks, chunk columns), so that a row's
+    # sums stay in one warp; same values and gradients as the reference, and run-to-run identical
     from fat5.ops import rmsnorm as rn
 
-    monkeypatch.setattr(rn, "TUNE", {"chunk": chunk})
+    monkeypatch.setattr(rn, "TUNE", {"chunk": chunk, "fwd_chunk": chunk})
     _check(shape, dtype, r_dtype is not None, device=DEVICE, r_dtype=r_dtype, out_dtype=out_dtype)
     gen = torch.Generator().manual_seed(chunk)
     x, dy = (torch.randn(shape, generator=gen).to(DEVICE, dtype) for _ in range(2))
@@ -317,6 +317,6 @@ def test_backward_chunked_rows_match_reference(chunk, shape, dtype, r_dtype, out
 def test_backward_chunked_rows_gpu(chunk, shape, monkeypatch):
     from fat5.ops import rmsnorm as rn
 
-    monkeypatch.setattr(rn, "TUNE", {"chunk": chunk})
+    monkeypatch.setattr(rn, "TUNE", {"chunk": chunk, "fwd_chunk": chunk})
     _check(shape, torch.bfloat16, False, device="cuda")
     _check(shape, torch.bfloat16, True, device="cuda", r_dtype=torch.float32, out_dtype=torch.bfloat16)

@@ -64,25 +64,31 @@ _MAX_WIDTH = 65536
 @triton.jit
 def _rms_norm_fwd_kernel(
     X, R, Y, H, W, RSTD, M, N, eps,
-    HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False,
+    HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
     if PDL:  # launched as a programmatic dependent: wait for the previous kernel, let the next one get placed
         gdc_wait()
         gdc_launch_dependents()
+    # tiles as (rows, chunks, chunk columns), as in the backward (see there): CHUNK < BLOCK_N keeps a row's sum
+    # in one warp
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, BLOCK_N // CHUNK)[None, :, None] * CHUNK + tl.arange(0, CHUNK)[None, None, :]
     row_ok = rows < M
-    mask = row_ok[:, None] & (cols < N)[None, :]
-    offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    mask = row_ok[:, None, None] & (cols < N)
+    offs = rows.to(tl.int64)[:, None, None] * N + cols
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         # round the sum to the storage dtype first: the returned residual and the normed value see the same h
         h = (x + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
         tl.store(H + offs, h, mask=mask)
         x = h.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / N + eps)
-    w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
-    y = x * rstd[:, None] * w[None, :]
+    rstd = tl.rsqrt(tl.sum(tl.sum(x * x, axis=2), axis=1) / N + eps)
+    if CHUNK < BLOCK_N:  # a tile-shaped load of w, so it takes the tiles' layout (see the backward)
+        w = tl.load(W + cols + 0 * rows[:, None, None], mask=cols < N, other=0.0)
+    else:
+        w = tl.load(W + cols, mask=cols < N, other=0.0)
+    y = x * rstd[:, None, None] * w.to(tl.float32)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
@@ -158,7 +164,8 @@ def _sum_rows_kernel(P, OUT, R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     tl.store(OUT + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=cols < N)
 
 
-# tile overrides for benchmarks/rmsnorm_sweep.py: {"fwd": (BLOCK_M, num_warps), "bwd": (BLOCK_M, num_warps,
+# tile overrides for benchmarks/rmsnorm_sweep.py: {"fwd": (BLOCK_M, num_warps), "fwd_chunk": forward row chunk
+# (columns), "bwd": (BLOCK_M, num_warps,
 # programs per SM), "stages": backward pipeline depth (>= 1), "chunk": backward row chunk (columns; see the
 # kernel), "reduce": (BLOCK_R, BLOCK_N), "tma": True (backward tiles by tensor descriptor), "no_reduce": True
 # (dweight left unwritten, to time the backward kernel alone)}; empty = the defaults below
@@ -230,9 +237,10 @@ def _rms_norm_fwd_impl(
         block_m, block_n, warps = _tile(n)
         if "fwd" in TUNE:
             block_m, warps = TUNE["fwd"]
+        chunk = min(block_n, TUNE["fwd_chunk"]) if TUNE.get("fwd_chunk") else block_n
         _FWD[(cdiv(m, block_m),)](
             x, residual if residual is not None else x, y, h if residual is not None else y, weight, rstd,
-            m, n, eps, HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps,
+            m, n, eps, HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=chunk, num_warps=warps,
             **_pdl(x.device),
         )  # fmt: skip
     return y, h, rstd
