@@ -58,7 +58,7 @@ def main():
     ap.add_argument(
         "--chunks",
         default="0",
-        help="backward row chunks to sweep (columns; 0: the whole row, the default layout)",
+        help="row chunks to sweep, forward and backward (columns; 0: the whole row, the default layout)",
     )
     ap.add_argument("--per-sm", default="1,2,4,8", help="backward programs per SM to sweep")
     ap.add_argument("--block-m", default="1,2,4,8", help="backward rows per tile to sweep")
@@ -170,22 +170,27 @@ def main():
             r.update({k: round(v, 2) for k, v in parts.items()})
             rows.append(r)
             print(json.dumps(r), flush=True)
-        for bm in (1, 2, 4, 8, 16) if "fwd" in args.kinds else ():
-            if bm * bn > 32768 or bm * bn < 512:
-                continue
-            for nw in (2, 4, 8):
-                if nw * 32 * 4 > bm * bn * 2 or nw * 32 > bm * bn:
-                    continue
-                reset()
-                rn.TUNE["fwd"] = (bm, nw)
-                us = graph_us(lambda x=x, w=w, r=res, o=out_dtype: rn._rms_norm_fwd(x, w, r, 1e-6, o))
-                r = dict(
-                    d=d, kind="fwd", block_m=bm, warps=nw, us=round(us, 2), pct=round(100 * ideal_fwd / us)
-                )
-                rows.append(r)
-                print(json.dumps(r), flush=True)
-                if us < best.get("fwd", (1e9,))[0]:
-                    best["fwd"] = (us, bm, nw)
+        fwd_sweep = [
+            (bm, nw, ch)
+            for ch in map(int, args.chunks.split(","))
+            for bm in (1, 2, 4, 8, 16)
+            for nw in (2, 4, 8)
+            if 512 <= bm * bn <= 32768 and nw * 32 * 4 <= bm * bn * 2 and nw * 32 <= bm * bn
+        ]
+        for bm, nw, ch in fwd_sweep if "fwd" in args.kinds else ():
+            reset()
+            rn.TUNE["fwd"] = (bm, nw)
+            if ch:
+                rn.TUNE["fwd_chunk"] = ch
+            us = graph_us(lambda x=x, w=w, r=res, o=out_dtype: rn._rms_norm_fwd(x, w, r, 1e-6, o))
+            r = dict(
+                d=d, kind="fwd", block_m=bm, warps=nw, chunk=ch, us=round(us, 2),
+                pct=round(100 * ideal_fwd / us),
+            )  # fmt: skip
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+            if us < best.get("fwd", (1e9,))[0]:
+                best["fwd"] = (us, bm, nw, ch)
         sweep = [
             (st, per_sm, bm, nw, ch)
             for ch in map(int, args.chunks.split(","))

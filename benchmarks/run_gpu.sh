@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call (device time is scarce): bf16 kernel tests, then the benchmarks,
 # results under ${OUT:-benchmarks/results}. Usage from the repository root on a CUDA machine:
-#   bash benchmarks/run_gpu.sh [quick | step | kernels]
+#   bash benchmarks/run_gpu.sh [quick | step | kernels | rmsnorm]
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 out=${OUT:-benchmarks/results}
@@ -21,6 +21,15 @@ elif [ "${1:-}" = kernels ]; then
   python3 benchmarks/bench_attention.py --quick --methods sdpa,ours --out "$out" --tag=_kernels
   python3 benchmarks/attention_profile.py --cells model --out "$out"
   python3 benchmarks/bench_kernels.py --ops rms_norm,model --out "$out"
+elif [ "${1:-}" = rmsnorm ]; then
+  # RMSNorm alone: its GPU tests, the CUDA graph of a fwd+bwd through autograd against the direct op pair, the
+  # row-chunk layouts swept against the default one, then the targets' report
+  FAT5_ATTN_AUTOTUNE=0 python3 -m pytest -q -m gpu tests/ops/test_rmsnorm_triton.py -rf --tb=short 2>&1 |
+    tee "$out/gpu_tests_rmsnorm.log" | tail -3
+  python3 benchmarks/rmsnorm_graph.py --out "$out"
+  python3 benchmarks/rmsnorm_sweep.py --kinds default,parts,fwd,bwd --chunks 0,128,256 --stages 3 --per-sm 2,3 \
+    --block-m 4,8 --warps 4 --out "$out" --tag _chunks
+  python3 benchmarks/bench_kernels.py --ops rms_norm --out "$out"
 elif [ "${1:-}" = quick ]; then
   # shorter: GPU tests with the first config of each attention kernel (autotuning compiles every config per
   # case, ~11 s a test on the H200), the default variant's decode cases autotuned, then the model's shapes
