@@ -68,6 +68,11 @@ def main():
         action="store_true",
         help="the model's case under bf16 autocast: bf16 x onto an fp32 residual, bf16 normed output",
     )
+    ap.add_argument(
+        "--reduce-tiles",
+        default="auto,256x16,512x8,512x16,128x32",
+        help="dweight reduction tiles (BLOCK_RxBLOCK_N) timed with the backward (--kinds reduce)",
+    )
     ap.add_argument("--tag", default="", help="suffix of the report's file name")
     ap.add_argument("--tma", action="store_true", help="backward tiles loaded by tensor descriptors")
     args = ap.parse_args()
@@ -227,6 +232,17 @@ def main():
                 ](part, w, progs, d, BLOCK_R=br, BLOCK_N=bc)
             )
             r = dict(d=d, kind="dw_reduce", per_sm=per_sm, us=round(us, 2))
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+        # the whole backward (its kernel, then the reduction as a programmatic dependent) per reduction tile
+        for tile in args.reduce_tiles.split(",") if "reduce" in args.kinds else ():
+            reset()
+            if tile != "auto":
+                rn.TUNE["reduce"] = tuple(int(v) for v in tile.split("x"))
+            us = graph_us(
+                lambda dy=dy, h=h, w=w, rstd=rstd, dr=dres, lo=low: rn._rms_norm_bwd(dy, dr, h, w, rstd, lo)
+            )
+            r = dict(d=d, kind="bwd_reduce_tile", tile=tile, us=round(us, 2))
             rows.append(r)
             print(json.dumps(r), flush=True)
         print(f"d={d}: best {best}; ideal fwd {ideal_fwd:.1f} us, bwd {ideal_bwd:.1f} us", flush=True)

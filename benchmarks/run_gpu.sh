@@ -27,7 +27,7 @@ elif [ "${1:-}" = rmsnorm ]; then
   FAT5_ATTN_AUTOTUNE=0 python3 -m pytest -q -m gpu tests/ops/test_rmsnorm_triton.py -rf --tb=short 2>&1 |
     tee "$out/gpu_tests_rmsnorm.log" | tail -3
   python3 benchmarks/rmsnorm_graph.py --out "$out"
-  python3 benchmarks/rmsnorm_sweep.py --kinds default,parts,fwd,bwd --chunks 0,128,256 --stages 3 --per-sm 2,3 \
+  python3 benchmarks/rmsnorm_sweep.py --kinds default,parts,fwd,bwd,reduce --chunks 0,128,256 --stages 3 --per-sm 2,3 \
     --block-m 4,8 --warps 4 --out "$out" --tag _chunks
   python3 benchmarks/bench_kernels.py --ops rms_norm --out "$out"
 elif [ "${1:-}" = quick ]; then
