@@ -79,17 +79,27 @@ def fwd_bwd(fn, inputs, grad_out):
     return step
 
 
-def without_pdl(step):
-    """The same step with RMSNorm's kernels launched the ordinary way (no programmatic dependent launch)."""
+def with_tune(step, **tune):
+    """The same step with RMSNorm's TUNE overrides set while it runs (options measured before they ship)."""
 
     def run():
-        RMS_TUNE["pdl"] = False
+        RMS_TUNE.update(tune)
         try:
             step()
         finally:
-            RMS_TUNE.pop("pdl", None)
+            for k in tune:
+                RMS_TUNE.pop(k, None)
 
     return run
+
+
+# RMSNorm variants other than the shipped one: TUNE overrides (fat5.ops.rmsnorm.TUNE)
+RMS_OPTIONS = {
+    "triton no PDL": {"pdl": False},
+    "triton chunk 128": {"chunk": 128, "fwd_chunk": 128},
+    "triton chunk 256": {"chunk": 256, "fwd_chunk": 256},
+    "triton in-kernel dw": {"fused_reduce": True},
+}
 
 
 def bench_rmsnorm(tokens: int, widths, results, graph: bool):
@@ -102,14 +112,14 @@ def bench_rmsnorm(tokens: int, widths, results, graph: bool):
         nbytes = (2 * tokens * d + d + 3 * tokens * d + d) * BF16
         variants = {
             "triton": rms_norm_triton,
-            "triton no PDL": rms_norm_triton,
+            **{name: rms_norm_triton for name in RMS_OPTIONS},
             "eager": rms_norm_ref,
             "compile": compiled(rms_norm_ref),
         }
         for name, fn in variants.items():
             step = fwd_bwd(lambda x, w, fn=fn: fn(x, w, 1e-6), (x, w), dy)
-            if name == "triton no PDL":
-                step = without_pdl(step)
+            if name in RMS_OPTIONS:
+                step = with_tune(step, **RMS_OPTIONS[name])
             step()  # compile / warm up outside the timed region
             row = dict(op="rms_norm", d=d, tokens=tokens, variant=name, bytes=nbytes)
             row["ms"] = median_ms(step, graph=False)

@@ -70,8 +70,9 @@ def main():
     )
     ap.add_argument(
         "--reduce-tiles",
-        default="auto,256x16,512x8,512x16,128x32",
-        help="dweight reduction tiles (BLOCK_RxBLOCK_N) timed with the backward (--kinds reduce)",
+        default="auto,256x16,512x8,512x16,128x32,fused",
+        help="dweight reduction tiles (BLOCK_RxBLOCK_N; fused: summed in the backward kernel) timed with the "
+        "backward (--kinds reduce)",
     )
     ap.add_argument("--tag", default="", help="suffix of the report's file name")
     ap.add_argument("--tma", action="store_true", help="backward tiles loaded by tensor descriptors")
@@ -237,7 +238,9 @@ def main():
         # the whole backward (its kernel, then the reduction as a programmatic dependent) per reduction tile
         for tile in args.reduce_tiles.split(",") if "reduce" in args.kinds else ():
             reset()
-            if tile != "auto":
+            if tile == "fused":
+                rn.TUNE["fused_reduce"] = True
+            elif tile != "auto":
                 rn.TUNE["reduce"] = tuple(int(v) for v in tile.split("x"))
             us = graph_us(
                 lambda dy=dy, h=h, w=w, rstd=rstd, dr=dres, lo=low: rn._rms_norm_bwd(dy, dr, h, w, rstd, lo)

@@ -219,7 +219,8 @@ kernels = {
             {"HAS_RES": False, "BLOCK_M": 4, "BLOCK_N": 512, "CHUNK": 512}),
     "bwd": (r._rms_norm_bwd_kernel,
             {"DY": "*bf16", "DRES": "*bf16", "H": "*bf16", "W": "*bf16", "RSTD": "*fp32", "DX": "*bf16",
-             "DXL": "*bf16", "DW_PARTIAL": "*fp32", "M": "i32", "N": "i32"},
+             "DXL": "*bf16", "DW_PARTIAL": "*fp32", "DW": "*bf16", "GROUP_PARTIAL": "*fp32", "COUNT": "*i32",
+             "M": "i32", "N": "i32"},
             {"ROWS_PER_PROGRAM": 64, "HAS_DRES": False, "HAS_DXL": False, "BLOCK_M": 8, "BLOCK_N": 512,
              "CHUNK": 512, "STAGES": 3}),
     "sum_rows": (r._sum_rows_kernel, {"P": "*fp32", "OUT": "*bf16", "R": "i32", "N": "i32"},
@@ -320,3 +321,41 @@ def test_backward_chunked_rows_gpu(chunk, shape, monkeypatch):
     monkeypatch.setattr(rn, "TUNE", {"chunk": chunk, "fwd_chunk": chunk})
     _check(shape, torch.bfloat16, False, device="cuda")
     _check(shape, torch.bfloat16, True, device="cuda", r_dtype=torch.float32, out_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("group", [1, 3, 16])
+@pytest.mark.parametrize("shape, dtype", [((45, 72), torch.float32), ((130, 300), torch.float16)])
+def test_backward_in_kernel_dweight_sum(group, shape, dtype, monkeypatch):
+    # TUNE["fused_reduce"]: the backward's last programs sum dweight (groups of `group` programs, then the
+    # groups; 4 programs on the CPU, so groups of 1 and 3 exercise both levels and a short last group): the
+    # reference's values and gradients, bitwise the same on a second call, and the counters left at zero
+    from fat5.ops import rmsnorm as rn
+
+    monkeypatch.setattr(rn, "TUNE", {"fused_reduce": True, "group": group})
+    _check(shape, dtype, True, device=DEVICE)
+    gen = torch.Generator().manual_seed(group)
+    x, dy = (torch.randn(shape, generator=gen).to(DEVICE, dtype) for _ in range(2))
+    w = torch.randn(shape[-1], generator=gen).to(DEVICE, dtype)
+    _, _, rstd = rn._rms_norm_fwd_impl(x, w, None, 1e-6, None)
+    first = rn._rms_norm_bwd_impl(dy, None, x, w, rstd, None)
+    again = rn._rms_norm_bwd_impl(dy, None, x, w, rstd, None)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[2], again[2])
+    # the counters the calls used (functools.cache hands back the same tensor)
+    max_groups = -(-rn._num_programs(torch.device(DEVICE)) // group)
+    assert rn._counters.cache_info().currsize >= 1
+    assert int(rn._counters(torch.device(DEVICE), max_groups + 1).abs().sum()) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4103, 768), (32768, 512), (513, 4096)])
+def test_backward_in_kernel_dweight_sum_gpu(shape, monkeypatch):
+    from fat5.ops import rmsnorm as rn
+
+    monkeypatch.setattr(rn, "TUNE", {"fused_reduce": True})
+    _check(shape, torch.bfloat16, False, device="cuda")
+    _check(shape, torch.bfloat16, True, device="cuda", r_dtype=torch.float32, out_dtype=torch.bfloat16)
+    x, dy = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    w = torch.randn(shape[-1], device="cuda", dtype=torch.bfloat16)
+    _, _, rstd = rn._rms_norm_fwd_impl(x, w, None, 1e-6, None)
+    dws = [rn._rms_norm_bwd_impl(dy, None, x, w, rstd, None)[2] for _ in range(20)]
+    assert all(torch.equal(dws[0], d) for d in dws[1:])  # whichever programs arrive last

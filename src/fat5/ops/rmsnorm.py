@@ -95,10 +95,11 @@ def _rms_norm_fwd_kernel(
 
 @triton.jit
 def _rms_norm_bwd_kernel(
-    DY, DRES, H, W, RSTD, DX, DXL, DW_PARTIAL, M, N,
+    DY, DRES, H, W, RSTD, DX, DXL, DW_PARTIAL, DW, GROUP_PARTIAL, COUNT, M, N,
     ROWS_PER_PROGRAM: tl.constexpr, HAS_DRES: tl.constexpr, HAS_DXL: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, STAGES: tl.constexpr = 3, PDL: tl.constexpr = False,
-    TMA: tl.constexpr = False,
+    TMA: tl.constexpr = False, FUSED: tl.constexpr = False, GROUP: tl.constexpr = 16,
+    MAX_GROUPS: tl.constexpr = 1,
 ):  # fmt: skip
     if PDL:
         gdc_wait()
@@ -148,6 +149,44 @@ def _rms_norm_bwd_kernel(
         dw += dy * xhat
     pcols = tl.arange(0, BLOCK_N // CHUNK)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
     tl.store(DW_PARTIAL + pid.to(tl.int64) * N + pcols, tl.sum(dw, axis=0), mask=pcols < N)
+    if FUSED:
+        _dw_tail(DW_PARTIAL, GROUP_PARTIAL, DW, COUNT, pid, tl.num_programs(0), N, BLOCK_N, GROUP, MAX_GROUPS)
+
+
+@triton.jit
+def _dw_tail(
+    P, G, DW, COUNT, pid, nprog, N, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, MAX_GROUPS: tl.constexpr
+):
+    """dweight = the sum of the programs' partial rows P, inside the backward kernel (no second launch), in a
+    fixed order whichever program does it: deterministic. The programs are cut into groups of GROUP; the last
+    of a group to arrive (an integer counter per group) sums the group's rows in order into G; the last group to
+    finish (one more counter) sums the rows of G in order into DW and sets the counters back to zero for the
+    next launch. The counters (COUNT, MAX_GROUPS + 1 of them, zero before the launch) belong to one launch at a
+    time. A program's stores reach the whole GPU before its arrival is counted: barrier, then a release
+    increment; the summing program reads after an acquire increment, from L2 (.cg)."""
+    cols = tl.arange(0, BLOCK_N)
+    ok = cols < N
+    ngroups = (nprog + GROUP - 1) // GROUP
+    g = pid // GROUP
+    tl.debug_barrier()
+    arrived = tl.atomic_add(COUNT + g, 1, sem="acq_rel", scope="gpu")
+    if arrived == tl.minimum(GROUP, nprog - g * GROUP) - 1:
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for j in range(GROUP):
+            p = g * GROUP + j
+            acc += tl.load(
+                P + p.to(tl.int64) * N + cols, mask=ok & (p < nprog), other=0.0, cache_modifier=".cg"
+            )
+        tl.store(G + g.to(tl.int64) * N + cols, acc, mask=ok)
+        tl.debug_barrier()
+        done = tl.atomic_add(COUNT + MAX_GROUPS, 1, sem="acq_rel", scope="gpu")
+        if done == ngroups - 1:
+            acc = tl.zeros([BLOCK_N], tl.float32)
+            for j in range(MAX_GROUPS):
+                acc += tl.load(G + j * N + cols, mask=ok & (j < ngroups), other=0.0, cache_modifier=".cg")
+            tl.store(DW + cols, acc.to(DW.dtype.element_ty), mask=ok)
+            for j in range(MAX_GROUPS + 1):
+                tl.store(COUNT + j, 0)
 
 
 @triton.jit
@@ -168,7 +207,8 @@ def _sum_rows_kernel(P, OUT, R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 # (columns), "bwd": (BLOCK_M, num_warps,
 # programs per SM), "stages": backward pipeline depth (>= 1), "chunk": backward row chunk (columns; see the
 # kernel), "reduce": (BLOCK_R, BLOCK_N), "tma": True (backward tiles by tensor descriptor), "no_reduce": True
-# (dweight left unwritten, to time the backward kernel alone)}; empty = the defaults below
+# (dweight left unwritten, to time the backward kernel alone), "fused_reduce": True (dweight summed in the
+# backward kernel, no second launch)}; empty = the defaults below
 TUNE: dict = {}
 
 
@@ -217,6 +257,12 @@ def _num_programs(device: torch.device, per_sm: int | None = None) -> int:
         # programs per SM from _bwd_tile (2 in the sweeps); the fp32 partials stay tiny
         return (per_sm or 2) * torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # the CPU interpreter runs programs one by one: few and long is fastest
+
+
+@functools.cache
+def _counters(device: torch.device, size: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters of the backward's in-kernel dweight sums (each launch leaves them zero)."""
+    return torch.zeros(size, dtype=torch.int32, device=device)
 
 
 def _rms_norm_fwd_impl(
@@ -290,6 +336,15 @@ def _rms_norm_bwd_impl(
     rows_per_program = max(block_m, next_pow2(cdiv(max(m, 1), _num_programs(h.device, per_sm))))
     programs = cdiv(m, rows_per_program)
     partial = torch.empty(programs, n, dtype=torch.float32, device=h.device)
+    dw = torch.empty_like(weight)
+    # dweight summed inside the backward kernel by its last programs (opt-in until measured: TUNE["fused_reduce"])
+    fused = bool(TUNE.get("fused_reduce")) and m > 0 and not TUNE.get("no_reduce")
+    group = TUNE.get("group", 16)  # programs per first-level sum
+    max_groups = cdiv(_num_programs(h.device, per_sm), group)
+    group_partial, count = partial, partial
+    if fused:
+        group_partial = torch.empty(max_groups, n, dtype=torch.float32, device=h.device)
+        count = _counters(h.device, max_groups + 1)
     h_arg, dy_arg, tma = h, dy, False
     if TUNE.get("tma") and chunk == block_n and _tma_ok(h, n) and _tma_ok(dy, n):
         h_arg = TensorDescriptor.from_tensor(h, [block_m, block_n])
@@ -299,12 +354,12 @@ def _rms_norm_bwd_impl(
         # descriptor arguments go through Triton's own launch path (the memoised one keys on tensors and ints)
         (_rms_norm_bwd_kernel if tma else _BWD)[(programs,)](
             dy_arg, dres if dres is not None else dy, h_arg, weight, rstd, dx,
-            dlow if low_dtype is not None else dx, partial, m, n, ROWS_PER_PROGRAM=rows_per_program,
-            HAS_DRES=dres is not None, HAS_DXL=low_dtype is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-            CHUNK=chunk, STAGES=stages, num_warps=warps, TMA=tma, **_pdl(h.device),
+            dlow if low_dtype is not None else dx, partial, dw, group_partial, count, m, n,
+            ROWS_PER_PROGRAM=rows_per_program, HAS_DRES=dres is not None, HAS_DXL=low_dtype is not None,
+            BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=chunk, STAGES=stages, num_warps=warps, TMA=tma,
+            FUSED=fused, GROUP=group, MAX_GROUPS=max_groups, **_pdl(h.device),
         )  # fmt: skip
-    dw = torch.empty_like(weight)
-    if m and TUNE.get("no_reduce"):  # sweeps only: time the backward kernel without the dweight reduction
+    if fused or (m and TUNE.get("no_reduce")):  # no_reduce, sweeps only: the backward kernel alone
         return dx, dlow, dw
     if m:
         block_r, block_c = TUNE.get("reduce", _reduce_tile(programs))
