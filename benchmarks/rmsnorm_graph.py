@@ -38,8 +38,8 @@ def summary(path: str) -> list[str]:
     """The node labels of a dumped graph, one line each (kernel names cut short), and its edges."""
     lines = []
     for line in open(path):
-        if "label=" in line and ("->" in line or "KERNEL" in line or "MEM" in line or "EVENT" in line):
-            lines.append(line.strip()[:200])
+        if "->" in line or ("label=" in line and any(k in line for k in ("KERNEL", "MEM", "EVENT", "EMPTY"))):
+            lines.append(line.strip()[:300])
     return lines
 
 
