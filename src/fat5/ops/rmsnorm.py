@@ -61,6 +61,54 @@ def rms_norm_ref(
 _MAX_WIDTH = 65536
 
 
+# Row chunks. A tile is normally (BLOCK_M, BLOCK_N); where a row is wider than one warp's loads, Triton spreads
+# its columns over several warps, so each row sum meets in shared memory behind barriers, every tile. With
+# CHUNK < BLOCK_N a tile is held as (BLOCK_M, BLOCK_N // CHUNK, CHUNK) instead (row r, column s * CHUNK + c at
+# [r, s, c]): Triton lays out the unit-stride dim first, then the others in index order, rows before chunks, so
+# the warps go to rows, a thread holds the same lanes of every chunk, and a row's sum stays in one warp
+# (in-thread adds, then shuffles). The helpers below give either form; the arithmetic is rank-agnostic.
+
+
+@triton.jit
+def _cols(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    """Column index of a tile (broadcast over its rows)."""
+    if CHUNK < BLOCK_N:
+        cols = tl.arange(0, BLOCK_N // CHUNK)[None, :, None] * CHUNK + tl.arange(0, CHUNK)[None, None, :]
+    else:
+        cols = tl.arange(0, BLOCK_N)  # (BLOCK_N,): broadcast against (BLOCK_M, BLOCK_N) tiles
+    return cols
+
+
+@triton.jit
+def _rowwise(v, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    """A per-row vector broadcast against a tile."""
+    if CHUNK < BLOCK_N:
+        out = v[:, None, None]
+    else:
+        out = v[:, None]
+    return out
+
+
+@triton.jit
+def _row_sum(x, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    if CHUNK < BLOCK_N:
+        out = tl.sum(tl.sum(x, axis=2), axis=1)
+    else:
+        out = tl.sum(x, axis=1)
+    return out
+
+
+@triton.jit
+def _load_w(W, cols, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr):
+    if CHUNK < BLOCK_N:
+        # a tile-shaped load (w once per row), so that it takes the tiles' layout: loaded as one row, its layout
+        # would spread the warps over the chunks, and the whole loop would follow it
+        w = tl.load(W + cols + 0 * tl.arange(0, BLOCK_M)[:, None, None], mask=cols < N, other=0.0)
+    else:
+        w = tl.load(W + cols, mask=cols < N, other=0.0)
+    return w.to(tl.float32)
+
+
 @triton.jit
 def _rms_norm_fwd_kernel(
     X, R, Y, H, W, RSTD, M, N, eps,
@@ -70,25 +118,19 @@ def _rms_norm_fwd_kernel(
     if PDL:  # launched as a programmatic dependent: wait for the previous kernel, let the next one get placed
         gdc_wait()
         gdc_launch_dependents()
-    # tiles as (rows, chunks, chunk columns), as in the backward (see there): CHUNK < BLOCK_N keeps a row's sum
-    # in one warp
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, BLOCK_N // CHUNK)[None, :, None] * CHUNK + tl.arange(0, CHUNK)[None, None, :]
+    cols = _cols(BLOCK_M, BLOCK_N, CHUNK)
     row_ok = rows < M
-    mask = row_ok[:, None, None] & (cols < N)
-    offs = rows.to(tl.int64)[:, None, None] * N + cols
+    mask = _rowwise(row_ok, BLOCK_N, CHUNK) & (cols < N)
+    offs = _rowwise(rows.to(tl.int64), BLOCK_N, CHUNK) * N + cols
     x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
         # round the sum to the storage dtype first: the returned residual and the normed value see the same h
         h = (x + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
         tl.store(H + offs, h, mask=mask)
         x = h.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(tl.sum(x * x, axis=2), axis=1) / N + eps)
-    if CHUNK < BLOCK_N:  # a tile-shaped load of w, so it takes the tiles' layout (see the backward)
-        w = tl.load(W + cols + 0 * rows[:, None, None], mask=cols < N, other=0.0)
-    else:
-        w = tl.load(W + cols, mask=cols < N, other=0.0)
-    y = x * rstd[:, None, None] * w.to(tl.float32)
+    rstd = tl.rsqrt(_row_sum(x * x, BLOCK_N, CHUNK) / N + eps)
+    y = x * _rowwise(rstd, BLOCK_N, CHUNK) * _load_w(W, cols, N, BLOCK_M, BLOCK_N, CHUNK)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
@@ -105,49 +147,44 @@ def _rms_norm_bwd_kernel(
         gdc_wait()
         gdc_launch_dependents()
     pid = tl.program_id(0)
-    # A tile is held as (BLOCK_M, BLOCK_N // CHUNK, CHUNK): row r, column s * CHUNK + c at [r, s, c]. With
-    # CHUNK = BLOCK_N that is the plain (rows, columns) tile, whose columns Triton spreads over several warps when
-    # a row is wider than one warp's loads, so each row sum meets in shared memory behind a barrier, every tile.
-    # With a narrow CHUNK the warps are spread over rows instead (Triton lays out the unit-stride dim first, then
-    # the others in index order: rows before chunks): a thread holds the same lanes of every chunk, and a row's
-    # sum stays in one warp (in-thread adds, then shuffles).
-    cols = tl.arange(0, BLOCK_N // CHUNK)[None, :, None] * CHUNK + tl.arange(0, CHUNK)[None, None, :]
+    cols = _cols(BLOCK_M, BLOCK_N, CHUNK)
     col_ok = cols < N
+    w = _load_w(W, cols, N, BLOCK_M, BLOCK_N, CHUNK)
     if CHUNK < BLOCK_N:
-        # w loaded once per tile row, a tile-shaped load that takes the tiles' layout (loaded as one row, its
-        # layout would spread the warps over the chunks, and the whole loop would follow it)
-        w = tl.load(W + cols + 0 * tl.arange(0, BLOCK_M)[:, None, None], mask=col_ok, other=0.0)
+        dw = tl.zeros([BLOCK_M, BLOCK_N // CHUNK, CHUNK], dtype=tl.float32)
     else:
-        w = tl.load(W + cols, mask=col_ok, other=0.0)
-    w = w.to(tl.float32)
-    dw = tl.zeros([BLOCK_M, BLOCK_N // CHUNK, CHUNK], dtype=tl.float32)
+        dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     start = pid * ROWS_PER_PROGRAM
     # the compiler's software pipeline: STAGES tiles of loads in flight through shared memory (async copies)
     for i in tl.range(0, ROWS_PER_PROGRAM, BLOCK_M, num_stages=STAGES):
         rows = start + i + tl.arange(0, BLOCK_M)
         row_ok = rows < M
-        mask = row_ok[:, None, None] & col_ok
-        offs = rows.to(tl.int64)[:, None, None] * N + cols
-        # with TMA (CHUNK == BLOCK_N only), H and DY are tensor descriptors: one bulk copy per tile, rows and
+        mask = _rowwise(row_ok, BLOCK_N, CHUNK) & col_ok
+        offs = _rowwise(rows.to(tl.int64), BLOCK_N, CHUNK) * N + cols
+        # with TMA (whole-row tiles only), H and DY are tensor descriptors: one bulk copy per tile, rows and
         # columns outside read 0
         if TMA:
-            h = H.load([start + i, 0]).to(tl.float32)[:, None, :]
-            dy = DY.load([start + i, 0]).to(tl.float32)[:, None, :]
+            h = H.load([start + i, 0]).to(tl.float32)
+            dy = DY.load([start + i, 0]).to(tl.float32)
         else:
             h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)[:, None, None]
+        rstd = _rowwise(tl.load(RSTD + rows, mask=row_ok, other=0.0), BLOCK_N, CHUNK)
         xhat = h * rstd
         wdy = dy * w
-        c = tl.sum(tl.sum(xhat * wdy, axis=2), axis=1) / N
-        dx = (wdy - xhat * c[:, None, None]) * rstd
+        c = _row_sum(xhat * wdy, BLOCK_N, CHUNK) / N
+        dx = (wdy - xhat * _rowwise(c, BLOCK_N, CHUNK)) * rstd
         if HAS_DRES:
             dx += tl.load(DRES + offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
         if HAS_DXL:  # the same gradient in the lower dtype of a mixed-dtype add (x or residual)
             tl.store(DXL + offs, dx.to(DXL.dtype.element_ty), mask=mask)
         dw += dy * xhat
-    pcols = tl.arange(0, BLOCK_N // CHUNK)[:, None] * CHUNK + tl.arange(0, CHUNK)[None, :]
+    # the program's partial dweight row (rows summed; the chunked form stores its chunks as they lie)
+    if CHUNK < BLOCK_N:
+        pcols = tl.reshape(cols, [BLOCK_N // CHUNK, CHUNK])
+    else:
+        pcols = cols
     tl.store(DW_PARTIAL + pid.to(tl.int64) * N + pcols, tl.sum(dw, axis=0), mask=pcols < N)
     if FUSED:
         _dw_tail(DW_PARTIAL, GROUP_PARTIAL, DW, COUNT, pid, tl.num_programs(0), N, BLOCK_N, GROUP, MAX_GROUPS)
