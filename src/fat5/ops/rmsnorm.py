@@ -240,12 +240,12 @@ def _sum_rows_kernel(P, OUT, R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     tl.store(OUT + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=cols < N)
 
 
-# tile overrides for benchmarks/rmsnorm_sweep.py: {"fwd": (BLOCK_M, num_warps), "fwd_chunk": forward row chunk
-# (columns), "bwd": (BLOCK_M, num_warps,
-# programs per SM), "stages": backward pipeline depth (>= 1), "chunk": backward row chunk (columns; see the
-# kernel), "reduce": (BLOCK_R, BLOCK_N), "tma": True (backward tiles by tensor descriptor), "no_reduce": True
-# (dweight left unwritten, to time the backward kernel alone), "fused_reduce": True (dweight summed in the
-# backward kernel, no second launch)}; empty = the defaults below
+# tile overrides for benchmarks/rmsnorm_sweep.py and bench_kernels.py; empty = the defaults below:
+#   "fwd": (BLOCK_M, num_warps); "bwd": (BLOCK_M, num_warps, programs per SM); "stages": backward pipeline
+#   depth (>= 1); "fwd_chunk" / "chunk": forward / backward row chunk in columns (see "Row chunks");
+#   "reduce": (BLOCK_R, BLOCK_N) of the dweight sum; "fused_reduce": True, dweight summed inside the backward
+#   kernel (no second launch; "group": programs per first-level sum); "tma": True, backward tiles read by tensor
+#   descriptor; "no_reduce": True, dweight left unwritten (to time the backward kernel alone); "pdl": False
 TUNE: dict = {}
 
 
@@ -363,8 +363,8 @@ def _rms_norm_bwd_impl(
     read_bytes = dy.element_size() + h.element_size() + (dres.element_size() if dres is not None else 0)
     block_m, block_n, warps, per_sm, stages = _bwd_tile(n, read_bytes)
     stages = max(1, TUNE.get("stages", stages))
-    # chunked row layout (see the kernel): opt-in until measured on the GPU; a chunk of 128 columns is one
-    # warp's 16-byte loads of bf16 rows twice over, of fp32 rows once
+    # row chunks (see the kernels): opt-in until measured on the GPU; 256 columns are one warp's 16-byte loads
+    # of a bf16 row (128 of an fp32 row)
     chunk = min(block_n, TUNE["chunk"]) if TUNE.get("chunk") else block_n
     if "bwd" in TUNE:
         block_m, warps, per_sm = TUNE["bwd"]
