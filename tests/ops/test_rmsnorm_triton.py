@@ -288,6 +288,25 @@ def test_backward_tensor_descriptor_tiles_match_pointer_tiles(n, m, monkeypatch)
     assert torch.equal(dx, dx_t) and torch.equal(dw, dw_t)
 
 
+def _launches(monkeypatch, rn, name):
+    """Record the keyword arguments of every launch through the module's launcher ``name`` (_FWD, _BWD, ...)."""
+    seen = []
+    real = getattr(rn, name)
+
+    class Spy:
+        def __getitem__(self, grid):
+            launch = real[grid]
+
+            def run(*args, **kwargs):
+                seen.append(kwargs)
+                return launch(*args, **kwargs)
+
+            return run
+
+    monkeypatch.setattr(rn, name, Spy())
+    return seen
+
+
 def _assert_backward_repeats(shape, dtype, device, seed, calls=2):
     """The backward kernels (with the TUNE in force) give bitwise the same dx and dweight on every call."""
     from fat5.ops import rmsnorm as rn
@@ -315,8 +334,12 @@ def test_backward_chunked_rows_match_reference(chunk, shape, dtype, r_dtype, out
     from fat5.ops import rmsnorm as rn
 
     monkeypatch.setattr(rn, "TUNE", {"chunk": chunk, "fwd_chunk": chunk})
+    fwd, bwd = _launches(monkeypatch, rn, "_FWD"), _launches(monkeypatch, rn, "_BWD")
     _check(shape, dtype, r_dtype is not None, device=DEVICE, r_dtype=r_dtype, out_dtype=out_dtype)
     _assert_backward_repeats(shape, dtype, DEVICE, seed=chunk)
+    # every launch took the chunked form (a chunk narrower than the padded row)
+    assert fwd and bwd
+    assert all(k["CHUNK"] == chunk < k["BLOCK_N"] for k in fwd + bwd)
 
 
 @pytest.mark.gpu
@@ -339,8 +362,11 @@ def test_backward_in_kernel_dweight_sum(group, shape, dtype, monkeypatch):
     from fat5.ops import rmsnorm as rn
 
     monkeypatch.setattr(rn, "TUNE", {"fused_reduce": True, "group": group})
+    bwd, sums = _launches(monkeypatch, rn, "_BWD"), _launches(monkeypatch, rn, "_SUM_ROWS")
     _check(shape, dtype, True, device=DEVICE)
     _assert_backward_repeats(shape, dtype, DEVICE, seed=group)
+    # every backward summed dweight itself: no separate reduction was launched
+    assert bwd and all(k["FUSED"] and k["GROUP"] == group for k in bwd) and not sums
     # the counters the calls used (functools.cache hands back the same tensor)
     max_groups = -(-rn._num_programs(torch.device(DEVICE)) // group)
     assert rn._counters.cache_info().currsize >= 1

@@ -376,10 +376,10 @@ def _rms_norm_bwd_impl(
     dw = torch.empty_like(weight)
     # dweight summed inside the backward kernel by its last programs (opt-in until measured: TUNE["fused_reduce"])
     fused = bool(TUNE.get("fused_reduce")) and m > 0 and not TUNE.get("no_reduce")
-    group = TUNE.get("group", 16)  # programs per first-level sum
-    max_groups = cdiv(_num_programs(h.device, per_sm), group)
-    group_partial, count = partial, partial
+    group, max_groups, group_partial, count = 16, 1, partial, partial  # unused unless fused
     if fused:
+        group = TUNE.get("group", 16)  # programs per first-level sum
+        max_groups = cdiv(_num_programs(h.device, per_sm), group)
         group_partial = torch.empty(max_groups, n, dtype=torch.float32, device=h.device)
         count = _counters(h.device, max_groups + 1)
     h_arg, dy_arg, tma = h, dy, False
