@@ -99,6 +99,7 @@ RMS_OPTIONS = {
     "triton chunk 128": {"chunk": 128, "fwd_chunk": 128},
     "triton chunk 256": {"chunk": 256, "fwd_chunk": 256},
     "triton in-kernel dw": {"fused_reduce": True},
+    "triton chunk 256 + in-kernel dw": {"chunk": 256, "fwd_chunk": 256, "fused_reduce": True},
 }
 
 
