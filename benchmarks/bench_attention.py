@@ -7,6 +7,7 @@ T5 buckets 32 / max distance 128. Methods:
   flex        torch.compile(flex_attention), score_mod gathering a 1-D per-distance table (block mask if causal)
   ours        fat5.ops.attention_triton.flash_attention(rel_table=...), default ("table") inner loops
   ours_split  the same with the "split" inner loops (near-diagonal tiles gathered per element)
+  ours_kvtma  ours with the forward's keys and values loaded through tensor descriptors (FAT5_ATTN_KV_TMA)
   ours_nobias our kernel with no bias (not in the default list): the ceiling the bias costs are measured from
 TFLOP/s: forward 4*B*H*L*L*D (halved if causal), forward+backward 3.5x that; median of triton.testing.do_bench.
 Memory: peak allocated during one forward+backward minus what was allocated before (inputs excluded).
@@ -125,6 +126,16 @@ def fn_ours_split(q, k, v, table, causal, seg=None, **_):
     return _ours(q, k, v, table, causal, seg)
 
 
+def fn_ours_kvtma(q, k, v, table, causal, seg=None, **_):
+    """ours with the forward's keys and values read through tensor descriptors (at.KV_TMA) for this call"""
+    set_variant("table")
+    at.KV_TMA, was = True, at.KV_TMA
+    try:
+        return _ours(q, k, v, table, causal, seg)
+    finally:
+        at.KV_TMA = was
+
+
 def fn_ours_nobias(q, k, v, table, causal, seg=None, **_):
     """our kernel with no bias at all: the ceiling the T5 bias is measured against"""
     set_variant("table")
@@ -152,8 +163,9 @@ METHODS = {
     "ours": fn_ours,
     "ours_split": fn_ours_split,
     "ours_nobias": fn_ours_nobias,
+    "ours_kvtma": fn_ours_kvtma,
 }
-OURS = ("ours", "ours_split")  # the T5-bias methods: the packed rows run these
+OURS = ("ours", "ours_split", "ours_kvtma")  # the T5-bias methods: the packed rows run these
 RATIO = (*OURS, "ours_nobias")  # methods whose ratio to SDPA is reported
 # --quick: (head dim, L, causal) rows that show the gaps of the 2026-11-29 report, plus the packed row
 QUICK_CELLS = [(64, 512, False), (64, 1024, False), (64, 1024, True), (64, 4096, False), (64, 4096, True)]

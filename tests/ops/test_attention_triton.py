@@ -456,6 +456,90 @@ def test_tma_forward_large_blocks(shape, q_offset, causal, block, near, monkeypa
     assert torch.equal(out0, out1) and torch.equal(lse0, lse1)
 
 
+def _spy_fwd_flag(monkeypatch, flag):
+    """The values of a forward launch's keyword ``flag``, one per launch, recorded from now on."""
+    seen, launch = [], at._FWD.run
+
+    def run(grid, *args, **kwargs):
+        seen.append(kwargs[flag])
+        return launch(grid, *args, **kwargs)
+
+    monkeypatch.setattr(at._FWD, "run", run)
+    return seen
+
+
+def _kv_tma_runs(case, dtype, monkeypatch, on):
+    """out, lse and the gradients of the forward on ``case`` with keys and values read through tensor
+    descriptors or not, and the KV_TMA flag of each forward launch."""
+    monkeypatch.setattr(at, "KV_TMA", on)
+    flags = _spy_fwd_flag(monkeypatch, "KV_TMA")
+    gen = torch.Generator().manual_seed(12)
+    leaves, kw = _make(case, dtype, DEV, gen)
+    out, args = _call(at.flash_attention, leaves, kw)
+    grads = torch.autograd.grad(out, list(args.values()), torch.randn(out.shape, generator=gen).to(dtype))
+    monkeypatch.undo()
+    return out.detach(), grads, flags
+
+
+@pytest.mark.parametrize("variant_name", ["table", "split"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "plain",
+        "plain_views_d64",
+        "decode_m1",
+        "n1",
+        "causal_bottom_right",
+        "t5_bidir",
+        "t5_causal",
+        "alibi_causal",
+        "bias_BHMN_kpm",
+        "kpm_full_row_masked",
+        "segments_causal_t5",
+        "q_offset_tensor",
+        "t5_near_far",
+        "t5_near_far_causal_kpm",
+        "t5_near_far_segments",
+        "t5_near_far_q_offset",
+    ],
+)
+def test_kv_tma_forward_matches_pointer_path(name, dtype, variant_name, monkeypatch):
+    """Keys and values read through tensor descriptors (at.KV_TMA: zero fill past N) give bitwise the output and
+    gradients of the masked pointer loads: odd lengths, M != N, strided (B, L, H, D) views, every bias and mask
+    kind, offsets, and the near steps of both variants (their descriptors are the narrower blocks)."""
+    if DEV == "cuda":
+        pytest.skip("interpreter case; test_kv_tma_forward_gpu runs the GPU")
+    monkeypatch.setattr(at, "_VARIANT", variant_name)
+    out0, g0, flags0 = _kv_tma_runs(CASES[name], dtype, monkeypatch, False)
+    monkeypatch.setattr(at, "_VARIANT", variant_name)
+    out1, g1, flags1 = _kv_tma_runs(CASES[name], dtype, monkeypatch, True)
+    assert flags0 == [False] and flags1 == [True]
+    assert torch.isfinite(out1).all()
+    assert torch.equal(out0, out1)
+    for a, b in zip(g0, g1):
+        assert torch.equal(a, b)
+
+
+def test_kv_tma_needs_aligned_strides(monkeypatch):
+    """A key or value tensor whose rows or base are not 16-byte aligned (here D = 12 in fp32 views of a
+    (B, L, H, 12) buffer with an odd offset) is read through pointers even with the flag on, and is right."""
+    if DEV == "cuda":
+        pytest.skip("interpreter case")
+    gen = torch.Generator().manual_seed(2)
+    base = torch.randn(1 + 2 * 9 * 2 * 12, generator=gen)
+    kv = base[1:].view(2, 9, 2, 12).transpose(1, 2)  # base 4 bytes past an aligned address
+    q = torch.randn(2, 2, 5, 12, generator=gen)
+    assert not at._kv_tma_ok(kv)
+    assert at._kv_tma_ok(torch.randn(2, 2, 9, 12))  # rows of 48 bytes, batch and head strides aligned
+    assert not at._kv_tma_ok(torch.randn(2, 2, 9, 6))  # fp32 rows of 24 bytes
+    monkeypatch.setattr(at, "KV_TMA", True)
+    flags = _spy_fwd_flag(monkeypatch, "KV_TMA")
+    out = at.flash_attention(q, kv, kv)
+    assert flags == [False]
+    torch.testing.assert_close(out, attention_ref(q, kv, kv), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["alibi_causal", "bias_BHMN_kpm", "plain", "t5_bidir"])
 def test_tma_flag_without_table(name, monkeypatch):
     """With the flag on, a launch without the Toeplitz table (no T5 bias, or the "split" variant) does not ask
@@ -677,6 +761,18 @@ def test_tma_forward_gpu(name, monkeypatch):
     monkeypatch.setattr(at, "TMA", True)
     monkeypatch.setattr(at, "NEAR", {**at.NEAR, "fwd": 64})
     _check(GPU_CASES[name], torch.bfloat16, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_kv_tma_forward_gpu(name, monkeypatch):
+    """The forward with its keys and values read through tensor descriptors (at.KV_TMA), on the GPU, every
+    config the autotuner may pick; the launch must really have taken that path."""
+    monkeypatch.setattr(at, "_VARIANT", "table")
+    monkeypatch.setattr(at, "KV_TMA", True)
+    flags = _spy_fwd_flag(monkeypatch, "KV_TMA")
+    _check(GPU_CASES[name], torch.bfloat16, "cuda")
+    assert flags and all(flags)
 
 
 def test_eager_and_compiled_paths_agree():

@@ -159,6 +159,11 @@ TMA = os.environ.get("FAT5_ATTN_TMA") == "1"
 if TMA and not _INTERPRET:
     NEAR["fwd"] = 64
 
+# FAT5_ATTN_KV_TMA (read at import; ``KV_TMA`` is read at every launch): the forward loads its key and value tiles
+# through tensor descriptors built in-kernel (TMA on Hopper: no per-element address registers, zero fill past
+# the sequence end) instead of masked pointer loads. Used where the strides allow it (``_kv_tma_ok``).
+KV_TMA = os.environ.get("FAT5_ATTN_KV_TMA") == "1"
+
 # near-diagonal tiles of the "table" variant in the backward (dq, dk/dv) load the next step's bias tile before
 # this step's dots (carried through the loop in registers): the table read is an L2 hit whose latency the loop
 # otherwise waits for on every near step (H200, L=1024: fwd+bwd 185 -> 192 TFLOP/s). FAT5_ATTN_PREFETCH=0 (read
@@ -371,6 +376,10 @@ def _fwd_inner(
     qseg,
     K_bh,
     V_bh,
+    KD,
+    VD,
+    KDN,
+    VDN,
     KPM_b,
     KSEG_b,
     BIAS_bh,
@@ -410,6 +419,7 @@ def _fwd_inner(
     REL_MODE: tl.constexpr,
     NEAR_N: tl.constexpr,
     TMA: tl.constexpr,
+    KV_TMA: tl.constexpr,
 ):
     # NPART 1: one loop over [start, end) adding the T5 bias by REL_MODE; NPART 3 ("split" variant): three
     # branch-free loops, tiles wholly below -W (distance = key - query), near the diagonal, wholly beyond +W
@@ -429,6 +439,8 @@ def _fwd_inner(
             qseg,
             K_bh,
             V_bh,
+            KDN if (NPART == 3 and part == 1) else KD,  # descriptors of the step's key block width
+            VDN if (NPART == 3 and part == 1) else VD,
             KPM_b,
             KSEG_b,
             BIAS_bh,
@@ -466,6 +478,7 @@ def _fwd_inner(
             BLOCK_N if (NPART == 1 or part != 1) else NEAR_N,
             REL_MODE if NPART == 1 else (3 if (part == 1 and REL_MODE == 3) else part - 1),
             TMA,
+            KV_TMA,
         )
     return acc, l_i, m_i
 
@@ -480,6 +493,8 @@ def _fwd_tiles(
     qseg,
     K_bh,
     V_bh,
+    KD,
+    VD,
     KPM_b,
     KSEG_b,
     BIAS_bh,
@@ -517,14 +532,18 @@ def _fwd_tiles(
     BLOCK_N: tl.constexpr,
     REL_MODE: tl.constexpr,
     TMA: tl.constexpr,
+    KV_TMA: tl.constexpr,
 ):
     # no prefetch of the near bias here (unlike dq and dk/dv): it took the 8-warp 128x64 forward from 126 to
     # 169 registers (one program per SM instead of two) and the forward from 362 to 337 TFLOP/s at L=4096
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kpos = start_n + tl.arange(0, BLOCK_N)
-        kmask = (kpos[:, None] < N) & (offs_d[None, :] < D)
-        k = tl.load(K_bh + kpos[:, None] * skn + offs_d[None, :] * skd, mask=kmask, other=0.0)
+        if KV_TMA:  # (BLOCK_N, BLOCK_D) block of the head's (N, D) keys, zero past N and D
+            k = KD.load([start_n, 0])
+        else:
+            kmask = (kpos[:, None] < N) & (offs_d[None, :] < D)
+            k = tl.load(K_bh + kpos[:, None] * skn + offs_d[None, :] * skd, mask=kmask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         if REL_MODE == 3 and TMA:
             # the near tile's bias as one block of the Toeplitz table (rows of queries qp0.., columns of keys
@@ -568,7 +587,11 @@ def _fwd_tiles(
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = tl.load(V_bh + kpos[:, None] * svn + offs_d[None, :] * svd, mask=kmask, other=0.0)
+        if KV_TMA:
+            v = VD.load([start_n, 0])
+        else:
+            vmask = (kpos[:, None] < N) & (offs_d[None, :] < D)
+            v = tl.load(V_bh + kpos[:, None] * svn + offs_d[None, :] * svd, mask=vmask, other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
         m_i = m_new
     return acc, l_i, m_i
@@ -576,7 +599,7 @@ def _fwd_tiles(
 
 @triton.autotune(
     configs=_FWD_CONFIGS,
-    key=["BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "NPART", "TMA", "M_BUCKET", "N_BUCKET"],
+    key=["BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "NPART", "TMA", "KV_TMA", "M_BUCKET", "N_BUCKET"],
 )
 # near-diagonal tiles: "split" steps 16 keys (a gather holds one pointer per element in registers, and at
 # full width it pushes the kernel to the register limit: 255 at 128x64, half the occupancy); "table" NEAR["fwd"]
@@ -641,6 +664,7 @@ def _fwd_kernel(
     NPART: tl.constexpr,
     NEAR_TABLE: tl.constexpr,
     TMA: tl.constexpr,
+    KV_TMA: tl.constexpr,
     RBW: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -717,6 +741,18 @@ def _fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     K_bh = K + b * skb + h * skh
     V_bh = V + b * svb + h * svh
+    KD, VD, KDN, VDN = K_bh, V_bh, K_bh, V_bh  # key / value descriptors (KV_TMA), else unused
+    if KV_TMA:  # one per block width: BLOCK_N, and the near steps' and masked tail's NEAR_N if narrower
+        KD = tl.make_tensor_descriptor(K_bh, shape=[N, D], strides=[skn, 1], block_shape=[BLOCK_N, BLOCK_D])
+        VD = tl.make_tensor_descriptor(V_bh, shape=[N, D], strides=[svn, 1], block_shape=[BLOCK_N, BLOCK_D])
+        KDN, VDN = KD, VD
+        if NPART == 3 and NEAR_N != BLOCK_N:
+            KDN = tl.make_tensor_descriptor(
+                K_bh, shape=[N, D], strides=[skn, 1], block_shape=[NEAR_N, BLOCK_D]
+            )
+            VDN = tl.make_tensor_descriptor(
+                V_bh, shape=[N, D], strides=[svn, 1], block_shape=[NEAR_N, BLOCK_D]
+            )
     acc, l_i, m_i = _fwd_inner(
         acc,
         l_i,
@@ -726,6 +762,10 @@ def _fwd_kernel(
         qseg,
         K_bh,
         V_bh,
+        KD,
+        VD,
+        KDN,
+        VDN,
         KPM_b,
         KSEG_b,
         BIAS_bh,
@@ -765,6 +805,7 @@ def _fwd_kernel(
         3 if NEAR_TABLE else 2,
         NEAR_N,
         TMA,
+        KV_TMA,
     )
     acc, l_i, m_i = _fwd_inner(
         acc,
@@ -775,6 +816,10 @@ def _fwd_kernel(
         qseg,
         K_bh,
         V_bh,
+        KDN if NPART == 3 else KD,  # the masked tail steps NEAR_N keys when NPART is 3
+        VDN if NPART == 3 else VD,
+        KDN,
+        VDN,
         KPM_b,
         KSEG_b,
         BIAS_bh,
@@ -814,6 +859,7 @@ def _fwd_kernel(
         0 if NPART == 3 else 2,  # the last tile(s): gathering is exact on any tile
         NEAR_N,
         TMA,
+        KV_TMA,
     )
     empty = l_i == 0.0  # no visible key: output zeros, lse=+inf makes the backward's P exactly 0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -2297,6 +2343,13 @@ def _scratch_allocator() -> None:
         triton.set_allocator(_tma_scratch)
 
 
+def _kv_tma_ok(t: torch.Tensor) -> bool:
+    """Whether the forward can read ``t`` (B, H, N, D) through a tensor descriptor per (batch, head): unit stride
+    along D, and every other stride and the base address 16-byte aligned (what a TMA descriptor requires)."""
+    size = t.element_size()
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1])
+
+
 def _forward(q, k, v, a: _Args):
     b, h, m, d, n = a.b, a.h, a.m, a.d, a.n
     out = torch.empty((b, m, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, H, M, D) view
@@ -2307,7 +2360,8 @@ def _forward(q, k, v, a: _Args):
     if m == 0:
         return out, lse
     tma = TMA and a.near_table and _has_tma(q.device)
-    if tma:
+    kv_tma = KV_TMA and _has_tma(q.device) and _kv_tma_ok(k) and _kv_tma_ok(v)
+    if tma or kv_tma:
         _scratch_allocator()
     grid = lambda meta: (cdiv(m, meta["BLOCK_M"]), b * h)
     _FWD[grid](
@@ -2351,6 +2405,7 @@ def _forward(q, k, v, a: _Args):
         NPART=a.npart,
         NEAR_TABLE=a.near_table,
         TMA=tma,
+        KV_TMA=kv_tma,
         RBW=a.rbw,
         BLOCK_D=a.block_d,
     )
