@@ -161,7 +161,9 @@ if TMA and not _INTERPRET:
 
 # FAT5_ATTN_KV_TMA (read at import; ``KV_TMA`` is read at every launch): the forward loads its key and value tiles
 # through tensor descriptors built in-kernel (TMA on Hopper: no per-element address registers, zero fill past
-# the sequence end) instead of masked pointer loads. Used where the strides allow it (``_kv_tma_ok``).
+# the sequence end) instead of masked pointer loads. Used where the strides allow it (``_kv_tma_ok``). Off by
+# default: far fewer registers (sm_90a, d64 128x128: 218 -> 163) but a slower forward on the H100 (L=1024: 237
+# against 272 TFLOP/s; benchmarks/results/2026-12-05-kvtma.md).
 KV_TMA = os.environ.get("FAT5_ATTN_KV_TMA") == "1"
 
 # near-diagonal tiles of the "table" variant in the backward (dq, dk/dv) load the next step's bias tile before
