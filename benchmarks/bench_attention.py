@@ -8,6 +8,7 @@ T5 buckets 32 / max distance 128. Methods:
   ours        fat5.ops.attention_triton.flash_attention(rel_table=...), default ("table") inner loops
   ours_split  the same with the "split" inner loops (near-diagonal tiles gathered per element)
   ours_kvtma  ours with the forward's keys and values loaded through tensor descriptors (FAT5_ATTN_KV_TMA)
+  ours_half   ours with the T5 bias buffer in fp16 (FAT5_ATTN_HALF_TABLE); ours_half64: and 64-key forward near steps
   ours_nobias our kernel with no bias (not in the default list): the ceiling the bias costs are measured from
 TFLOP/s: forward 4*B*H*L*L*D (halved if causal), forward+backward 3.5x that; median of triton.testing.do_bench.
 Memory: peak allocated during one forward+backward minus what was allocated before (inputs excluded).
@@ -126,14 +127,22 @@ def fn_ours_split(q, k, v, table, causal, seg=None, **_):
     return _ours(q, k, v, table, causal, seg)
 
 
-def fn_ours_kvtma(q, k, v, table, causal, seg=None, **_):
-    """ours with the forward's keys and values read through tensor descriptors (at.KV_TMA) for this call"""
-    set_variant("table")
-    at.KV_TMA, was = True, at.KV_TMA
-    try:
-        return _ours(q, k, v, table, causal, seg)
-    finally:
-        at.KV_TMA = was
+def _with(**overrides):
+    """ours with module settings of fat5.ops.attention_triton overridden for the call (the forward reads them
+    at launch; the backward reads what its forward saved), e.g. KV_TMA=True or NEAR={..., "fwd": 64}"""
+
+    def fn(q, k, v, table, causal, seg=None, **_):
+        set_variant("table")
+        old = {name: getattr(at, name) for name in overrides}
+        for name, value in overrides.items():
+            setattr(at, name, value)
+        try:
+            return _ours(q, k, v, table, causal, seg)
+        finally:
+            for name, value in old.items():
+                setattr(at, name, value)
+
+    return fn
 
 
 def fn_ours_nobias(q, k, v, table, causal, seg=None, **_):
@@ -163,9 +172,17 @@ METHODS = {
     "ours": fn_ours,
     "ours_split": fn_ours_split,
     "ours_nobias": fn_ours_nobias,
-    "ours_kvtma": fn_ours_kvtma,
+    "ours_kvtma": _with(KV_TMA=True),
+    "ours_half": _with(HALF_TABLE=True),
+    "ours_half64": _with(HALF_TABLE=True, NEAR={**at.NEAR, "fwd": 64}),
 }
-OURS = ("ours", "ours_split", "ours_kvtma")  # the T5-bias methods: the packed rows run these
+OURS = (
+    "ours",
+    "ours_split",
+    "ours_kvtma",
+    "ours_half",
+    "ours_half64",
+)  # the T5-bias methods: the packed rows run these
 RATIO = (*OURS, "ours_nobias")  # methods whose ratio to SDPA is reported
 # --quick: (head dim, L, causal) rows that show the gaps of the 2026-11-29 report, plus the packed row
 QUICK_CELLS = [(64, 512, False), (64, 1024, False), (64, 1024, True), (64, 4096, False), (64, 4096, True)]

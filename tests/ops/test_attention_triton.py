@@ -521,6 +521,56 @@ def test_kv_tma_forward_matches_pointer_path(name, dtype, variant_name, monkeypa
         assert torch.equal(a, b)
 
 
+def _spy_rbv_dtype(monkeypatch):
+    """dtype of the T5 bias buffer of every forward from now on."""
+    seen, forward = [], at._forward
+
+    def fwd(q, k, v, a):
+        seen.append(a.rbv.dtype)
+        return forward(q, k, v, a)
+
+    monkeypatch.setattr(at, "_forward", fwd)
+    return seen
+
+
+@pytest.mark.parametrize("variant_name", ["table", "split"])
+@pytest.mark.parametrize("name", T5_CASES)
+def test_half_table_matches_reference(name, variant_name, monkeypatch):
+    """The T5 bias buffer kept in fp16 (at.HALF_TABLE) with fp16 activations: output and every gradient (the
+    table's included) within the error rule against the float64 reference, and the buffer was fp16."""
+    if DEV == "cuda":
+        pytest.skip("interpreter case; test_half_table_gpu runs the GPU")
+    monkeypatch.setattr(at, "_VARIANT", variant_name)
+    monkeypatch.setattr(at, "HALF_TABLE", True)
+    dtypes = _spy_rbv_dtype(monkeypatch)
+    _check(CASES[name], torch.float16, DEV)
+    assert dtypes and set(dtypes) == {torch.float16}
+
+
+def test_half_table_values_and_dtypes(monkeypatch):
+    """The fp16 buffer holds the fp32 buffer's values rounded to fp16; fp32 activations keep the fp32 buffer
+    even with the flag on; the fake kernel (torch.compile) announces the dtype the real forward returns."""
+    gen = torch.Generator().manual_seed(3)
+    table = torch.randn(32, 3, generator=gen) * 4
+    idx = torch.randint(0, 32, (300,), generator=gen)
+    full = at._rel_vector(table, idx)
+    assert full.dtype == torch.float32
+    torch.testing.assert_close(full, table[idx].t() * at.LOG2E, rtol=1e-6, atol=0)
+    half = at._rel_vector(table, idx, torch.float16)
+    assert half.dtype == torch.float16 and torch.equal(half, full.half())
+    monkeypatch.setattr(at, "HALF_TABLE", True)
+    assert at._rbv_dtype(torch.bfloat16) == at._rbv_dtype(torch.float16) == torch.float16
+    assert at._rbv_dtype(torch.float32) == torch.float32
+    q = torch.randn(1, 3, 20, 16, generator=gen)
+    for dtype in (torch.float32, torch.float16):
+        x = q.to(dtype)
+        args = (x, x, x, 1.0, False, 0, None, None, table, True, 128, None, None, None, None)
+        real = at._fwd_impl(*args)
+        fake = at._fwd_fake(*args)
+        assert real[2].dtype == fake[2].dtype == at._rbv_dtype(dtype)
+        assert real[2].shape == fake[2].shape
+
+
 def test_kv_tma_needs_aligned_strides(monkeypatch):
     """A key or value tensor whose rows or base are not 16-byte aligned (here D = 12 in fp32 views of a
     (B, L, H, 12) buffer with an odd offset) is read through pointers even with the flag on, and is right."""
@@ -773,6 +823,20 @@ def test_kv_tma_forward_gpu(name, monkeypatch):
     flags = _spy_fwd_flag(monkeypatch, "KV_TMA")
     _check(GPU_CASES[name], torch.bfloat16, "cuda")
     assert flags and all(flags)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("near", [32, 64])
+@pytest.mark.parametrize("name", [n for n, c in GPU_CASES.items() if c.get("bias") == "t5"])
+def test_half_table_gpu(name, near, monkeypatch):
+    """The T5 bias buffer in fp16 (at.HALF_TABLE) on the GPU in bf16, forward near steps of 32 and 64 keys:
+    values and every gradient within the error rule, and the buffer really was fp16."""
+    monkeypatch.setattr(at, "_VARIANT", "table")
+    monkeypatch.setattr(at, "HALF_TABLE", True)
+    monkeypatch.setattr(at, "NEAR", {**at.NEAR, "fwd": near})
+    dtypes = _spy_rbv_dtype(monkeypatch)
+    _check(GPU_CASES[name], torch.bfloat16, "cuda")
+    assert dtypes and set(dtypes) == {torch.float16}
 
 
 def test_eager_and_compiled_paths_agree():

@@ -166,6 +166,19 @@ if TMA and not _INTERPRET:
 # against 272 TFLOP/s; benchmarks/results/2026-12-05-kvtma.md).
 KV_TMA = os.environ.get("FAT5_ATTN_KV_TMA") == "1"
 
+# FAT5_ATTN_HALF_TABLE=1 (read at import; ``HALF_TABLE`` is read at every forward): with bf16 / fp16 activations the
+# T5 bias buffer (Toeplitz table and distance vector, already times log2(e)) is kept in fp16 instead of fp32:
+# half the bytes per near tile. fp16 rounds a bias b by at most |b| 2^-12 (0.002 at |b| = 8, in log2 units),
+# against bf16's 2^-9 for the scores and probabilities the kernels already round. The backward reads the
+# buffer its forward saved, so both passes see the same values; the table gradient is unaffected.
+HALF_TABLE = os.environ.get("FAT5_ATTN_HALF_TABLE") == "1"
+
+
+def _rbv_dtype(act_dtype: torch.dtype) -> torch.dtype:
+    """dtype of the T5 bias buffer for activations of ``act_dtype`` (``HALF_TABLE``)."""
+    return torch.float16 if HALF_TABLE and act_dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
 # near-diagonal tiles of the "table" variant in the backward (dq, dk/dv) load the next step's bias tile before
 # this step's dots (carried through the loop in registers): the table read is an L2 hit whose latency the loop
 # otherwise waits for on every near step (H200, L=1024: fwd+bwd 185 -> 192 TFLOP/s). FAT5_ATTN_PREFETCH=0 (read
@@ -241,7 +254,7 @@ def _near_bias(RB_h, qpos2, kpos2, ref, W):
     >= W, the last row distances <= -W)."""
     nt_h = RB_h - (2 * W + 4 * NT_COLS) * NT_COLS
     row = tl.minimum(tl.maximum(qpos2 - ref + W + 2 * NT_COLS, 0), 2 * W + 4 * NT_COLS - 1)
-    return tl.load(nt_h + row * NT_COLS + (kpos2 - ref))
+    return tl.load(nt_h + row * NT_COLS + (kpos2 - ref)).to(tl.float32)
 
 
 @triton.jit
@@ -273,9 +286,9 @@ def _add_bias(
             elif rel_hi <= -W:
                 s += b_lo
             else:
-                s += tl.load(RB_h + tl.minimum(tl.maximum(kpos2 - qpos2, -W), W) + W)
+                s += tl.load(RB_h + tl.minimum(tl.maximum(kpos2 - qpos2, -W), W) + W).to(tl.float32)
         elif REL_MODE == 0:
-            s += tl.load(RB_h + tl.minimum(tl.maximum(kpos2 - qpos2, -W), W) + W)
+            s += tl.load(RB_h + tl.minimum(tl.maximum(kpos2 - qpos2, -W), W) + W).to(tl.float32)
         elif REL_MODE == 3:
             s += _near_bias(RB_h, qpos2, kpos2, ref, W)
         elif REL_MODE == 4:  # a near tile whose bias the loop prefetched and added itself
@@ -550,7 +563,7 @@ def _fwd_tiles(
         if REL_MODE == 3 and TMA:
             # the near tile's bias as one block of the Toeplitz table (rows of queries qp0.., columns of keys
             # start_n..): the same values _near_bias gathers, and _add_bias below adds nothing (mode 4)
-            s += NT.load([nt_row + qp0 - start_n, 0])
+            s += NT.load([nt_row + qp0 - start_n, 0]).to(tl.float32)
         rel_lo = start_n - (qp0 + BLOCK_M - 1)
         rel_hi = start_n + BLOCK_N - 1 - qp0
         s = _add_bias(
@@ -724,8 +737,8 @@ def _fwd_kernel(
                     block_shape=[BLOCK_M, NEAR_N],
                 )
                 nt_row = (pid_bh % H) * (RBW // NT_COLS) + W + 2 * NT_COLS
-        b_lo = tl.load(RB_h)
-        b_hi = tl.load(RB_h + 2 * W)
+        b_lo = tl.load(RB_h).to(tl.float32)
+        b_hi = tl.load(RB_h + 2 * W).to(tl.float32)
     if BIAS_KIND == 2:
         slope = tl.load(RBV + h)
     BIAS_bh = BIAS
@@ -1300,8 +1313,8 @@ def _dkv_kernel(
         RB_h = RBV + h * RBW
         if NEAR_TABLE:  # the Toeplitz table comes first in each head's row (see _rel_index)
             RB_h += (2 * W + 4 * NT_COLS) * NT_COLS
-        b_lo = tl.load(RB_h)
-        b_hi = tl.load(RB_h + 2 * W)
+        b_lo = tl.load(RB_h).to(tl.float32)
+        b_hi = tl.load(RB_h + 2 * W).to(tl.float32)
     if BIAS_KIND == 2:
         slope = tl.load(RBV + h)
     BIAS_bh = BIAS
@@ -1787,8 +1800,8 @@ def _dq_kernel(
         RB_h = RBV + h * RBW
         if NEAR_TABLE:  # the Toeplitz table comes first in each head's row (see _rel_index)
             RB_h += (2 * W + 4 * NT_COLS) * NT_COLS
-        b_lo = tl.load(RB_h)
-        b_hi = tl.load(RB_h + 2 * W)
+        b_lo = tl.load(RB_h).to(tl.float32)
+        b_hi = tl.load(RB_h + 2 * W).to(tl.float32)
     if BIAS_KIND == 2:
         slope = tl.load(RBV + h)
     BIAS_bh = BIAS
@@ -2172,13 +2185,14 @@ def _segment_ranges_ref(q_seg: torch.Tensor, kv_seg: torch.Tensor, m: int, n: in
 
 @triton.jit
 def _rel_vector_kernel(TABLE, IDX, OUT, stb, sth, NIDX, BLOCK: tl.constexpr):
-    """OUT[h, j] = TABLE[IDX[j], h] * log2(e) in fp32: a head's bias row, gathered from the bucket table."""
+    """OUT[h, j] = TABLE[IDX[j], h] * log2(e) (fp32, rounded to OUT's dtype): a head's bias row, gathered from the
+    bucket table."""
     j = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     h = tl.program_id(1)
     ok = j < NIDX
     bkt = tl.load(IDX + j, mask=ok, other=0)
     val = tl.load(TABLE + bkt * stb + h * sth, mask=ok, other=0.0).to(tl.float32)
-    tl.store(OUT + h * NIDX + j, val * 1.4426950408889634, mask=ok)
+    tl.store(OUT + h * NIDX + j, (val * 1.4426950408889634).to(OUT.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -2205,10 +2219,12 @@ def _table_grad_kernel(
 _REL_VECTOR, _TABLE_GRAD = Launcher(_rel_vector_kernel), Launcher(_table_grad_kernel)
 
 
-def _rel_vector(rel_table: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """(H, len(idx)) fp32: rel_table[idx].t() * log2(e), in one launch."""
+def _rel_vector(
+    rel_table: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """(H, len(idx)) in ``dtype``: rel_table[idx].t() * log2(e) (computed in fp32, then rounded), one launch."""
     nb, h = rel_table.shape
-    out = torch.empty((h, idx.numel()), dtype=torch.float32, device=rel_table.device)
+    out = torch.empty((h, idx.numel()), dtype=dtype, device=rel_table.device)
     if h and idx.numel():
         _REL_VECTOR[(cdiv(idx.numel(), 1024), h)](
             rel_table, idx, out, rel_table.stride(0), rel_table.stride(1), idx.numel(), BLOCK=1024
@@ -2279,7 +2295,7 @@ class _Args:
                 idx = self.buckets
                 if self.near_table:
                     idx = _rel_index(self.buckets, self.w)
-                self.rbv = _rel_vector(rel_table, idx)
+                self.rbv = _rel_vector(rel_table, idx, _rbv_dtype(q.dtype))
             self.bias_kind, self.rbw = BIAS_REL, self.rbv.shape[1]
         elif alibi_slopes is not None:
             self.bias_kind = BIAS_ALIBI
@@ -2640,7 +2656,7 @@ def _fwd_fake(
     rbv = q.new_empty(0, dtype=torch.float32)
     if rel_table is not None:
         w = _saturation_width(rel_table.shape[0], bool(rel_bidirectional), int(rel_max_distance))
-        rbv = q.new_empty((h, _rel_width(w, _VARIANT == "table")), dtype=torch.float32)
+        rbv = q.new_empty((h, _rel_width(w, _VARIANT == "table")), dtype=_rbv_dtype(q.dtype))
     gq, gk = (b, cdiv(m, SEG_G)), (b, cdiv(n, SEG_G))
     if q_segment_ids is None:
         gq = gk = (0,)
