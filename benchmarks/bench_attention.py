@@ -8,7 +8,8 @@ T5 buckets 32 / max distance 128. Methods:
   ours        fat5.ops.attention_triton.flash_attention(rel_table=...), default ("table") inner loops
   ours_split  the same with the "split" inner loops (near-diagonal tiles gathered per element)
   ours_kvtma  ours with the forward's keys and values loaded through tensor descriptors (FAT5_ATTN_KV_TMA)
-  ours_half   ours with the T5 bias buffer in fp16 (FAT5_ATTN_HALF_TABLE); ours_half64: and 64-key forward near steps
+  ours_fp32table  ours with the T5 bias buffer in fp32 (FAT5_ATTN_HALF_TABLE=0; default: fp16 for 16-bit inputs)
+  ours_near64 ours with 64-key forward near steps
   ours_nobias our kernel with no bias (not in the default list): the ceiling the bias costs are measured from
 TFLOP/s: forward 4*B*H*L*L*D (halved if causal), forward+backward 3.5x that; median of triton.testing.do_bench.
 Memory: peak allocated during one forward+backward minus what was allocated before (inputs excluded).
@@ -173,15 +174,15 @@ METHODS = {
     "ours_split": fn_ours_split,
     "ours_nobias": fn_ours_nobias,
     "ours_kvtma": _with(KV_TMA=True),
-    "ours_half": _with(HALF_TABLE=True),
-    "ours_half64": _with(HALF_TABLE=True, NEAR={**at.NEAR, "fwd": 64}),
+    "ours_fp32table": _with(HALF_TABLE=False),
+    "ours_near64": _with(NEAR={**at.NEAR, "fwd": 64}),
 }
 OURS = (
     "ours",
     "ours_split",
     "ours_kvtma",
-    "ours_half",
-    "ours_half64",
+    "ours_fp32table",
+    "ours_near64",
 )  # the T5-bias methods: the packed rows run these
 RATIO = (*OURS, "ours_nobias")  # methods whose ratio to SDPA is reported
 # --quick: (head dim, L, causal) rows that show the gaps of the 2026-11-29 report, plus the packed row

@@ -533,18 +533,20 @@ def _spy_rbv_dtype(monkeypatch):
     return seen
 
 
+@pytest.mark.parametrize("half", [True, False], ids=["fp16_table", "fp32_table"])
 @pytest.mark.parametrize("variant_name", ["table", "split"])
 @pytest.mark.parametrize("name", T5_CASES)
-def test_half_table_matches_reference(name, variant_name, monkeypatch):
-    """The T5 bias buffer kept in fp16 (at.HALF_TABLE) with fp16 activations: output and every gradient (the
-    table's included) within the error rule against the float64 reference, and the buffer was fp16."""
+def test_half_table_matches_reference(name, variant_name, half, monkeypatch):
+    """fp16 activations with the T5 bias buffer in fp16 (at.HALF_TABLE, the default) and in fp32: output and
+    every gradient (the table's included) within the error rule against the float64 reference, and the buffer
+    had the asked dtype."""
     if DEV == "cuda":
         pytest.skip("interpreter case; test_half_table_gpu runs the GPU")
     monkeypatch.setattr(at, "_VARIANT", variant_name)
-    monkeypatch.setattr(at, "HALF_TABLE", True)
+    monkeypatch.setattr(at, "HALF_TABLE", half)
     dtypes = _spy_rbv_dtype(monkeypatch)
     _check(CASES[name], torch.float16, DEV)
-    assert dtypes and set(dtypes) == {torch.float16}
+    assert dtypes and set(dtypes) == {torch.float16 if half else torch.float32}
 
 
 def test_half_table_values_and_dtypes(monkeypatch):

@@ -43,7 +43,9 @@ Inner-loop variants for the T5 bias (same function; selected per launch):
   gave bitwise the results of "split" at 1.20x its forward and 1.10x its forward+backward (L=4096, H200, equal
   configs: benchmarks/results/attention_variants_2026-12-02.md); its near steps are now 32 wide (``NEAR``).
   Opt-in (``FAT5_ATTN_TMA=1``, ``TMA``; Hopper): the forward reads a near tile as one 2D block of the table
-  through a tensor descriptor built in-kernel, in near steps of 64 keys.
+  through a tensor descriptor built in-kernel, in near steps of 64 keys. With bf16 / fp16 inputs the table
+  (and the distance vector) is fp16 (``HALF_TABLE``, default on); opt-in ``KV_TMA``: the forward's key and
+  value tiles through tensor descriptors.
   Select with ``FAT5_ATTN_VARIANT`` in the environment (read at import) or
   ``set_variant("table" | "split")``; a backward reads the layout its forward saved, whatever the
   variant is by then. Without a T5 bias all variants run the same code.
@@ -166,12 +168,15 @@ if TMA and not _INTERPRET:
 # against 272 TFLOP/s; benchmarks/results/2026-12-05-kvtma.md).
 KV_TMA = os.environ.get("FAT5_ATTN_KV_TMA") == "1"
 
-# FAT5_ATTN_HALF_TABLE=1 (read at import; ``HALF_TABLE`` is read at every forward): with bf16 / fp16 activations the
-# T5 bias buffer (Toeplitz table and distance vector, already times log2(e)) is kept in fp16 instead of fp32:
-# half the bytes per near tile. fp16 rounds a bias b by at most |b| 2^-12 (0.002 at |b| = 8, in log2 units),
-# against bf16's 2^-9 for the scores and probabilities the kernels already round. The backward reads the
-# buffer its forward saved, so both passes see the same values; the table gradient is unaffected.
-HALF_TABLE = os.environ.get("FAT5_ATTN_HALF_TABLE") == "1"
+# HALF_TABLE (default on; FAT5_ATTN_HALF_TABLE=0 at import turns it off; read at every forward): with bf16 / fp16
+# activations the T5 bias buffer (Toeplitz table and distance vector, already times log2(e)) is kept in fp16
+# instead of fp32: half the bytes of every near tile's bias, and less shared memory for the pipelined loads
+# (sm_90a forward 128x64 w8: 73.7 -> 65.5 KB, 126 -> 111 registers). fp16 rounds a bias b by at most |b| 2^-12
+# (0.002 at |b| = 8, in log2 units), below the bf16 rounding (2^-9) the kernels already apply to the
+# probabilities; a bf16 model's own bias (transformers' T5) is bf16. The backward reads the buffer its forward
+# saved, so both passes see the same values; the table gradient is unaffected. H100, L=1024 (2026-12-05):
+# forward 265 -> 300 TFLOP/s, causal 178 -> 220, fwd+bwd +5-7% (benchmarks/results/2026-12-05-kvtma.md).
+HALF_TABLE = os.environ.get("FAT5_ATTN_HALF_TABLE", "1") != "0"
 
 
 def _rbv_dtype(act_dtype: torch.dtype) -> torch.dtype:
