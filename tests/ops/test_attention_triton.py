@@ -456,6 +456,21 @@ def test_tma_forward_large_blocks(shape, q_offset, causal, block, near, monkeypa
     assert torch.equal(out0, out1) and torch.equal(lse0, lse1)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_segments_with_wide_blocks(causal, monkeypatch):
+    """Packed documents with the GPU's 128-row forward / dq blocks and 128-key dk/dv blocks in the interpreter:
+    the last block of 300 rows holds 3 of its 8 16-row segment groups, so the block's key (query) range is taken
+    over groups past the last one (clamped to it: ``_group_span``); checked against the float64 reference."""
+    if DEV == "cuda":
+        pytest.skip("interpreter case")
+    monkeypatch.setattr(at._fwd_kernel, "configs", [at._cfg(128, 64, 1, 1)])
+    monkeypatch.setattr(at._dq_kernel, "configs", [at._cfg(128, 64, 1, 1)])
+    monkeypatch.setattr(at._dkv_kernel, "configs", [at._cfg(64, 128, 1, 1)])
+    case = dict(shape=(2, 1, 300, 300, 16), seg=5, bias="t5", buckets=8, kw=dict(rel_max_distance=8))
+    case["kw"].update(causal=causal, rel_bidirectional=not causal)
+    _check(case, torch.float32, DEV)
+
+
 def _spy_fwd_flag(monkeypatch, flag):
     """The values of a forward launch's keyword ``flag``, one per launch, recorded from now on."""
     seen, launch = [], at._FWD.run
