@@ -14,11 +14,13 @@ if [ "${1:-}" = step ]; then
   python3 benchmarks/bench_model.py --impls fat5-trainer,fat5-graph,hf --shapes 0 --steps 5 --out "$out" --tag=_step
   python3 benchmarks/convergence.py --out "$out"
 elif [ "${1:-}" = kernels ]; then
-  # the attention and RMSNorm targets alone (a few minutes): attention against SDPA (the autotuner's picks go
-  # into the JSON), the kernels at the model's shapes, RMSNorm with its copy + add bound row
+  # the attention and RMSNorm targets alone (a few minutes): attention against SDPA, with the fp32 bias table and
+  # without any bias for comparison (the autotuner's picks go into the JSON), the kernels at the model's shapes,
+  # RMSNorm with its copy + add bound row
   FAT5_ATTN_AUTOTUNE=0 python3 -m pytest -q -m gpu tests/ops/test_rmsnorm_triton.py tests/ops/test_launch.py \
     -rf --tb=short 2>&1 | tee "$out/gpu_tests_kernels.log" | tail -3
-  python3 benchmarks/bench_attention.py --quick --methods sdpa,ours --out "$out" --tag=_kernels
+  python3 benchmarks/bench_attention.py --quick --methods sdpa,ours,ours_fp32table,ours_nobias --out "$out" \
+    --tag=_kernels
   python3 benchmarks/attention_profile.py --cells model --out "$out"
   python3 benchmarks/bench_kernels.py --ops rms_norm,model --out "$out"
 elif [ "${1:-}" = rmsnorm ]; then
