@@ -575,6 +575,11 @@ def test_half_table_values_and_dtypes(monkeypatch):
     torch.testing.assert_close(full, table[idx].t() * at.LOG2E, rtol=1e-6, atol=0)
     half = at._rel_vector(table, idx, torch.float16)
     assert half.dtype == torch.float16 and torch.equal(half, full.half())
+    big = table.clone()
+    big[idx[:3]] = torch.tensor([1e6, -1e6, 3e4])[:, None]  # past fp16's range (times log2 e) and within it
+    got = at._rel_vector(big, idx, torch.float16)
+    want = (big[idx].t() * at.LOG2E).clamp(-65504, 65504).half()
+    assert torch.isfinite(got).all() and torch.equal(got, want)
     monkeypatch.setattr(at, "HALF_TABLE", True)
     assert at._rbv_dtype(torch.bfloat16) == at._rbv_dtype(torch.float16) == torch.float16
     assert at._rbv_dtype(torch.float32) == torch.float32

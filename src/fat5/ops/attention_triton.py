@@ -2210,7 +2210,12 @@ def _rel_vector_kernel(TABLE, IDX, OUT, stb, sth, NIDX, BLOCK: tl.constexpr):
     ok = j < NIDX
     bkt = tl.load(IDX + j, mask=ok, other=0)
     val = tl.load(TABLE + bkt * stb + h * sth, mask=ok, other=0.0).to(tl.float32)
-    tl.store(OUT + h * NIDX + j, (val * 1.4426950408889634).to(OUT.dtype.element_ty), mask=ok)
+    val = val * 1.4426950408889634
+    if (
+        OUT.dtype.element_ty == tl.float16
+    ):  # saturate: a bias past fp16's range stays huge instead of turning inf
+        val = tl.minimum(tl.maximum(val, -65504.0), 65504.0)
+    tl.store(OUT + h * NIDX + j, val.to(OUT.dtype.element_ty), mask=ok)
 
 
 @triton.jit
