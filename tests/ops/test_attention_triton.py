@@ -364,20 +364,15 @@ def _forward_runs(case, dtype, monkeypatch, tma):
     from triton.runtime import interpreter
 
     monkeypatch.setattr(at, "TMA", tma)
-    got, flags, rows = [], [], []
-    forward, launch = at._forward, at._FWD.run
+    got, rows = [], []
+    forward = at._forward
 
     def fwd(q, k, v, a):
         got.append((forward(q, k, v, a), a.rbw))
         return got[-1][0]
 
     monkeypatch.setattr(at, "_forward", fwd)
-
-    def run(grid, *args, **kwargs):
-        flags.append(kwargs["TMA"])
-        return launch(grid, *args, **kwargs)
-
-    monkeypatch.setattr(at._FWD, "run", run)
+    flags = _spy_fwd_flag(monkeypatch, "TMA")
     load = interpreter.InterpreterBuilder.create_descriptor_load
 
     def counted(self, desc, indices, *args):
@@ -838,8 +833,8 @@ def test_tma_forward_gpu(name, monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", list(GPU_CASES))
 def test_kv_tma_forward_gpu(name, monkeypatch):
-    """The forward with its keys and values read through tensor descriptors (at.KV_TMA), on the GPU, every
-    config the autotuner may pick; the launch must really have taken that path."""
+    """The forward with its keys and values read through tensor descriptors (at.KV_TMA), on the GPU (the
+    config the autotuner picks); the launch must really have taken that path."""
     monkeypatch.setattr(at, "_VARIANT", "table")
     monkeypatch.setattr(at, "KV_TMA", True)
     flags = _spy_fwd_flag(monkeypatch, "KV_TMA")

@@ -2211,9 +2211,8 @@ def _rel_vector_kernel(TABLE, IDX, OUT, stb, sth, NIDX, BLOCK: tl.constexpr):
     bkt = tl.load(IDX + j, mask=ok, other=0)
     val = tl.load(TABLE + bkt * stb + h * sth, mask=ok, other=0.0).to(tl.float32)
     val = val * 1.4426950408889634
-    if (
-        OUT.dtype.element_ty == tl.float16
-    ):  # saturate: a bias past fp16's range stays huge instead of turning inf
+    # saturate in fp16: a bias past its range stays huge instead of turning inf
+    if OUT.dtype.element_ty == tl.float16:
         val = tl.minimum(tl.maximum(val, -65504.0), 65504.0)
     tl.store(OUT + h * NIDX + j, val.to(OUT.dtype.element_ty), mask=ok)
 
