@@ -10,8 +10,10 @@ below its roofline; this needs no GPU. Run on a CPU machine (TRITON_INTERPRET un
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -90,9 +92,30 @@ def main() -> None:
     p.add_argument(
         "--segments", default="no,yes", help="compile without and/or with packed-document segment ids"
     )
+    p.add_argument(
+        "--seg-dtype", default="int64", choices=["int32", "int64"], help="dtype of the segment ids"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="override a setting of fat5.ops.attention_triton before compiling (a Python literal), e.g. "
+        "KV_TMA=True, HALF_TABLE=False, NEAR={'fwd':64,'dkv':32,'dq':32}; repeatable",
+    )
+    p.add_argument("--tag", default="", help="suffix of the report's file name")
     args = p.parse_args()
     compile_only()
     from fat5.ops import attention_triton as A
+
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if not hasattr(A, name):
+            p.error(f"--set {item}: fat5.ops.attention_triton has no setting {name!r}")
+        try:
+            setattr(A, name, ast.literal_eval(value))
+        except (ValueError, SyntaxError):
+            p.error(f"--set {item}: {value!r} is not a Python literal (e.g. True, 64, {{'fwd': 64}})")
 
     rows = []
     t0 = time.time()
@@ -117,7 +140,9 @@ def main() -> None:
                                 rel_table=torch.randn(32, 2, requires_grad=True), rel_bidirectional=not causal
                             )
                         if seg == "yes":
-                            ids = torch.tensor([[1] * 120 + [2] * 180] * 2)
+                            ids = torch.tensor(
+                                [[1] * 120 + [2] * 180] * 2, dtype=getattr(torch, args.seg_dtype)
+                            )
                             extra.update(q_segment_ids=ids, kv_segment_ids=ids)
                         try:
                             A.flash_attention(q, k, v, causal=causal, **extra).float().sum().backward()
@@ -141,7 +166,8 @@ def main() -> None:
         f"# Attention kernels: registers and spills per autotune config, sm_90a ({day})",
         "",
         f"triton {triton.__version__}, ptxas bundled with it; compiled offline (no GPU), "
-        f"{time.time() - t0:.0f}s. Command: `.venv/bin/python benchmarks/attention_registers.py`.",
+        f"{time.time() - t0:.0f}s. Command: `.venv/bin/python benchmarks/attention_registers.py "
+        f"{shlex.join(sys.argv[1:])}`.",
         "",
         f"{len(rows)} kernels compiled, {len(errors)} specialisations failed to compile"
         + ("".join(f"\n- {e}" for e in errors) if errors else "."),
@@ -150,7 +176,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [f"| {' | '.join(map(str, r))} |" for r in rows]
-    (out / f"attention_registers_{day}.md").write_text("\n".join(lines) + "\n")
+    (out / f"attention_registers_{day}{args.tag}.md").write_text("\n".join(lines) + "\n")
     print(lines[4])
 
 
