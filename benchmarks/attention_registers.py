@@ -157,7 +157,12 @@ def main() -> None:
                             regs, spill = ptxas_report(kernel.asm["ptx"])
                             nw, ns = kernel.metadata.num_warps, kernel.metadata.num_stages
                             cfg = f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{nw} s{ns}"
-                            rows.append((variant, d, kind, causal, seg, name.strip("_"), cfg, regs, spill))
+                            if kw.get("maxnreg"):
+                                cfg += f" maxnreg {kw['maxnreg']}"
+                            kname = name.strip("_")
+                            if kw.get("SEG_PASS"):  # segment ids: the document pass (1) and the rest (2)
+                                kname += f" pass {kw['SEG_PASS']}"
+                            rows.append((variant, d, kind, causal, seg, kname, cfg, regs, spill))
                             print(rows[-1], flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

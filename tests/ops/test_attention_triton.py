@@ -245,23 +245,53 @@ def test_variants_agree(name, monkeypatch):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("m,n", [(96, 96), (37, 70), (1, 33), (130, 17)])
+def _doc_ranges_loops(outer, inner):
+    """Plain-loop reference of the document tables: per batch row and 16-element group of ``outer``, the range
+    [lo, hi) of ``inner`` when the group's elements share one id whose elements in ``inner`` are exactly lo..hi-1,
+    else (-1, -1)."""
+    b, length = outer.shape
+    groups = -(-length // 16)
+    lo = torch.full((b, groups), -1, dtype=torch.int32)
+    hi = torch.full((b, groups), -1, dtype=torch.int32)
+    for i in range(b):
+        for g in range(groups):
+            ids = set(outer[i, g * 16 : (g + 1) * 16].tolist())
+            if len(ids) != 1:
+                continue
+            (doc,) = ids
+            where = [j for j, x in enumerate(inner[i].tolist()) if x == doc]
+            if where and where == list(range(where[0], where[-1] + 1)):
+                lo[i, g], hi[i, g] = where[0], where[-1] + 1
+    return lo, hi
+
+
+@pytest.mark.parametrize("m,n", [(96, 96), (37, 70), (1, 33), (130, 17), (200, 200)])
 def test_segment_ranges_kernel_equals_reference(m, n):
     """The device-side tile-skipping tables: one kernel against the torch reference, on packed rows, ids out of
-    order (a document split in two places) and lengths that are not multiples of the 16-element groups."""
+    order (a document split in two places) and lengths that are not multiples of the 16-element groups; the
+    document tables of the document pass against plain loops, with documents long enough to fill groups,
+    documents split in two runs and ids absent from the other side."""
     gen = torch.Generator().manual_seed(m * 1000 + n)
-    for trial in range(3):
+    for trial in range(5):
         if trial == 0:
             q_seg, kv_seg = _segments(3, m, 4, gen), _segments(3, n, 4, gen)
+        elif trial == 3:
+            q_seg, kv_seg = _segments(3, m, 2, gen), _segments(3, n, 2, gen)
+        elif trial == 4:  # one document split in two runs (id 0 again at the end), an id only in queries
+            q_seg = _segments(3, m, 3, gen)
+            kv_seg = _segments(3, n, 3, gen)
+            kv_seg[:, -(n // 5) :] = 0
+            q_seg[0] = 7
         else:
             q_seg = torch.randint(0, 4, (3, m), generator=gen)
             kv_seg = torch.sort(torch.randint(0, 4, (3, n), generator=gen), dim=1).values
-        q_seg, kv_seg = q_seg.to(DEV), kv_seg.to(DEV)
-        got = at._segment_ranges(q_seg, kv_seg, m, n)
-        want = at._segment_ranges_ref(q_seg, kv_seg, m, n)
-        for x, y in zip(got, want):
-            assert x.dtype == torch.int32 and x.shape == y.shape
-            assert torch.equal(x, y), (x, y)
+        got = at._segment_ranges(q_seg.to(DEV), kv_seg.to(DEV), m, n)
+        want = at._segment_ranges_ref(q_seg.to(DEV), kv_seg.to(DEV), m, n)
+        docs = (*_doc_ranges_loops(q_seg, kv_seg), *_doc_ranges_loops(kv_seg, q_seg))
+        for x, y, doc in zip(got, want, docs):
+            assert x.dtype == torch.int32 and x.shape == (2, *y.shape)
+            assert torch.equal(x[0], y), (x[0], y)
+            assert torch.equal(x[1].cpu(), doc), (x[1], doc)
 
 
 @pytest.mark.parametrize("fwd_variant,bwd_variant", [("table", "split"), ("split", "table")])
@@ -405,15 +435,20 @@ TMA_CASES = [
 def test_tma_forward_matches_pointer_path(name, dtype, monkeypatch):
     """The forward with the near bias loaded through a tensor descriptor (at.TMA) gives bitwise the output and
     logsumexp of the per-element pointer path, with the same near steps: M != N, odd lengths, causal, key
-    padding, segments, an int and a tensor query offset (decode-sized blocks of 5 queries)."""
+    padding, segments (with and without the document pass), an int and a tensor query offset (decode-sized
+    blocks of 5 queries)."""
     if DEV == "cuda":
         pytest.skip("interpreter case; test_tma_forward_gpu runs the GPU")
     monkeypatch.setattr(at, "_VARIANT", "table")
-    out0, lse0, flag0, rows0 = _forward_runs(CASES[name], dtype, monkeypatch, False)
-    out1, lse1, flag1, rows1 = _forward_runs(CASES[name], dtype, monkeypatch, True)
-    assert not flag0 and not rows0 and flag1 and rows1
-    assert torch.isfinite(out1).all()
-    assert torch.equal(out0, out1) and torch.equal(lse0, lse1)
+    for doc_pass in (False, True) if "seg" in CASES[name] else (True,):
+        monkeypatch.setattr(at, "DOC_PASS", doc_pass)
+        out0, lse0, flag0, rows0 = _forward_runs(CASES[name], dtype, monkeypatch, False)
+        out1, lse1, flag1, rows1 = _forward_runs(CASES[name], dtype, monkeypatch, True)
+        assert not flag0 and not rows0 and flag1
+        # the small documents of the segment cases leave the document pass no near step of the main loops
+        assert rows1 or doc_pass and "seg" in CASES[name]
+        assert torch.isfinite(out1).all()
+        assert torch.equal(out0, out1) and torch.equal(lse0, lse1)
 
 
 @pytest.mark.parametrize("near", [32, 64])
@@ -524,7 +559,8 @@ def test_kv_tma_forward_matches_pointer_path(name, dtype, variant_name, monkeypa
     out0, g0, flags0 = _kv_tma_runs(CASES[name], dtype, monkeypatch, False)
     monkeypatch.setattr(at, "_VARIANT", variant_name)
     out1, g1, flags1 = _kv_tma_runs(CASES[name], dtype, monkeypatch, True)
-    assert flags0 == [False] and flags1 == [True]
+    launches = 2 if "seg" in CASES[name] else 1  # the document pass and the rest
+    assert flags0 == [False] * launches and flags1 == [True] * launches
     assert torch.isfinite(out1).all()
     assert torch.equal(out0, out1)
     for a, b in zip(g0, g1):

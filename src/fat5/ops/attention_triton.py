@@ -112,12 +112,14 @@ NT_COLS = tl.constexpr(128)
 
 
 # --------------------------------------------------------------------------------------------- configs
-def _cfg(bm, bn, w, s):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+def _cfg(bm, bn, w, s, maxnreg=None):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, maxnreg=maxnreg)
 
 
 # the GPU's forward configs (also read by the tests of the forward's near-step bounds, see _nt_rows)
-_FWD_CONFIGS_GPU = [_cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3)]
+_FWD_CONFIGS_GPU = [
+    _cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3, 128)
+]  # fmt: skip
 if _INTERPRET:  # the interpreter is slow and autotuning there measures nothing: one small config
     # 32-wide key (dkv: query) steps, so the 16-wide near-diagonal tiles of the split variant are exercised
     _FWD_CONFIGS = [_cfg(16, 32, 1, 1)]
@@ -133,7 +135,7 @@ else:
         _cfg(64, 128, 8, 3), _cfg(32, 128, 8, 3), _cfg(32, 64, 8, 3), _cfg(16, 128, 8, 3),
         _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3), _cfg(16, 64, 4, 3),
     ]  # fmt: skip
-    _DQ_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3)]
+    _DQ_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3, 128)]
     if (
         os.environ.get("FAT5_ATTN_AUTOTUNE", "1") == "0"
     ):  # tests: skip the tuning sweep, keep the first config
@@ -177,6 +179,10 @@ KV_TMA = os.environ.get("FAT5_ATTN_KV_TMA") == "1"
 # saved, so both passes see the same values; the table gradient is unaffected. H100, L=1024 (2026-12-05):
 # forward 265 -> 300 TFLOP/s, causal 178 -> 220, fwd+bwd +5-7% (benchmarks/results/2026-12-05-kvtma.md).
 HALF_TABLE = os.environ.get("FAT5_ATTN_HALF_TABLE", "1") != "0"
+
+# DOC_PASS (default on; FAT5_ATTN_DOC_PASS=0 at import turns it off; read at every launch): with segment ids,
+# the blocks that lie in one document run in a launch of their own without per-key ids (see _seg_passes)
+DOC_PASS = os.environ.get("FAT5_ATTN_DOC_PASS", "1") != "0"
 
 
 def _rbv_dtype(act_dtype: torch.dtype) -> torch.dtype:
@@ -261,6 +267,20 @@ def _group_span(LO, HI, first, NG, length, GROUPS: tl.constexpr):
         lo = tl.minimum(lo, tl.load(LO + g))
         hi = tl.maximum(hi, tl.load(HI + g))
     return lo, hi
+
+
+@triton.jit
+def _doc_block(DLO, DHI, first, NG, GROUPS: tl.constexpr):
+    """(lo, hi, one): ``one`` when the GROUPS groups first, first + 1, ... (those past the last group NG - 1 read
+    the last one again, which lies in the block) are all one document whose other side is exactly [lo, hi)
+    (``_doc_ranges_kernel``: the same range, not -1, in every group). Scalar loads, as ``_group_span``."""
+    lo = tl.load(DLO + first)
+    hi = tl.load(DHI + first)
+    one = lo >= 0
+    for i in tl.static_range(1, GROUPS):
+        g = tl.minimum(first + i, NG - 1)
+        one = one & (tl.load(DLO + g) == lo) & (tl.load(DHI + g) == hi)
+    return lo, hi, one
 
 
 @triton.jit
@@ -455,6 +475,10 @@ def _fwd_inner(
     NEAR_N: tl.constexpr,
     TMA: tl.constexpr,
     KV_TMA: tl.constexpr,
+    k_lo=0,
+    jump_at=0,
+    jump=0,
+    LOWER: tl.constexpr = False,
 ):
     # NPART 1: one loop over [start, end) adding the T5 bias by REL_MODE; NPART 3 ("split" variant): three
     # branch-free loops, tiles wholly below -W (distance = key - query), near the diagonal, wholly beyond +W
@@ -514,6 +538,10 @@ def _fwd_inner(
             REL_MODE if NPART == 1 else (3 if (part == 1 and REL_MODE == 3) else part - 1),
             TMA,
             KV_TMA,
+            k_lo,
+            jump_at,
+            jump,
+            LOWER,
         )
     return acc, l_i, m_i
 
@@ -568,10 +596,16 @@ def _fwd_tiles(
     REL_MODE: tl.constexpr,
     TMA: tl.constexpr,
     KV_TMA: tl.constexpr,
+    k_lo=0,
+    jump_at=0,
+    jump=0,
+    LOWER: tl.constexpr = False,
 ):
     # no prefetch of the near bias here (unlike dq and dk/dv): it took the 8-warp 128x64 forward from 126 to
     # 169 registers (one program per SM instead of two) and the forward from 362 to 337 TFLOP/s at L=4096
     for start_n in range(start, end, BLOCK_N):
+        if LOWER:  # the document pass's masked steps: its first tile, then (from jump_at on) its last ones
+            start_n = tl.where(start_n >= jump_at, start_n + jump, start_n)
         start_n = tl.multiple_of(start_n, BLOCK_N)
         kpos = start_n + tl.arange(0, BLOCK_N)
         if KV_TMA:  # (BLOCK_N, BLOCK_D) block of the head's (N, D) keys, zero past N and D
@@ -606,7 +640,10 @@ def _fwd_tiles(
             4 if (REL_MODE == 3 and TMA) else REL_MODE,
         )
         if MASK:
-            keep = kpos[None, :] < N
+            if LOWER:  # keys in [k_lo, N): one unsigned compare
+                keep = (kpos - k_lo).to(tl.uint32)[None, :] < (N - k_lo).to(tl.uint32)
+            else:
+                keep = kpos[None, :] < N
             if CAUSAL:
                 keep = keep & (kpos[None, :] <= qpos[:, None])
             s = tl.where(keep, s, float("-inf"))
@@ -634,7 +671,18 @@ def _fwd_tiles(
 
 @triton.autotune(
     configs=_FWD_CONFIGS,
-    key=["BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "NPART", "TMA", "KV_TMA", "M_BUCKET", "N_BUCKET"],
+    key=[
+        "BLOCK_D",
+        "BIAS_KIND",
+        "CAUSAL",
+        "HAS_SEG",
+        "SEG_PASS",
+        "NPART",
+        "TMA",
+        "KV_TMA",
+        "M_BUCKET",
+        "N_BUCKET",
+    ],
 )
 # near-diagonal tiles: "split" steps 16 keys (a gather holds one pointer per element in registers, and at
 # full width it pushes the kernel to the register limit: 255 at 128x64, half the occupancy); "table" NEAR["fwd"]
@@ -653,6 +701,8 @@ def _fwd_kernel(
     KSEG,
     KVLO,
     KVHI,
+    DLO,
+    DHI,
     QOFF,
     sqb,
     sqh,
@@ -694,6 +744,8 @@ def _fwd_kernel(
     CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
     HAS_SEG: tl.constexpr,
+    SEG_PASS: tl.constexpr,
+    SEG_MAXB: tl.constexpr,
     QOFF_FROM_PTR: tl.constexpr,
     DOT_PREC: tl.constexpr,
     NPART: tl.constexpr,
@@ -721,13 +773,28 @@ def _fwd_kernel(
     # key range that can be visible to this block
     lo = 0
     hi = N
+    n_end = N  # keys past it are masked in the last tiles
     if CAUSAL:
         hi = tl.minimum(hi, q_off + m0 + BLOCK_M)
     qseg = offs_m
+    if SEG_PASS == 1:  # document pass: blocks of one document, whose keys are [d_lo, d_hi); no per-key ids
+        d_lo, d_hi, one = _doc_block(DLO + b * NGQ, DHI + b * NGQ, m0 // 16, NGQ, BLOCK_M // 16)
+        if not one:
+            return
+        lo = d_lo
+        hi = tl.minimum(hi, d_hi)
+        n_end = d_hi
     if HAS_SEG:
+        if SEG_PASS == 2:  # the blocks the document pass left (see _forward)
+            _, _, one = _doc_block(
+                DLO + b * NGQ, DHI + b * NGQ, m0 // SEG_MAXB * (SEG_MAXB // 16), NGQ, SEG_MAXB // 16
+            )
+            if one:
+                return
         qseg = tl.load(QSEG + b * sqsb + offs_m * sqs, mask=offs_m < M, other=-2)
         lo, hi_seg = _group_span(KVLO + b * NGQ, KVHI + b * NGQ, m0 // 16, NGQ, N, BLOCK_M // 16)
         hi = tl.minimum(hi, hi_seg)
+    k_first = lo
     lo = tl.maximum(lo, 0) // BLOCK_N * BLOCK_N
     # [lo, mid): whole tiles that need neither the causal nor the key-length mask
     full_end = hi
@@ -787,6 +854,20 @@ def _fwd_kernel(
             VDN = tl.make_tensor_descriptor(
                 V_bh, shape=[N, D], strides=[svn, 1], block_shape=[NEAR_N, BLOCK_D]
             )
+    t_start = mid  # the masked steps: [mid, hi), in the document pass also its first tile (see below)
+    t_end = hi
+    jump_at = 0
+    if SEG_PASS == 1:
+        # a document that starts inside a tile: that tile joins the masked steps, with the keys before the
+        # document masked, and the main loop starts at the next tile (a main loop that starts at an unaligned
+        # key costs the 128x64 forward 80 more registers, a separate loop for the first tile 40): the masked
+        # loop walks [lo, head_end) and then jumps to [mid, hi)
+        head_end = tl.where(k_first > lo, lo + BLOCK_N, lo)
+        t_start = lo
+        jump_at = head_end
+        lo = head_end
+        mid = lo + tl.maximum(full_end - lo, 0) // BLOCK_N * BLOCK_N
+        t_end = tl.minimum(head_end, hi) + tl.maximum(hi - mid, 0)
     acc, l_i, m_i = _fwd_inner(
         acc,
         l_i,
@@ -865,12 +946,12 @@ def _fwd_kernel(
         slope,
         offs_m,
         offs_d,
-        mid,
-        hi,
+        t_start,
+        t_end,
         q_off + m0,
         qk_scale,
         M,
-        N,
+        n_end,
         D,
         W,
         skn,
@@ -894,6 +975,10 @@ def _fwd_kernel(
         NEAR_N,
         TMA,
         KV_TMA,
+        k_first,
+        jump_at,
+        mid - jump_at,
+        SEG_PASS == 1,
     )
     empty = l_i == 0.0  # no visible key: output zeros, lse=+inf makes the backward's P exactly 0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -994,6 +1079,7 @@ def _dkv_inner(
     REL_MODE: tl.constexpr,
     NEAR_M: tl.constexpr,
     NEAR_WIN: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     # as _fwd_inner; here distance = k0 - query falls as the loop goes on: beyond +W, near, below -W
     e1 = start
@@ -1054,6 +1140,7 @@ def _dkv_inner(
             WIN if (NPART == 1 or part != 1) else NEAR_WIN,
             RB,
             REL_MODE if NPART == 1 else (3 if (part == 1 and REL_MODE == 3) else 1 - part),
+            ALIGNED,
         )
     return dk, dv, acc_rel, s_lo, s_hi
 
@@ -1108,6 +1195,7 @@ def _dkv_tiles(
     WIN: tl.constexpr,
     RB: tl.constexpr,
     REL_MODE: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     # the bias gradient's clamped ends, per key row (far tiles) and per diagonal (near tiles): reduced to the
     # scalars s_lo / s_hi once, after the loop
@@ -1118,7 +1206,8 @@ def _dkv_tiles(
     if REL_MODE == 3 and PREFETCH:  # as _dq_tiles, along the queries
         next_bias = _near_bias(RB_h, (q_off + start + tl.arange(0, BLOCK_M))[None, :], kpos[:, None], k0, W)
     for start_m in range(start, end, BLOCK_M):
-        start_m = tl.multiple_of(start_m, BLOCK_M)
+        if ALIGNED:  # the document pass starts at its document's first query
+            start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
         qpos = q_off + offs_m
         if REL_MODE == 3 and PREFETCH:
@@ -1195,7 +1284,7 @@ def _dkv_tiles(
 
 @triton.autotune(
     configs=_DKV_CONFIGS,
-    key=["BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "NPART", "M_BUCKET", "N_BUCKET"],
+    key=["BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "SEG_PASS", "NPART", "M_BUCKET", "N_BUCKET"],
     prune_configs_by={"early_config_prune": _prune_by_smem},
 )
 @triton.heuristics(
@@ -1226,6 +1315,8 @@ def _dkv_kernel(
     KSEG,
     QLO,
     QHI,
+    DLO,
+    DHI,
     QOFF,
     sqb,
     sqh,
@@ -1279,6 +1370,8 @@ def _dkv_kernel(
     CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
     HAS_SEG: tl.constexpr,
+    SEG_PASS: tl.constexpr,
+    SEG_MAXB: tl.constexpr,
     QOFF_FROM_PTR: tl.constexpr,
     DOT_PREC: tl.constexpr,
     NPART: tl.constexpr,
@@ -1307,15 +1400,32 @@ def _dkv_kernel(
 
     lo = 0
     hi = M
+    m_end = M  # queries past it are masked (lse = +inf)
     if CAUSAL:  # query i sees key j iff q_off + i >= j
         lo = tl.maximum(k0 - q_off, 0)
     kseg = kpos
+    if (
+        SEG_PASS == 1
+    ):  # document pass, as in the forward: keys of one document, whose queries are [d_lo, d_hi)
+        d_lo, d_hi, one = _doc_block(DLO + b * NGK, DHI + b * NGK, k0 // 16, NGK, BLOCK_N // 16)
+        if not one:
+            return
+        lo = tl.maximum(lo, d_lo)
+        hi = tl.minimum(hi, d_hi)
+        m_end = d_hi
     if HAS_SEG:
+        if SEG_PASS == 2:
+            _, _, one = _doc_block(
+                DLO + b * NGK, DHI + b * NGK, k0 // SEG_MAXB * (SEG_MAXB // 16), NGK, SEG_MAXB // 16
+            )
+            if one:
+                return
         kseg = tl.load(KSEG + b * sksb + kpos * sks, mask=kpos < N, other=-3)
         lo_seg, hi_seg = _group_span(QLO + b * NGK, QHI + b * NGK, k0 // 16, NGK, M, BLOCK_N // 16)
         lo = tl.maximum(lo, lo_seg)
         hi = tl.minimum(hi, hi_seg)
-    lo = tl.minimum(lo, M) // BLOCK_M * BLOCK_M
+    if SEG_PASS != 1:
+        lo = tl.minimum(lo, M) // BLOCK_M * BLOCK_M
     # [lo, mid): query tiles crossing the causal diagonal; [mid, hi): fully visible
     mid = lo
     if CAUSAL:
@@ -1378,7 +1488,7 @@ def _dkv_kernel(
         q_off,
         k0,
         qk_scale,
-        M,
+        m_end,
         N,
         D,
         W,
@@ -1403,6 +1513,7 @@ def _dkv_kernel(
         2,  # per tile (branching); only the masked last tiles run here
         NEAR_M,
         NEAR_WIN,
+        SEG_PASS != 1,
     )
     dk, dv, acc_rel, s_lo, s_hi = _dkv_inner(
         dk,
@@ -1431,7 +1542,7 @@ def _dkv_kernel(
         q_off,
         k0,
         qk_scale,
-        M,
+        m_end,
         N,
         D,
         W,
@@ -1456,6 +1567,7 @@ def _dkv_kernel(
         3 if NEAR_TABLE else 2,
         NEAR_M,
         NEAR_WIN,
+        SEG_PASS != 1,
     )
     dk = dk * scale
     tl.store(
@@ -1532,6 +1644,7 @@ def _dq_inner(
     NPART: tl.constexpr,
     REL_MODE: tl.constexpr,
     NEAR_N: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     # as _fwd_inner
     e1 = start
@@ -1588,6 +1701,7 @@ def _dq_inner(
             BLOCK_M,
             BLOCK_N if (NPART == 1 or part != 1) else NEAR_N,
             REL_MODE if NPART == 1 else (3 if (part == 1 and REL_MODE == 3) else part - 1),
+            ALIGNED,
         )
     return dq
 
@@ -1640,11 +1754,13 @@ def _dq_tiles(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     REL_MODE: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     if REL_MODE == 3 and PREFETCH:  # step i + 1's bias tile is loaded before step i's dots (see PREFETCH)
         next_bias = _near_bias(RB_h, qpos[:, None], start + tl.arange(0, BLOCK_N)[None, :], start, W)
     for start_n in range(start, end, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
+        if ALIGNED:  # the document pass starts at its document's first key
+            start_n = tl.multiple_of(start_n, BLOCK_N)
         kpos = start_n + tl.arange(0, BLOCK_N)
         if REL_MODE == 3 and PREFETCH:
             bias = next_bias
@@ -1699,7 +1815,7 @@ def _dq_tiles(
 
 @triton.autotune(
     configs=_DQ_CONFIGS,
-    key=["BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "NPART", "M_BUCKET", "N_BUCKET"],
+    key=["BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "SEG_PASS", "NPART", "M_BUCKET", "N_BUCKET"],
     prune_configs_by={"early_config_prune": _prune_by_smem},
 )
 @triton.heuristics({"NEAR_N": lambda a: min(a["BLOCK_N"], NEAR["dq"] if a["NEAR_TABLE"] else 16)})  # as fwd
@@ -1720,6 +1836,8 @@ def _dq_kernel(
     KSEG,
     KVLO,
     KVHI,
+    DLO,
+    DHI,
     QOFF,
     sqb,
     sqh,
@@ -1767,6 +1885,8 @@ def _dq_kernel(
     CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
     HAS_SEG: tl.constexpr,
+    SEG_PASS: tl.constexpr,
+    SEG_MAXB: tl.constexpr,
     QOFF_FROM_PTR: tl.constexpr,
     DOT_PREC: tl.constexpr,
     NPART: tl.constexpr,
@@ -1797,14 +1917,29 @@ def _dq_kernel(
 
     lo = 0
     hi = N
+    n_end = N  # keys past it are masked in the last tiles
     if CAUSAL:
         hi = tl.minimum(hi, q_off + m0 + BLOCK_M)
     qseg = offs_m
+    if SEG_PASS == 1:  # document pass, as in the forward
+        d_lo, d_hi, one = _doc_block(DLO + b * NGQ, DHI + b * NGQ, m0 // 16, NGQ, BLOCK_M // 16)
+        if not one:
+            return
+        lo = d_lo
+        hi = tl.minimum(hi, d_hi)
+        n_end = d_hi
     if HAS_SEG:
+        if SEG_PASS == 2:
+            _, _, one = _doc_block(
+                DLO + b * NGQ, DHI + b * NGQ, m0 // SEG_MAXB * (SEG_MAXB // 16), NGQ, SEG_MAXB // 16
+            )
+            if one:
+                return
         qseg = tl.load(QSEG + b * sqsb + offs_m * sqs, mask=offs_m < M, other=-2)
         lo, hi_seg = _group_span(KVLO + b * NGQ, KVHI + b * NGQ, m0 // 16, NGQ, N, BLOCK_M // 16)
         hi = tl.minimum(hi, hi_seg)
-    lo = tl.maximum(lo, 0) // BLOCK_N * BLOCK_N
+    if SEG_PASS != 1:
+        lo = tl.maximum(lo, 0) // BLOCK_N * BLOCK_N
     full_end = hi
     if CAUSAL:
         full_end = tl.minimum(hi, q_off + m0 + 1)
@@ -1886,6 +2021,7 @@ def _dq_kernel(
         NPART,
         3 if NEAR_TABLE else 2,
         NEAR_N,
+        SEG_PASS != 1,
     )
     dq = _dq_inner(
         dq,
@@ -1912,7 +2048,7 @@ def _dq_kernel(
         q_off + m0,
         qk_scale,
         M,
-        N,
+        n_end,
         D,
         W,
         skn,
@@ -1936,6 +2072,7 @@ def _dq_kernel(
         1,
         0 if NPART == 3 else 2,
         NEAR_N,
+        SEG_PASS != 1,
     )
     dq = dq * scale
     tl.store(
@@ -2148,24 +2285,68 @@ def _segment_ranges_kernel(
     tl.store(HI + b * NG_OUT + g, tl.where(anyv, tl.minimum((last + 1) * 16, L_IN), 0).to(tl.int32))
 
 
+@triton.jit
+def _doc_ranges_kernel(
+    OUTER, INNER, CLO, CHI, DLO, DHI, sob, sos, sib, sis, L_OUT, L_IN, NG_OUT, BLOCK: tl.constexpr
+):  # fmt: skip
+    """One program per (16-element group of OUTER, batch row): [lo, hi) when every element of the group has one
+    segment id whose elements in INNER are exactly lo, lo + 1, ..., hi - 1 (one contiguous, non-empty run),
+    else (-1, -1). Scans INNER only over the group's conservative span [CLO, CHI), which holds every element of
+    the group's ids."""
+    g = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    big = 2**62
+    rows = g * 16 + tl.arange(0, 16)
+    ids = tl.load(OUTER + b * sob + rows * sos, mask=rows < L_OUT, other=0).to(tl.int64)
+    mn = tl.min(tl.where(rows < L_OUT, ids, big), 0)
+    mx = tl.max(tl.where(rows < L_OUT, ids, -big), 0)
+    lo = tl.load(CLO + b * NG_OUT + g)
+    hi = tl.load(CHI + b * NG_OUT + g)
+    hi = tl.where(mn == mx, hi, lo)  # a group of several ids: nothing to scan
+    first = L_IN
+    last = -1
+    count = 0
+    for j0 in range(lo, hi, BLOCK):
+        j = j0 + tl.arange(0, BLOCK)
+        kid = tl.load(INNER + b * sib + j * sis, mask=j < hi, other=0).to(tl.int64)
+        hit = (j < hi) & (kid == mn)
+        first = tl.minimum(first, tl.min(tl.where(hit, j, L_IN), 0))
+        last = tl.maximum(last, tl.max(tl.where(hit, j, -1), 0))
+        count += tl.sum(hit.to(tl.int32), 0)
+    one = (mn == mx) & (count > 0) & (count == last - first + 1)
+    tl.store(DLO + b * NG_OUT + g, tl.where(one, first, -1).to(tl.int32))
+    tl.store(DHI + b * NG_OUT + g, tl.where(one, last + 1, -1).to(tl.int32))
+
+
 _SEG = Launcher(_segment_ranges_kernel)
+_DOC = Launcher(_doc_ranges_kernel)
 
 
 def _segment_ranges(q_seg: torch.Tensor, kv_seg: torch.Tensor, m: int, n: int):
-    """_segment_ranges_ref in two launches of one kernel (the reference takes about 60 small torch ops)."""
+    """(kv_lo, kv_hi, q_lo, q_hi), each (2, B, groups) int32. [0]: _segment_ranges_ref in two launches of one
+    kernel (the reference takes about 60 small torch ops). [1]: per group, the exact range of the other side
+    when the group is one document (``_doc_ranges_kernel``), else -1: what the document pass reads."""
     b = q_seg.shape[0]
     ngq, ngk = cdiv(m, SEG_G), cdiv(n, SEG_G)
-    new = lambda g: torch.empty((b, g), dtype=torch.int32, device=q_seg.device)
+    new = lambda g: torch.empty((2, b, g), dtype=torch.int32, device=q_seg.device)
     kv_lo, kv_hi, q_lo, q_hi = new(ngq), new(ngq), new(ngk), new(ngk)
     block = min(64, _pow2(ngk)), min(64, _pow2(ngq))
     if b and ngq:
         _SEG[(ngq, b)](
             q_seg, kv_seg, kv_lo, kv_hi, *q_seg.stride(), *kv_seg.stride(), m, n, ngq, ngk, BLOCK_G=block[0]
         )
+        _DOC[(ngq, b)](
+            q_seg, kv_seg, kv_lo, kv_hi, kv_lo[1], kv_hi[1], *q_seg.stride(), *kv_seg.stride(), m, n, ngq,
+            BLOCK=64,
+        )  # fmt: skip
     if b and ngk:
         _SEG[(ngk, b)](
             kv_seg, q_seg, q_lo, q_hi, *kv_seg.stride(), *q_seg.stride(), n, m, ngk, ngq, BLOCK_G=block[1]
         )
+        _DOC[(ngk, b)](
+            kv_seg, q_seg, q_lo, q_hi, q_lo[1], q_hi[1], *kv_seg.stride(), *q_seg.stride(), n, m, ngk,
+            BLOCK=64,
+        )  # fmt: skip
     return kv_lo, kv_hi, q_lo, q_hi
 
 
@@ -2390,6 +2571,25 @@ def _kv_tma_ok(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * size % 16 == 0 for s in t.stride()[:-1])
 
 
+def _seg_passes(a: _Args) -> tuple[int, ...]:
+    """Launches of a kernel, by SEG_PASS: 0 alone without segment ids (or with ``DOC_PASS`` off); with them, 1 then
+    2. Pass 1 runs the blocks that lie in one document (``_doc_block``) as an unpacked row of that document's
+    length: no per-key ids, no masks on the tiles inside it, so it compiles like the kernel without segments
+    (sm_90a forward 128x64 w8: ... registers, against ... with per-key ids). Pass 2 runs the other blocks with
+    the per-key id masks; a pass-2 program leaves its block to pass 1 only when the whole SEG_MAXB-aligned block
+    around it (SEG_MAXB: the kernel's largest block in the swept dimension) is one document, which holds for
+    every pass-1 block inside it whatever config each pass's autotuning picked. A block both passes run is
+    written twice, pass 2 last; both results are exact."""
+    if not a.has_seg:
+        return (0,)
+    return (1, 2) if DOC_PASS else (0,)
+
+
+def _max_block(kernel, name: str) -> int:
+    """The largest ``name`` among the configs ``kernel``'s autotuner holds now (tests swap them)."""
+    return max(c.kwargs[name] for c in kernel.configs)
+
+
 def _forward(q, k, v, a: _Args):
     b, h, m, d, n = a.b, a.h, a.m, a.d, a.n
     out = torch.empty((b, m, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, H, M, D) view
@@ -2404,51 +2604,56 @@ def _forward(q, k, v, a: _Args):
     if tma or kv_tma:
         _scratch_allocator()
     grid = lambda meta: (cdiv(m, meta["BLOCK_M"]), b * h)
-    _FWD[grid](
-        q,
-        k,
-        v,
-        out,
-        lse,
-        a.rbv,
-        a.bias,
-        a.kpm,
-        a.qseg,
-        a.kseg,
-        a.kv_lo,
-        a.kv_hi,
-        a.qoff_ptr,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *out.stride(),
-        *a.bias_strides,
-        *a.kpm_strides,
-        *a.qs_strides,
-        *a.ks_strides,
-        h,
-        m,
-        n,
-        d,
-        a.ngq,
-        a.q_off_int,
-        a.qk_scale,
-        a.w,
-        a.m_bucket,
-        a.n_bucket,
-        BIAS_KIND=a.bias_kind,
-        CAUSAL=a.causal,
-        HAS_KPM=a.kpm is not a.dummy,
-        HAS_SEG=a.has_seg,
-        QOFF_FROM_PTR=a.qoff_from_ptr,
-        DOT_PREC=a.dot_prec,
-        NPART=a.npart,
-        NEAR_TABLE=a.near_table,
-        TMA=tma,
-        KV_TMA=kv_tma,
-        RBW=a.rbw,
-        BLOCK_D=a.block_d,
-    )
+    for seg_pass in _seg_passes(a):
+        _FWD[grid](
+            q,
+            k,
+            v,
+            out,
+            lse,
+            a.rbv,
+            a.bias,
+            a.kpm,
+            a.qseg,
+            a.kseg,
+            a.kv_lo,
+            a.kv_hi,
+            a.kv_lo[1] if a.has_seg else a.dummy,
+            a.kv_hi[1] if a.has_seg else a.dummy,
+            a.qoff_ptr,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *out.stride(),
+            *a.bias_strides,
+            *a.kpm_strides,
+            *a.qs_strides,
+            *a.ks_strides,
+            h,
+            m,
+            n,
+            d,
+            a.ngq,
+            a.q_off_int,
+            a.qk_scale,
+            a.w,
+            a.m_bucket,
+            a.n_bucket,
+            BIAS_KIND=a.bias_kind,
+            CAUSAL=a.causal,
+            HAS_KPM=a.kpm is not a.dummy,
+            HAS_SEG=a.has_seg and seg_pass != 1,
+            SEG_PASS=seg_pass,
+            SEG_MAXB=_max_block(_fwd_kernel, "BLOCK_M"),
+            QOFF_FROM_PTR=a.qoff_from_ptr,
+            DOT_PREC=a.dot_prec,
+            NPART=a.npart,
+            NEAR_TABLE=a.near_table,
+            TMA=tma,
+            KV_TMA=kv_tma,
+            RBW=a.rbw,
+            BLOCK_D=a.block_d,
+        )
     return out, lse
 
 
@@ -2492,114 +2697,124 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
     if _POISON and rel_grad:  # every partial row must be written
         drel.fill_(float("nan"))
     grid_kv = lambda meta: (cdiv(n, meta["BLOCK_N"]), b * h)
-    _DKV[grid_kv](
-        q,
-        k,
-        v,
-        do,
-        dk,
-        dv,
-        lse,
-        delta,
-        a.rbv,
-        drel,
-        a.bias,
-        a.kpm,
-        a.qseg,
-        a.kseg,
-        a.q_lo,
-        a.q_hi,
-        a.qoff_ptr,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *do.stride(),
-        *dk.stride(),
-        *dv.stride(),
-        *a.bias_strides,
-        *a.kpm_strides,
-        *a.qs_strides,
-        *a.ks_strides,
-        srow,
-        h,
-        m,
-        n,
-        d,
-        a.ngk,
-        nkb,
-        a.q_off_int,
-        a.qk_scale,
-        float(scale),
-        a.w,
-        a.m_bucket,
-        a.n_bucket,
-        BIAS_KIND=a.bias_kind,
-        REL_GRAD=rel_grad,
-        CAUSAL=a.causal,
-        HAS_KPM=a.kpm is not a.dummy,
-        HAS_SEG=a.has_seg,
-        QOFF_FROM_PTR=a.qoff_from_ptr,
-        DOT_PREC=a.dot_prec,
-        NPART=a.npart,
-        NEAR_TABLE=a.near_table,
-        RBW=a.rbw,
-        RB=a.rb,
-        DREL_BN=bn_min,
-        BLOCK_D=a.block_d,
-    )
+    for seg_pass in _seg_passes(a):
+        _DKV[grid_kv](
+            q,
+            k,
+            v,
+            do,
+            dk,
+            dv,
+            lse,
+            delta,
+            a.rbv,
+            drel,
+            a.bias,
+            a.kpm,
+            a.qseg,
+            a.kseg,
+            a.q_lo,
+            a.q_hi,
+            a.q_lo[1] if a.has_seg else a.dummy,
+            a.q_hi[1] if a.has_seg else a.dummy,
+            a.qoff_ptr,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *do.stride(),
+            *dk.stride(),
+            *dv.stride(),
+            *a.bias_strides,
+            *a.kpm_strides,
+            *a.qs_strides,
+            *a.ks_strides,
+            srow,
+            h,
+            m,
+            n,
+            d,
+            a.ngk,
+            nkb,
+            a.q_off_int,
+            a.qk_scale,
+            float(scale),
+            a.w,
+            a.m_bucket,
+            a.n_bucket,
+            BIAS_KIND=a.bias_kind,
+            REL_GRAD=rel_grad,
+            CAUSAL=a.causal,
+            HAS_KPM=a.kpm is not a.dummy,
+            HAS_SEG=a.has_seg and seg_pass != 1,
+            SEG_PASS=seg_pass,
+            SEG_MAXB=_max_block(_dkv_kernel, "BLOCK_N"),
+            QOFF_FROM_PTR=a.qoff_from_ptr,
+            DOT_PREC=a.dot_prec,
+            NPART=a.npart,
+            NEAR_TABLE=a.near_table,
+            RBW=a.rbw,
+            RB=a.rb,
+            DREL_BN=bn_min,
+            BLOCK_D=a.block_d,
+        )
     bias_grad = need_dbias and a.bias_kind == BIAS_TENSOR
     # skipped (fully masked) tiles are never written: their gradient is zero
     db = torch.zeros((b, h, m, n), dtype=torch.float32, device=dev) if bias_grad else a.dummy
     grid_q = lambda meta: (cdiv(m, meta["BLOCK_M"]), b * h)
-    _DQ[grid_q](
-        q,
-        k,
-        v,
-        do,
-        dq,
-        lse,
-        delta,
-        a.rbv,
-        a.bias,
-        db,
-        a.kpm,
-        a.qseg,
-        a.kseg,
-        a.kv_lo,
-        a.kv_hi,
-        a.qoff_ptr,
-        *q.stride(),
-        *k.stride(),
-        *v.stride(),
-        *do.stride(),
-        *dq.stride(),
-        *a.bias_strides,
-        *a.kpm_strides,
-        *a.qs_strides,
-        *a.ks_strides,
-        h,
-        m,
-        n,
-        d,
-        a.ngq,
-        a.q_off_int,
-        a.qk_scale,
-        float(scale),
-        a.w,
-        a.m_bucket,
-        a.n_bucket,
-        BIAS_KIND=a.bias_kind,
-        BIAS_GRAD=bias_grad,
-        CAUSAL=a.causal,
-        HAS_KPM=a.kpm is not a.dummy,
-        HAS_SEG=a.has_seg,
-        QOFF_FROM_PTR=a.qoff_from_ptr,
-        DOT_PREC=a.dot_prec,
-        NPART=a.npart,
-        NEAR_TABLE=a.near_table,
-        RBW=a.rbw,
-        BLOCK_D=a.block_d,
-    )
+    for seg_pass in _seg_passes(a):
+        _DQ[grid_q](
+            q,
+            k,
+            v,
+            do,
+            dq,
+            lse,
+            delta,
+            a.rbv,
+            a.bias,
+            db,
+            a.kpm,
+            a.qseg,
+            a.kseg,
+            a.kv_lo,
+            a.kv_hi,
+            a.kv_lo[1] if a.has_seg else a.dummy,
+            a.kv_hi[1] if a.has_seg else a.dummy,
+            a.qoff_ptr,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *do.stride(),
+            *dq.stride(),
+            *a.bias_strides,
+            *a.kpm_strides,
+            *a.qs_strides,
+            *a.ks_strides,
+            h,
+            m,
+            n,
+            d,
+            a.ngq,
+            a.q_off_int,
+            a.qk_scale,
+            float(scale),
+            a.w,
+            a.m_bucket,
+            a.n_bucket,
+            BIAS_KIND=a.bias_kind,
+            BIAS_GRAD=bias_grad,
+            CAUSAL=a.causal,
+            HAS_KPM=a.kpm is not a.dummy,
+            HAS_SEG=a.has_seg and seg_pass != 1,
+            SEG_PASS=seg_pass,
+            SEG_MAXB=_max_block(_dq_kernel, "BLOCK_M"),
+            QOFF_FROM_PTR=a.qoff_from_ptr,
+            DOT_PREC=a.dot_prec,
+            NPART=a.npart,
+            NEAR_TABLE=a.near_table,
+            RBW=a.rbw,
+            BLOCK_D=a.block_d,
+        )
     d_table = _table_grad(drel, a, b * nkb, h, srow, rel_table) if rel_grad else torch.empty(0, device=dev)
     d_bias = torch.empty(0, device=dev)
     if bias_grad:
@@ -2679,7 +2894,7 @@ def _fwd_fake(
     if rel_table is not None:
         w = _saturation_width(rel_table.shape[0], bool(rel_bidirectional), int(rel_max_distance))
         rbv = q.new_empty((h, _rel_width(w, _VARIANT == "table")), dtype=_rbv_dtype(q.dtype))
-    gq, gk = (b, cdiv(m, SEG_G)), (b, cdiv(n, SEG_G))
+    gq, gk = (2, b, cdiv(m, SEG_G)), (2, b, cdiv(n, SEG_G))
     if q_segment_ids is None:
         gq = gk = (0,)
     ranges = [q.new_empty(shape, dtype=torch.int32) for shape in (gq, gq, gk, gk)]
