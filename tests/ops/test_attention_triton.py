@@ -107,6 +107,10 @@ def _make(case, dtype, device, gen):
         if b > 1:
             kpm[-1] = False  # a batch row with no real key at all: every query of it sees nothing
         kw["key_padding_mask"] = kpm.to(device)
+    if case.get("seg_ids"):  # explicit (query ids, key ids), each a list per batch row
+        q_ids, kv_ids = (torch.tensor(x, dtype=torch.int32).to(device) for x in case["seg_ids"])
+        assert q_ids.shape == (b, m) and kv_ids.shape == (b, n)
+        kw["q_segment_ids"], kw["kv_segment_ids"] = q_ids, kv_ids
     if case.get("seg"):
         assert m == n
         seg = _segments(b, n, case["seg"], gen).to(device)
@@ -499,6 +503,57 @@ def test_segments_with_wide_blocks(causal, monkeypatch):
     case = dict(shape=(2, 1, 300, 300, 16), seg=5, bias="t5", buckets=8, kw=dict(rel_max_distance=8))
     case["kw"].update(causal=causal, rel_bidirectional=not causal)
     _check(case, torch.float32, DEV)
+
+
+def _runs(*pairs):
+    """A row of segment ids from (id, length) pairs."""
+    return [i for i, n in pairs for _ in range(n)]
+
+
+DOC_LAYOUTS = {
+    # documents starting inside a 64-key tile (100) and on one (256): blocks of one document in both passes
+    "unaligned": ([_runs((0, 100), (1, 300)), _runs((0, 256), (1, 144))],) * 2,
+    # id 0 in two runs: its blocks are not one exact document and stay with the masked pass
+    "split_id": ([_runs((0, 100), (1, 200), (0, 100)), _runs((5, 130), (6, 270))],) * 2,
+    # cross attention, M != N (queries at an offset when causal), the key document starting at 150
+    "cross": (
+        [_runs((0, 120), (1, 180)), _runs((0, 300))],
+        [_runs((0, 150), (1, 250)), _runs((0, 10), (1, 390))],
+    ),
+}
+
+
+@pytest.mark.parametrize("doc_pass", [True, False], ids=["doc_pass", "masked_only"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout", list(DOC_LAYOUTS))
+def test_document_pass(layout, causal, doc_pass, monkeypatch):
+    """Packed documents with the GPU's blocks in the interpreter, against the float64 reference (values and every
+    gradient): blocks of one document run without per-key ids (SEG_PASS 1: the forward's first tile masked
+    below the document when it starts inside one, dq and dk/dv from the document's first row), the others with
+    them (SEG_PASS 2); with the document pass off, every block takes the masked path."""
+    if DEV == "cuda":
+        pytest.skip("interpreter case")
+    monkeypatch.setattr(at._fwd_kernel, "configs", [at._cfg(128, 64, 1, 1)])
+    monkeypatch.setattr(at._dq_kernel, "configs", [at._cfg(128, 64, 1, 1)])
+    monkeypatch.setattr(at._dkv_kernel, "configs", [at._cfg(64, 128, 1, 1)])
+    monkeypatch.setattr(at, "DOC_PASS", doc_pass)
+    q_ids, kv_ids = DOC_LAYOUTS[layout]
+    m, n = len(q_ids[0]), len(kv_ids[0])
+    # the layout has blocks of one document on both sides (what the document pass runs)
+    tables = at._segment_ranges(torch.tensor(q_ids), torch.tensor(kv_ids), m, n)
+    one_q = [(tables[0][1][0, g : g + 8] >= 0).all() for g in range(0, tables[0].shape[2], 8)]
+    one_k = [(tables[2][1][0, g : g + 8] >= 0).all() for g in range(0, tables[2].shape[2], 8)]
+    assert any(one_q) and any(one_k)
+    passes = _spy_fwd_flag(monkeypatch, "SEG_PASS")
+    case = dict(
+        shape=(2, 1, m, n, 16),
+        bias="t5",
+        buckets=8,
+        seg_ids=(q_ids, kv_ids),
+        kw=dict(rel_max_distance=8, causal=causal, rel_bidirectional=not causal),
+    )
+    _check(case, torch.float32, DEV)
+    assert passes == ([1, 2] if doc_pass else [0])
 
 
 def _spy_fwd_flag(monkeypatch, flag):
