@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call (device time is scarce): bf16 kernel tests, then the benchmarks,
 # results under ${OUT:-benchmarks/results}. Usage from the repository root on a CUDA machine:
-#   bash benchmarks/run_gpu.sh [quick | step | kernels | rmsnorm]
+#   bash benchmarks/run_gpu.sh [quick | step | kernels | rmsnorm | docpass]
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 out=${OUT:-benchmarks/results}
@@ -13,6 +13,13 @@ if [ "${1:-}" = step ]; then
     tee "$out/gpu_tests_step.log" | tail -5
   python3 benchmarks/bench_model.py --impls fat5-trainer,fat5-graph,hf --shapes 0 --steps 5 --out "$out" --tag=_step
   python3 benchmarks/convergence.py --out "$out"
+elif [ "${1:-}" = docpass ]; then
+  # packed documents alone: the segment cases' GPU tests (the document pass with mixed blocks, every dk/dv
+  # config), then the packed rows with the document pass against the single masked launch (ours_nodoc)
+  FAT5_ATTN_AUTOTUNE=0 python3 -m pytest -q -m gpu tests/ops/test_attention_triton.py \
+    -k "seg or document or every_dkv" -rf --tb=short 2>&1 | tee "$out/gpu_tests_docpass.log" | tail -5
+  python3 benchmarks/bench_attention.py --lengths 1024,4096 --d128-lengths "" --flex-lengths "" \
+    --methods sdpa,ours,ours_nodoc --rep 20 --warmup 5 --out "$out" --tag=_docpass
 elif [ "${1:-}" = kernels ]; then
   # the attention and RMSNorm targets alone (a few minutes): attention against SDPA, with the fp32 bias table and
   # without any bias for comparison (the autotuner's picks go into the JSON), the kernels at the model's shapes,

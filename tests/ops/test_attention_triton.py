@@ -885,8 +885,29 @@ def test_matches_reference_gpu_bf16(name, variant):
     _check(GPU_CASES[name], torch.bfloat16, "cuda")
 
 
+def _pin_configs(monkeypatch, name, held, pick):
+    """Launches of kernel ``name`` ("fwd", "dq" or "dkv") run the one config ``pick(kwargs)`` while the host
+    sees the list ``held`` (the block bounds it derives: SEG_MAXB, the table gradient's row size). Returns the
+    launches' SEG_PASS values."""
+    kernel = {"fwd": at._fwd_kernel, "dq": at._dq_kernel, "dkv": at._dkv_kernel}[name]
+    launcher = {"fwd": at._FWD, "dq": at._DQ, "dkv": at._DKV}[name]
+    monkeypatch.setattr(kernel, "configs", held)
+    seen, launch = [], launcher.run
+
+    def run(grid, *args, **kwargs):
+        seen.append(kwargs["SEG_PASS"])
+        kernel.configs = [pick(kwargs)]
+        try:
+            return launch(grid, *args, **kwargs)
+        finally:
+            kernel.configs = held
+
+    monkeypatch.setattr(launcher, "run", run)
+    return seen
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", range(len(at._DKV_CONFIGS)))
+@pytest.mark.parametrize("cfg", range(len(at._DKV_CONFIGS_GPU)))
 @pytest.mark.parametrize(
     "case",
     [
@@ -896,12 +917,90 @@ def test_matches_reference_gpu_bf16(name, variant):
     ids=["bidir", "decode"],
 )
 def test_every_dkv_config_gpu(case, cfg, monkeypatch):
-    """Each dk/dv config the autotuner may pick, one at a time (an autotuned run exercises only the winner):
-    the table gradient's partial rows then come from programs of 64 or 128 keys against rows of the smallest
-    block (the wider programs write zeros to their extra rows), checked with poisoned buffers."""
-    monkeypatch.setattr(at._dkv_kernel, "configs", [at._DKV_CONFIGS[cfg]])
+    """Each dk/dv config the autotuner may pick, one at a time (an autotuned run exercises only the winner),
+    whatever FAT5_ATTN_AUTOTUNE says: the table gradient's partial rows are sized by the smallest block of the
+    list (64 keys), so the 128-key programs write their sums to their first row and zeros to the second; checked
+    with poisoned buffers."""
+    smallest = min(at._DKV_CONFIGS_GPU, key=lambda c: c.kwargs["BLOCK_N"])
+    chosen = at._DKV_CONFIGS_GPU[cfg]
+    _pin_configs(monkeypatch, "dkv", [chosen, smallest], lambda kw: chosen)
     monkeypatch.setattr(at, "_VARIANT", "table")
     _check(case, torch.bfloat16, "cuda")
+
+
+# packed rows of GPU size: aligned documents, ragged ones (starting inside tiles), cross attention with M != N
+DOC_LAYOUTS_GPU = {
+    "aligned": ([_runs(*[(i, 256) for i in range(8)]), _runs(*[(i, 128) for i in range(16)])],) * 2,
+    "ragged": (
+        [_runs((0, 100), (1, 300), (2, 37), (3, 611), (4, 1000)), _runs((0, 700), (1, 900), (-1, 448))],
+    )
+    * 2,
+    "cross": (
+        [_runs((0, 300), (1, 724)), _runs((0, 1024))],
+        [_runs((0, 1000), (1, 1048)), _runs((0, 130), (1, 1918))],
+    ),
+}
+
+
+def _check_mixed_doc_pass(monkeypatch, configs, small_first, case, dtype, device):
+    """``_check`` with the document pass (SEG_PASS 1) and the masked pass (2) on different blocks, as two
+    autotunings may pick them: each kernel runs the smallest block of its ``configs`` list in one pass and the
+    largest in the other (the host sees both: SEG_MAXB is the largest)."""
+    monkeypatch.setattr(at, "_VARIANT", "table")
+    monkeypatch.setattr(at, "DOC_PASS", True)
+    passes = {}
+    for name, dim in (("fwd", "BLOCK_M"), ("dq", "BLOCK_M"), ("dkv", "BLOCK_N")):
+        small = min(configs[name], key=lambda c: c.kwargs[dim])
+        large = max(configs[name], key=lambda c: c.kwargs[dim])
+        assert small.kwargs[dim] < large.kwargs[dim]
+        first, second = (small, large) if small_first else (large, small)
+        passes[name] = _pin_configs(
+            monkeypatch, name, [small, large], lambda kw, a=first, b=second: a if kw["SEG_PASS"] == 1 else b
+        )
+    _check(case, dtype, device)
+    assert all(seen == [1, 2] for seen in passes.values()), passes
+
+
+@pytest.mark.parametrize("small_first", [True, False], ids=["small_then_large", "large_then_small"])
+@pytest.mark.parametrize("layout", list(DOC_LAYOUTS))
+def test_document_pass_mixed_blocks(layout, small_first, monkeypatch):
+    """The document pass and the masked pass on different blocks (64 and 128 rows; dk/dv 64 and 128 keys) in the
+    interpreter, against float64: pass 2 must leave to pass 1 exactly the blocks whose 128-wide span is one
+    document, whichever pass has the small block (causal when the large block comes first)."""
+    if DEV == "cuda":
+        pytest.skip("interpreter case")
+    configs = {
+        "fwd": [at._cfg(64, 64, 1, 1), at._cfg(128, 64, 1, 1)],
+        "dq": [at._cfg(64, 64, 1, 1), at._cfg(128, 64, 1, 1)],
+        "dkv": [at._cfg(32, 64, 1, 1), at._cfg(64, 128, 1, 1)],
+    }
+    q_ids, kv_ids = DOC_LAYOUTS[layout]
+    causal = not small_first
+    case = dict(
+        shape=(2, 1, len(q_ids[0]), len(kv_ids[0]), 16),
+        bias="t5",
+        buckets=8,
+        seg_ids=(q_ids, kv_ids),
+        kw=dict(rel_max_distance=8, causal=causal, rel_bidirectional=not causal),
+    )
+    _check_mixed_doc_pass(monkeypatch, configs, small_first, case, torch.float32, DEV)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("small_first", [True, False], ids=["small_then_large", "large_then_small"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout", list(DOC_LAYOUTS_GPU))
+def test_document_pass_mixed_configs_gpu(layout, causal, small_first, monkeypatch):
+    """As test_document_pass_mixed_blocks with the GPU's configs at GPU sizes, in bf16 (poisoned outputs)."""
+    configs = {"fwd": at._FWD_CONFIGS_GPU, "dq": at._DQ_CONFIGS_GPU, "dkv": at._DKV_CONFIGS_GPU}
+    q_ids, kv_ids = DOC_LAYOUTS_GPU[layout]
+    case = dict(
+        shape=(2, 4, len(q_ids[0]), len(kv_ids[0]), 64),
+        bias="t5",
+        seg_ids=(q_ids, kv_ids),
+        kw=dict(causal=causal, rel_bidirectional=not causal),
+    )
+    _check_mixed_doc_pass(monkeypatch, configs, small_first, case, torch.bfloat16, "cuda")
 
 
 @pytest.mark.gpu

@@ -120,6 +120,14 @@ def _cfg(bm, bn, w, s, maxnreg=None):
 _FWD_CONFIGS_GPU = [
     _cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3, 128)
 ]  # fmt: skip
+# key-block kernel: BLOCK_M (queries per step) <= BLOCK_N (keys held) -- the diagonal skew needs it
+# (with the T5 table gradient, offline ptxas -v for sm_90a shows the 4-warp 64/128-wide tiles spilling
+# 150-1000 bytes; the 8-warp and 16-row ones below do not, so autotune can choose them)
+_DKV_CONFIGS_GPU = [
+    _cfg(64, 128, 8, 3), _cfg(32, 128, 8, 3), _cfg(32, 64, 8, 3), _cfg(16, 128, 8, 3),
+    _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3), _cfg(16, 64, 4, 3),
+]  # fmt: skip
+_DQ_CONFIGS_GPU = [_cfg(128, 64, 8, 3), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3, 128)]
 if _INTERPRET:  # the interpreter is slow and autotuning there measures nothing: one small config
     # 32-wide key (dkv: query) steps, so the 16-wide near-diagonal tiles of the split variant are exercised
     _FWD_CONFIGS = [_cfg(16, 32, 1, 1)]
@@ -127,15 +135,7 @@ if _INTERPRET:  # the interpreter is slow and autotuning there measures nothing:
     _DQ_CONFIGS = [_cfg(16, 32, 1, 1)]
 else:
     # few configs: every one is compiled per (head dim, bias kind, masks) on first use
-    _FWD_CONFIGS = _FWD_CONFIGS_GPU
-    # key-block kernel: BLOCK_M (queries per step) <= BLOCK_N (keys held) -- the diagonal skew needs it
-    # (with the T5 table gradient, offline ptxas -v for sm_90a shows the 4-warp 64/128-wide tiles spilling
-    # 150-1000 bytes; the 8-warp and 16-row ones below do not, so autotune can choose them)
-    _DKV_CONFIGS = [
-        _cfg(64, 128, 8, 3), _cfg(32, 128, 8, 3), _cfg(32, 64, 8, 3), _cfg(16, 128, 8, 3),
-        _cfg(64, 64, 4, 3), _cfg(32, 64, 4, 3), _cfg(16, 64, 4, 3),
-    ]  # fmt: skip
-    _DQ_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(128, 32, 4, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3, 128)]
+    _FWD_CONFIGS, _DKV_CONFIGS, _DQ_CONFIGS = _FWD_CONFIGS_GPU, _DKV_CONFIGS_GPU, _DQ_CONFIGS_GPU
     if (
         os.environ.get("FAT5_ATTN_AUTOTUNE", "1") == "0"
     ):  # tests: skip the tuning sweep, keep the first config
@@ -143,7 +143,15 @@ else:
 
 # the "table" variant's Toeplitz table covers blocks of up to NT_COLS rows and columns
 assert (
-    max(max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in _FWD_CONFIGS + _DKV_CONFIGS + _DQ_CONFIGS)
+    max(
+        max(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"])
+        for c in _FWD_CONFIGS
+        + _DKV_CONFIGS
+        + _DQ_CONFIGS
+        + _FWD_CONFIGS_GPU
+        + _DKV_CONFIGS_GPU
+        + _DQ_CONFIGS_GPU
+    )
     <= NT_COLS.value
 )
 
@@ -2590,6 +2598,11 @@ def _max_block(kernel, name: str) -> int:
     return max(c.kwargs[name] for c in kernel.configs)
 
 
+def _min_block(kernel, name: str) -> int:
+    """The smallest ``name`` among the configs ``kernel``'s autotuner holds now (tests swap them)."""
+    return min(c.kwargs[name] for c in kernel.configs)
+
+
 def _forward(q, k, v, a: _Args):
     b, h, m, d, n = a.b, a.h, a.m, a.d, a.n
     out = torch.empty((b, m, h, d), dtype=q.dtype, device=q.device).transpose(1, 2)  # (B, H, M, D) view
@@ -2687,7 +2700,7 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
         BLOCK_D=a.block_d,
     )
     rel_grad = need_drel and a.bias_kind == BIAS_REL
-    bn_min = min(c.kwargs["BLOCK_N"] for c in _DKV_CONFIGS)
+    bn_min = _min_block(_dkv_kernel, "BLOCK_N")
     nkb = cdiv(n, bn_min)
     # one row of 2W+1 distances (padded to 16 bytes) per (batch, key block of bn_min keys, head): a program of
     # BLOCK_N keys writes its BLOCK_N // bn_min rows below nkb (its sums in the first, zeros in the others),
