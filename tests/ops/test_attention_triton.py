@@ -928,6 +928,19 @@ def test_every_dkv_config_gpu(case, cfg, monkeypatch):
     _check(case, torch.bfloat16, "cuda")
 
 
+def test_table_grad_rows_follow_held_configs(monkeypatch):
+    """The table gradient's partial rows are sized by the dk/dv configs the autotuner holds, not by the module's
+    list: a config narrower (16 keys) than every listed one (interpreter: 32) still gets one row per program, so
+    the table gradient matches float64 (sized by the module's list, every program wrote the same row)."""
+    if DEV == "cuda":
+        pytest.skip("interpreter case")
+    narrow = at._cfg(16, 16, 1, 1)
+    assert all(narrow.kwargs["BLOCK_N"] < c.kwargs["BLOCK_N"] for c in at._DKV_CONFIGS)
+    _pin_configs(monkeypatch, "dkv", [narrow], lambda kw: narrow)
+    case = dict(shape=(2, 2, 40, 70, 16), bias="t5", buckets=8, kw=dict(rel_max_distance=8))
+    _check(case, torch.float32, DEV)
+
+
 # packed rows of GPU size: aligned documents, ragged ones (starting inside tiles), cross attention with M != N
 DOC_LAYOUTS_GPU = {
     "aligned": ([_runs(*[(i, 256) for i in range(8)]), _runs(*[(i, 128) for i in range(16)])],) * 2,
