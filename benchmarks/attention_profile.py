@@ -104,12 +104,14 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument(
         "--cells",
-        choices=("all", "table", "model"),
+        choices=("all", "table", "model", "l1024"),
         default="all",
         help="table: only the default variant's rows and SDPA; model: the three attentions of T5 v1.1 base at "
         "512/114, batch 64 (encoder self, decoder self, cross), the T5 table's gradient on and off, the T5 bias "
-        "in the kernel against materialised from the table (t5-dense)",
+        "in the kernel against materialised from the table (t5-dense); l1024: the bench_attention rows at L = 1024 "
+        "(batch 32), causal and not, with the T5 table's gradient on and off and without bias",
     )
+    ap.add_argument("--tag", default="", help="suffix of the output file's name")
     args = ap.parse_args()
     cells = [
         ("sdpa", 64, 4096, False, "none", None, "table"),
@@ -145,6 +147,12 @@ def main():
             ("ours", 64, 1024, False, "t5", None, "table", 32, 1024),
             ("sdpa", 64, 114, False, "none", None, "table", 64, 512),
             ("ours", 64, 114, False, "none", None, "table", 64, 512),
+        ]
+    if args.cells == "l1024":
+        cells = [
+            (impl, 64, 1024, causal, bias, None, "table", 32, 1024)
+            for causal in (False, True)
+            for impl, bias in (("sdpa", "none"), ("ours", "none"), ("ours", "t5"), ("ours", "t5-nograd"))
         ]
     cells = [c if len(c) == 9 else (*c, None, None) for c in cells]
     results = []
@@ -194,7 +202,9 @@ def main():
     cfg = at.autotuned_configs()
     print(json.dumps(cfg, indent=1))
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"attention_profile_{datetime.date.today().isoformat()}_{args.cells}.json")
+    path = os.path.join(
+        args.out, f"attention_profile_{datetime.date.today().isoformat()}_{args.cells}{args.tag}.json"
+    )
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     with open(path, "w") as f:
         json.dump({"meta": meta, "rows": results, "best_configs": cfg}, f, indent=1)

@@ -11,6 +11,7 @@ T5 buckets 32 / max distance 128. Methods:
   ours_fp32table  ours with the T5 bias buffer in fp32 (FAT5_ATTN_HALF_TABLE=0; default: fp16 for 16-bit inputs)
   ours_near64 ours with 64-key forward near steps
   ours_nodoc  ours without the document pass for packed documents (FAT5_ATTN_DOC_PASS=0: every block masked by ids)
+  ours_circ   ours with the dk/dv near tiles' table gradient skewed circularly (FAT5_ATTN_CIRC_SKEW=1)
   ours_nobias our kernel with no bias (not in the default list): the ceiling the bias costs are measured from
 TFLOP/s: forward 4*B*H*L*L*D (halved if causal), forward+backward 3.5x that; median of triton.testing.do_bench.
 Memory: peak allocated during one forward+backward minus what was allocated before (inputs excluded).
@@ -178,6 +179,7 @@ METHODS = {
     "ours_fp32table": _with(HALF_TABLE=False),
     "ours_near64": _with(NEAR={**at.NEAR, "fwd": 64}),
     "ours_nodoc": _with(DOC_PASS=False),
+    "ours_circ": _with(CIRC_SKEW=True),
 }
 OURS = (
     "ours",
@@ -186,6 +188,7 @@ OURS = (
     "ours_fp32table",
     "ours_near64",
     "ours_nodoc",
+    "ours_circ",
 )  # the T5-bias methods: the packed rows run these
 RATIO = (*OURS, "ours_nobias")  # methods whose ratio to SDPA is reported
 # --quick: (head dim, L, causal) rows that show the gaps of the 2026-11-29 report, plus the packed row

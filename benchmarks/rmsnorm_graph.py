@@ -1,6 +1,7 @@
 """What an RMSNorm fwd+bwd puts in a CUDA graph: the same step captured through autograd (as a model calls it)
-and as the direct forward/backward op pair, each timed by replay and dumped as a Graphviz file (CUDA's debug
-print: node kinds, kernel names, and the edges between them, programmatic ones included).
+and as the direct forward/backward op pair, each timed by replay and dumped as a Graphviz file (the driver's debug
+print: node kinds, kernel names, and the edges between them, programmatic ones included); with and without
+programmatic dependent launches.
 
     PYTHONPATH=src python3 benchmarks/rmsnorm_graph.py --out OUT_DIR [--widths 512,1024]
 """
@@ -8,6 +9,7 @@ print: node kinds, kernel names, and the edges between them, programmatic ones i
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 
@@ -19,19 +21,28 @@ from fat5.ops import rmsnorm as rn
 TOKENS = 32768
 
 
-def capture(fn, path: str) -> torch.cuda.CUDAGraph:
+def _dot_print(graph: torch.cuda.CUDAGraph, path: str) -> None:
+    """The captured graph written as Graphviz by the driver (cuGraphDebugDotPrint, every debug flag): node
+    kinds, kernel names and launch attributes, and each edge's type (programmatic ones included). Needs a
+    graph kept after capture (``keep_graph=True``)."""
+    lib = ctypes.CDLL("libcuda.so.1")
+    lib.cuGraphDebugDotPrint.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint]
+    rc = lib.cuGraphDebugDotPrint(ctypes.c_void_p(graph.raw_cuda_graph()), path.encode(), 1)
+    if rc != 0:
+        raise RuntimeError(f"cuGraphDebugDotPrint returned {rc}")
+
+
+def capture(fn, path: str) -> None:
     """``fn`` captured once (after a warm-up on a side stream), its graph dumped to ``path``."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         fn()
     torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    g.enable_debug_mode()
+    g = torch.cuda.CUDAGraph(keep_graph=True)
     with torch.cuda.graph(g):
         fn()
-    g.debug_dump(path)
-    return g
+    _dot_print(g, path)
 
 
 def summary(path: str) -> list[str]:
@@ -68,15 +79,24 @@ def main():
             _, _, rstd = rn._rms_norm_fwd_impl(x, w, None, 1e-6, None)
             rn._rms_norm_bwd_impl(dy, None, x, w, rstd, None)
 
-        for name, fn in (("autograd", autograd_step), ("direct", direct_pair), ("impl", eager_pair)):
-            path = os.path.join(args.out, f"rmsnorm_graph_d{d}_{name}.dot")
-            capture(fn, path)
-            us = 1e3 * do_bench_cudagraph(fn, rep=100, return_mode="median")
-            # some torch builds capture in debug mode but write no dump: the timing still stands
-            nodes = summary(path) if os.path.exists(path) else "debug_dump wrote no file"
-            row = dict(d=d, path=name, us=round(us, 2), nodes=nodes)
-            rows.append(row)
-            print(json.dumps(row, indent=1), flush=True)
+        paths = (("autograd", autograd_step), ("direct", direct_pair), ("impl", eager_pair))
+        for pdl in (True, False):  # the launches as programmatic dependents (the default), then without
+            for name, fn in paths:
+                tag = name if pdl else f"{name}_nopdl"
+                rn.TUNE["pdl"] = pdl
+                try:
+                    path = os.path.join(args.out, f"rmsnorm_graph_d{d}_{tag}.dot")
+                    try:
+                        capture(fn, path)
+                        nodes = summary(path)
+                    except Exception as e:  # the dump is a diagnostic: its timing stands without it
+                        nodes = f"no dump: {type(e).__name__}: {str(e)[:200]}"
+                    us = 1e3 * do_bench_cudagraph(fn, rep=100, return_mode="median")
+                finally:
+                    rn.TUNE.pop("pdl", None)
+                row = dict(d=d, path=tag, us=round(us, 2), nodes=nodes)
+                rows.append(row)
+                print(json.dumps(row, indent=1), flush=True)
     with open(os.path.join(args.out, "rmsnorm_graph.json"), "w") as f:
         json.dump(dict(gpu=torch.cuda.get_device_name(), rows=rows), f, indent=1)
 

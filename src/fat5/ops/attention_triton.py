@@ -193,6 +193,12 @@ HALF_TABLE = os.environ.get("FAT5_ATTN_HALF_TABLE", "1") != "0"
 DOC_PASS = os.environ.get("FAT5_ATTN_DOC_PASS", "1") != "0"
 
 
+# CIRC_SKEW (FAT5_ATTN_CIRC_SKEW=1 at import; read at every launch): the dk/dv kernel's near tiles skew dS^T
+# circularly for the table gradient (see _rel_grad_near): a gather of the tile's own elements instead of twice
+# as many. Off by default until timed on the GPU.
+CIRC_SKEW = os.environ.get("FAT5_ATTN_CIRC_SKEW") == "1"
+
+
 def _rbv_dtype(act_dtype: torch.dtype) -> torch.dtype:
     """dtype of the T5 bias buffer for activations of ``act_dtype`` (``HALF_TABLE``)."""
     return torch.float16 if HALF_TABLE and act_dtype in (torch.float16, torch.bfloat16) else torch.float32
@@ -369,6 +375,7 @@ def _rel_grad(
     WIN: tl.constexpr,
     RB: tl.constexpr,
     REL_MODE: tl.constexpr,
+    CIRC: tl.constexpr = False,
 ):
     """Accumulate dS^T (keys x queries, distance R0 + n - m) into per-distance sums: acc_rel over (-W, W); the
     clamped ends stay vectors until the loop ends (``_rel_ends``), so a tile costs no cross-warp reduction: a
@@ -380,13 +387,15 @@ def _rel_grad(
         elif rel_hi <= -W:
             v_lo += tl.sum(dsT, 1)
         else:
-            acc_rel, w_lo, w_hi = _rel_grad_near(dsT, acc_rel, w_lo, w_hi, R0, W, BLOCK_M, BLOCK_N, WIN, RB)
+            acc_rel, w_lo, w_hi = _rel_grad_near(
+                dsT, acc_rel, w_lo, w_hi, R0, W, BLOCK_M, BLOCK_N, WIN, RB, CIRC
+            )
     elif REL_MODE == 1:
         v_hi += tl.sum(dsT, 1)
     elif REL_MODE == -1:
         v_lo += tl.sum(dsT, 1)
     else:
-        acc_rel, w_lo, w_hi = _rel_grad_near(dsT, acc_rel, w_lo, w_hi, R0, W, BLOCK_M, BLOCK_N, WIN, RB)
+        acc_rel, w_lo, w_hi = _rel_grad_near(dsT, acc_rel, w_lo, w_hi, R0, W, BLOCK_M, BLOCK_N, WIN, RB, CIRC)
     return acc_rel, v_lo, v_hi, w_lo, w_hi
 
 
@@ -402,18 +411,36 @@ def _rel_grad_near(
     BLOCK_N: tl.constexpr,
     WIN: tl.constexpr,
     RB: tl.constexpr,
+    CIRC: tl.constexpr = False,
 ):
-    dd = tl.arange(0, WIN)[:, None]
-    mm = tl.arange(0, BLOCK_M)[None, :]
-    nidx = dd - (BLOCK_M - 1) + mm  # row of dsT on diagonal dd at column mm
-    ok = (nidx >= 0) & (nidx < BLOCK_N)
-    x = tl.gather(dsT, tl.where(ok, nidx, 0), axis=0)  # (WIN, BLOCK_M)
-    diag = tl.sum(tl.where(ok, x, 0.0), 1)  # (WIN,): sum of one diagonal = one distance
-    drel = R0 - (BLOCK_M - 1) + tl.arange(0, WIN)
+    """A near tile's per-distance sums. The diagonals of dS^T (key n - query m = u, u from -(BLOCK_M - 1) to
+    BLOCK_N - 1) become rows of a skewed copy (a gather along the keys), summed along the queries; then the
+    sums move into the distance frame of acc_rel (R0 + u, offset by W), those at or beyond +-W into w_lo / w_hi.
+    CIRC: the skew is circular, x[u, m] = dS^T[(u + m) mod BLOCK_N, m], so it gathers the tile's own BLOCK_N x
+    BLOCK_M elements instead of WIN x BLOCK_M (WIN = 2 BLOCK_N); an element whose row wrapped lies on diagonal
+    u - BLOCK_N, so each row gives two sums (unwrapped and wrapped elements) in one reduction."""
+    if CIRC:
+        tl.static_assert(WIN == 2 * BLOCK_N)
+        t = tl.arange(0, BLOCK_N)[:, None] + tl.arange(0, BLOCK_M)[None, :]
+        x = tl.gather(dsT, t & (BLOCK_N - 1), axis=0)  # (BLOCK_N, BLOCK_M)
+        wrap = t >= BLOCK_N
+        # (BLOCK_N, 2): [wrapped (u - BLOCK_N), not wrapped (u)] per row, then laid out as distances -BLOCK_N..
+        pair = tl.sum(tl.join(tl.where(wrap, x, 0.0), tl.where(wrap, 0.0, x)), 1)
+        diag = tl.reshape(tl.permute(pair, (1, 0)), (WIN,))  # index i: u = i - BLOCK_N
+        lead: tl.constexpr = BLOCK_N
+    else:
+        dd = tl.arange(0, WIN)[:, None]
+        mm = tl.arange(0, BLOCK_M)[None, :]
+        nidx = dd - (BLOCK_M - 1) + mm  # row of dsT on diagonal dd at column mm
+        ok = (nidx >= 0) & (nidx < BLOCK_N)
+        x = tl.gather(dsT, tl.where(ok, nidx, 0), axis=0)  # (WIN, BLOCK_M)
+        diag = tl.sum(tl.where(ok, x, 0.0), 1)  # (WIN,): sum of one diagonal = one distance
+        lead: tl.constexpr = BLOCK_M - 1
+    drel = R0 - lead + tl.arange(0, WIN)
     w_lo += tl.where(drel <= -W, diag, 0.0)
     w_hi += tl.where(drel >= W, diag, 0.0)
     r = tl.arange(0, RB)
-    src = r - W - (R0 - (BLOCK_M - 1))
+    src = r - W - (R0 - lead)
     okr = (r > 0) & (r < 2 * W) & (src >= 0) & (src < WIN)
     acc_rel += tl.where(okr, tl.gather(diag, tl.where(okr, src, 0), axis=0), 0.0)
     return acc_rel, w_lo, w_hi
@@ -1088,6 +1115,7 @@ def _dkv_inner(
     NEAR_M: tl.constexpr,
     NEAR_WIN: tl.constexpr,
     ALIGNED: tl.constexpr,
+    CIRC: tl.constexpr = False,
 ):
     # as _fwd_inner; here distance = k0 - query falls as the loop goes on: beyond +W, near, below -W
     e1 = start
@@ -1149,6 +1177,7 @@ def _dkv_inner(
             RB,
             REL_MODE if NPART == 1 else (3 if (part == 1 and REL_MODE == 3) else 1 - part),
             ALIGNED,
+            CIRC,
         )
     return dk, dv, acc_rel, s_lo, s_hi
 
@@ -1204,6 +1233,7 @@ def _dkv_tiles(
     RB: tl.constexpr,
     REL_MODE: tl.constexpr,
     ALIGNED: tl.constexpr,
+    CIRC: tl.constexpr = False,
 ):
     # the bias gradient's clamped ends, per key row (far tiles) and per diagonal (near tiles): reduced to the
     # scalars s_lo / s_hi once, after the loop
@@ -1283,6 +1313,7 @@ def _dkv_tiles(
                 WIN,
                 RB,
                 REL_MODE,
+                CIRC,
             )
     if REL_GRAD:
         s_lo += tl.sum(tl.where(kpos < N, v_lo, 0.0), 0) + tl.sum(w_lo, 0)
@@ -1303,6 +1334,7 @@ def _dkv_tiles(
         "NEAR_WIN": lambda a: next_pow2(
             min(a["BLOCK_M"], NEAR["dkv"] if a["NEAR_TABLE"] else 16) + a["BLOCK_N"] - 1
         ),
+        "CIRC": lambda a: CIRC_SKEW,
     }
 )
 @triton.jit
@@ -1393,6 +1425,7 @@ def _dkv_kernel(
     WIN: tl.constexpr,
     NEAR_M: tl.constexpr,
     NEAR_WIN: tl.constexpr,
+    CIRC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -1522,6 +1555,7 @@ def _dkv_kernel(
         NEAR_M,
         NEAR_WIN,
         SEG_PASS != 1,
+        CIRC,
     )
     dk, dv, acc_rel, s_lo, s_hi = _dkv_inner(
         dk,
@@ -1576,6 +1610,7 @@ def _dkv_kernel(
         NEAR_M,
         NEAR_WIN,
         SEG_PASS != 1,
+        CIRC,
     )
     dk = dk * scale
     tl.store(
@@ -2092,8 +2127,8 @@ def _dq_kernel(
 
 # --------------------------------------------------------------------------------------------- host side
 # launched through ``Launcher`` (ops/launch.py): Triton's per-launch Python work is done once per specialisation;
-# the heuristics read the NEAR step widths, so those join the key
-_near_key = lambda: tuple(NEAR.values())  # noqa: E731
+# the heuristics read the NEAR step widths and CIRC_SKEW, so those join the key
+_near_key = lambda: (*NEAR.values(), CIRC_SKEW)  # noqa: E731
 _FWD, _DKV, _DQ = (Launcher(k, extra=_near_key) for k in (_fwd_kernel, _dkv_kernel, _dq_kernel))
 _DELTA = Launcher(_delta_kernel)
 
