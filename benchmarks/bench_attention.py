@@ -196,8 +196,10 @@ QUICK_CELLS = [(64, 512, False), (64, 1024, False), (64, 1024, True), (64, 4096,
 QUICK_METHODS = "sdpa,ours,ours_split"
 
 
-def bench(fn, q, k, v, table, causal, warmup, rep, **kw):
-    """(fwd ms, fwd+bwd ms, peak extra GiB) or 'OOM' strings."""
+def bench(fn, q, k, v, table, causal, warmup, rep, graph=False, **kw):
+    """(fwd ms, fwd+bwd ms, peak extra GiB) or 'OOM' strings. ``graph``: the two timings again with the calls
+    replayed from a CUDA graph (``fwd_graph_ms``, ``fwdbwd_graph_ms``): GPU time alone, without the host's
+    launch work, which short calls (the packed rows) may not hide behind the GPU's."""
     res = {}
     try:
         with torch.no_grad():
@@ -216,6 +218,18 @@ def bench(fn, q, k, v, table, causal, warmup, rep, **kw):
         )
         for t in (q, k, v, table):
             t.grad = None
+        if graph:
+            try:
+                res["fwd_graph_ms"] = triton.testing.do_bench_cudagraph(
+                    lambda: fn(q, k, v, table, causal, **kw), rep=rep, return_mode="median"
+                )
+                res["fwdbwd_graph_ms"] = triton.testing.do_bench_cudagraph(
+                    step, rep=rep, grad_to_none=[q, k, v, table], return_mode="median"
+                )
+            except Exception as e:  # reported, not fatal: the eager timings stand
+                res["graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            for t in (q, k, v, table):
+                t.grad = None
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -254,6 +268,11 @@ def main():
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--rep", type=int, default=40)
     ap.add_argument("--commit", default=None)
+    ap.add_argument(
+        "--packed-graph",
+        action="store_true",
+        help="time the packed rows from CUDA graphs as well (GPU time alone, no host launch work)",
+    )
     ap.add_argument("--tag", default="", help="suffix of the report's file names")
     args = ap.parse_args()
     if args.quick and "--methods" not in sys.argv:
@@ -264,7 +283,7 @@ def main():
         ap.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
     flex_lengths = {int(x) for x in args.flex_lengths.split(",") if x}
     rows = []
-    cells = [(64, int(x), c) for c in (False, True) for x in args.lengths.split(",")]
+    cells = [(64, int(x), c) for c in (False, True) for x in args.lengths.split(",") if x]
     cells += [(128, int(x), c) for c in (False, True) for x in args.d128_lengths.split(",") if x]
     if args.quick:
         cells = QUICK_CELLS
@@ -302,12 +321,14 @@ def main():
     }
     for name in (m for m in methods if m in OURS):
         q, k, v, table = make_inputs(b, length, 64, False)
-        one = bench(METHODS[name], q, k, v, table, False, args.warmup, args.rep)
+        one = bench(METHODS[name], q, k, v, table, False, args.warmup, args.rep, graph=args.packed_graph)
         for layout, cuts in layouts.items():
             doc_lengths = torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([length])])).tolist()
             seg = torch.bucketize(torch.arange(length), cuts, right=True).to(torch.int32)
             seg = seg[None].expand(b, length).contiguous().cuda()
-            pk = bench(METHODS[name], q, k, v, table, False, args.warmup, args.rep, seg=seg)
+            pk = bench(
+                METHODS[name], q, k, v, table, False, args.warmup, args.rep, graph=args.packed_graph, seg=seg
+            )
             packed = {
                 "one_doc": one,
                 "eight_docs": pk,
@@ -317,6 +338,9 @@ def main():
             if isinstance(one["fwd_ms"], float) and isinstance(pk["fwd_ms"], float):
                 packed["speedup_fwd"] = one["fwd_ms"] / pk["fwd_ms"]
                 packed["speedup_fwdbwd"] = one["fwdbwd_ms"] / pk["fwdbwd_ms"]
+            if args.packed_graph and isinstance(pk.get("fwd_graph_ms"), float):
+                packed["speedup_fwd_graph"] = one["fwd_graph_ms"] / pk["fwd_graph_ms"]
+                packed["speedup_fwdbwd_graph"] = one["fwdbwd_graph_ms"] / pk["fwdbwd_graph_ms"]
             packed_all[f"{name}, {layout}"] = packed
             print(json.dumps({"packed": name, "layout": layout, **packed}), flush=True)
         del q, k, v, table
@@ -398,6 +422,13 @@ def main():
             f"{fmt(packed.get('speedup_fwdbwd', '-'), 2)}x fwd+bwd (128x128 tiles that hold a query-key pair of "
             f"one document: {fmt(packed['tile_ratio'], 2)}x fewer than for one document).",
         ]
+        if "speedup_fwd_graph" in packed:
+            lines[-1] += (
+                f" Replayed from a CUDA graph (GPU time alone): one document {fmt(o['fwd_graph_ms'], 3)} / "
+                f"{fmt(o['fwdbwd_graph_ms'], 3)} ms, 8 documents {fmt(p['fwd_graph_ms'], 3)} / "
+                f"{fmt(p['fwdbwd_graph_ms'], 3)} ms; speedup {fmt(packed['speedup_fwd_graph'], 2)}x fwd, "
+                f"{fmt(packed['speedup_fwdbwd_graph'], 2)}x fwd+bwd."
+            )
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

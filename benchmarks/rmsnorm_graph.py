@@ -75,11 +75,22 @@ def main():
             _, _, rstd = rn._rms_norm_fwd(x, w, None, 1e-6, None)
             rn._rms_norm_bwd(dy, None, x, w, rstd, None)
 
+        def direct_kept(x=x, w=w, dy=dy):  # as direct, but y lives through the backward as under autograd
+            y, _, rstd = rn._rms_norm_fwd(x, w, None, 1e-6, None)
+            rn._rms_norm_bwd(dy, None, x, w, rstd, None)
+            return y
+
         def eager_pair(x=x, w=w, dy=dy):  # the implementations themselves, no dispatch layer
             _, _, rstd = rn._rms_norm_fwd_impl(x, w, None, 1e-6, None)
             rn._rms_norm_bwd_impl(dy, None, x, w, rstd, None)
 
-        paths = (("autograd", autograd_step), ("direct", direct_pair), ("impl", eager_pair))
+        # direct_kept: whether the direct pair's lead comes from its backward writing dx over the freed y
+        paths = (
+            ("autograd", autograd_step),
+            ("direct", direct_pair),
+            ("direct_kept", direct_kept),
+            ("impl", eager_pair),
+        )
         for pdl in (True, False):  # the launches as programmatic dependents (the default), then without
             for name, fn in paths:
                 tag = name if pdl else f"{name}_nopdl"
