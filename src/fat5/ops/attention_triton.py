@@ -193,9 +193,10 @@ HALF_TABLE = os.environ.get("FAT5_ATTN_HALF_TABLE", "1") != "0"
 DOC_PASS = os.environ.get("FAT5_ATTN_DOC_PASS", "1") != "0"
 
 
-# CIRC_SKEW (FAT5_ATTN_CIRC_SKEW=1 at import; read at every launch): the dk/dv kernel's near tiles skew dS^T
-# circularly for the table gradient (see _rel_grad_near): a gather of the tile's own elements instead of twice
-# as many. Off by default until timed on the GPU.
+# CIRC_SKEW (FAT5_ATTN_CIRC_SKEW=1 at import; read at every backward launch, tuned apart): the dk/dv kernel's
+# near tiles skew dS^T circularly for the table gradient (see _rel_grad_near): a gather of the tile's own
+# elements instead of twice as many. No spills left in the 4-warp configs (sm_90a), but no faster with the
+# configs tuned without it (H200, 2026-12-05), so off until timed with its own tuning.
 CIRC_SKEW = os.environ.get("FAT5_ATTN_CIRC_SKEW") == "1"
 
 
@@ -1323,7 +1324,19 @@ def _dkv_tiles(
 
 @triton.autotune(
     configs=_DKV_CONFIGS,
-    key=["BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "SEG_PASS", "NPART", "M_BUCKET", "N_BUCKET"],
+    # the table gradient and its skew change the kernel's registers, so they are tuned apart
+    key=[
+        "BLOCK_D",
+        "BIAS_KIND",
+        "REL_GRAD",
+        "CIRC",
+        "CAUSAL",
+        "HAS_SEG",
+        "SEG_PASS",
+        "NPART",
+        "M_BUCKET",
+        "N_BUCKET",
+    ],
     prune_configs_by={"early_config_prune": _prune_by_smem},
 )
 @triton.heuristics(
@@ -1334,7 +1347,6 @@ def _dkv_tiles(
         "NEAR_WIN": lambda a: next_pow2(
             min(a["BLOCK_M"], NEAR["dkv"] if a["NEAR_TABLE"] else 16) + a["BLOCK_N"] - 1
         ),
-        "CIRC": lambda a: CIRC_SKEW,
     }
 )
 @triton.jit
@@ -2127,8 +2139,8 @@ def _dq_kernel(
 
 # --------------------------------------------------------------------------------------------- host side
 # launched through ``Launcher`` (ops/launch.py): Triton's per-launch Python work is done once per specialisation;
-# the heuristics read the NEAR step widths and CIRC_SKEW, so those join the key
-_near_key = lambda: (*NEAR.values(), CIRC_SKEW)  # noqa: E731
+# the heuristics read the NEAR step widths, so those join the key
+_near_key = lambda: tuple(NEAR.values())  # noqa: E731
 _FWD, _DKV, _DQ = (Launcher(k, extra=_near_key) for k in (_fwd_kernel, _dkv_kernel, _dq_kernel))
 _DELTA = Launcher(_delta_kernel)
 
@@ -2791,6 +2803,7 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
             a.n_bucket,
             BIAS_KIND=a.bias_kind,
             REL_GRAD=rel_grad,
+            CIRC=CIRC_SKEW and rel_grad,
             CAUSAL=a.causal,
             HAS_KPM=a.kpm is not a.dummy,
             HAS_SEG=a.has_seg and seg_pass != 1,
