@@ -1330,6 +1330,7 @@ def _dkv_tiles(
         "BIAS_KIND",
         "REL_GRAD",
         "CIRC",
+        "NEAR_DKV",
         "CAUSAL",
         "HAS_SEG",
         "SEG_PASS",
@@ -1342,10 +1343,11 @@ def _dkv_tiles(
 @triton.heuristics(
     {
         "WIN": lambda a: next_pow2(a["BLOCK_M"] + a["BLOCK_N"] - 1),
-        # near-diagonal steps: 16 queries for "split", NEAR["dkv"] for "table" (as in _fwd_kernel)
-        "NEAR_M": lambda a: min(a["BLOCK_M"], NEAR["dkv"] if a["NEAR_TABLE"] else 16),
+        # near-diagonal steps: 16 queries for "split", NEAR["dkv"] (passed as NEAR_DKV, so that it keys the
+        # tuning) for "table" (as in _fwd_kernel)
+        "NEAR_M": lambda a: min(a["BLOCK_M"], a["NEAR_DKV"] if a["NEAR_TABLE"] else 16),
         "NEAR_WIN": lambda a: next_pow2(
-            min(a["BLOCK_M"], NEAR["dkv"] if a["NEAR_TABLE"] else 16) + a["BLOCK_N"] - 1
+            min(a["BLOCK_M"], a["NEAR_DKV"] if a["NEAR_TABLE"] else 16) + a["BLOCK_N"] - 1
         ),
     }
 )
@@ -1438,6 +1440,7 @@ def _dkv_kernel(
     NEAR_M: tl.constexpr,
     NEAR_WIN: tl.constexpr,
     CIRC: tl.constexpr,
+    NEAR_DKV: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -2804,6 +2807,7 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
             BIAS_KIND=a.bias_kind,
             REL_GRAD=rel_grad,
             CIRC=CIRC_SKEW and rel_grad,
+            NEAR_DKV=NEAR["dkv"],
             CAUSAL=a.causal,
             HAS_KPM=a.kpm is not a.dummy,
             HAS_SEG=a.has_seg and seg_pass != 1,
