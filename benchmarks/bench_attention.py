@@ -13,6 +13,7 @@ T5 buckets 32 / max distance 128. Methods:
   ours_nodoc  ours without the document pass for packed documents (FAT5_ATTN_DOC_PASS=0: every block masked by ids)
   ours_circ   ours with the dk/dv near tiles' table gradient skewed circularly (FAT5_ATTN_CIRC_SKEW=1)
   ours_circ64 ours_circ with dk/dv near steps of 64 queries
+  ours_defer  ours with the near tiles' table gradient kept per thread until the loop ends (FAT5_ATTN_CIRC_SKEW=2)
   ours_nobias our kernel with no bias (not in the default list): the ceiling the bias costs are measured from
 TFLOP/s: forward 4*B*H*L*L*D (halved if causal), forward+backward 3.5x that; median of triton.testing.do_bench.
 Memory: peak allocated during one forward+backward minus what was allocated before (inputs excluded).
@@ -180,8 +181,9 @@ METHODS = {
     "ours_fp32table": _with(HALF_TABLE=False),
     "ours_near64": _with(NEAR={**at.NEAR, "fwd": 64}),
     "ours_nodoc": _with(DOC_PASS=False),
-    "ours_circ": _with(CIRC_SKEW=True),
-    "ours_circ64": _with(CIRC_SKEW=True, NEAR={**at.NEAR, "dkv": 64}),
+    "ours_circ": _with(CIRC_SKEW=1),
+    "ours_circ64": _with(CIRC_SKEW=1, NEAR={**at.NEAR, "dkv": 64}),
+    "ours_defer": _with(CIRC_SKEW=2),
 }
 OURS = (
     "ours",
@@ -192,6 +194,7 @@ OURS = (
     "ours_nodoc",
     "ours_circ",
     "ours_circ64",
+    "ours_defer",
 )  # the T5-bias methods: the packed rows run these
 RATIO = (*OURS, "ours_nobias")  # methods whose ratio to SDPA is reported
 # --quick: (head dim, L, causal) rows that show the gaps of the 2026-11-29 report, plus the packed row

@@ -193,11 +193,13 @@ HALF_TABLE = os.environ.get("FAT5_ATTN_HALF_TABLE", "1") != "0"
 DOC_PASS = os.environ.get("FAT5_ATTN_DOC_PASS", "1") != "0"
 
 
-# CIRC_SKEW (FAT5_ATTN_CIRC_SKEW=1 at import; read at every backward launch, tuned apart): the dk/dv kernel's
-# near tiles skew dS^T circularly for the table gradient (see _rel_grad_near): a gather of the tile's own
-# elements instead of twice as many. No spills left in the 4-warp configs (sm_90a), but no faster with the
-# configs tuned without it (H200, 2026-12-05), so off until timed with its own tuning.
-CIRC_SKEW = os.environ.get("FAT5_ATTN_CIRC_SKEW") == "1"
+# CIRC_SKEW (FAT5_ATTN_CIRC_SKEW=1 or 2 at import; read at every backward launch, tuned apart): how the dk/dv
+# kernel's near tiles sum dS^T per distance for the table gradient. 0: a skewed copy of WIN x BLOCK_M elements,
+# summed across the warps and moved into the distance frame on every step (_rel_grad_near); 1: the same with a
+# circular skew of the tile's own elements; 2: a circular skew in the absolute query position, whose sums stay
+# per thread and per distance class until the loop ends (_rel_grad_defer). sm_90a, 32x64 w4: 255 registers and
+# 108 spill bytes (0), 240 and none (1), 238 and none (2). 1 was no faster than 0 on the H200 (2026-12-05).
+CIRC_SKEW = int(os.environ.get("FAT5_ATTN_CIRC_SKEW", "0"))
 
 
 def _rbv_dtype(act_dtype: torch.dtype) -> torch.dtype:
@@ -445,6 +447,53 @@ def _rel_grad_near(
     okr = (r > 0) & (r < 2 * W) & (src >= 0) & (src < WIN)
     acc_rel += tl.where(okr, tl.gather(diag, tl.where(okr, src, 0), axis=0), 0.0)
     return acc_rel, w_lo, w_hi
+
+
+@triton.jit
+def _rel_grad_defer(dsT, acc_b, k0, qp0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ZB: tl.constexpr):
+    """A near tile's per-distance sums kept per thread until the loop ends (``CIRC_SKEW == 2``). The skew is
+    circular in the absolute query position: x[u, m] = dS^T[(u + q) mod BLOCK_N, m] for query q = qp0 + m, so
+    the element's distance k0 + n - q is u + BLOCK_N z, with z = k0 / BLOCK_N - floor((u + q) / BLOCK_N): row u
+    of every step holds the distances = u (mod BLOCK_N), and a row of one step spans two values of z. The
+    tile's columns are summed only within each of NC column groups (the warps' share in the blocked layout
+    the gather uses), per row and per value of z, into acc_b (BLOCK_N, ZB, NC): bin b is z = b - ZB / 2. No
+    per-step reduction across warps and no move into the distance frame; ``_rel_defer_ends`` does both once."""
+    NC: tl.constexpr = 4 if BLOCK_M >= 4 else BLOCK_M
+    # qp0 is negative for queries at a negative offset: shifted by a multiple of BLOCK_N, so that // and % (which
+    # truncate) floor
+    SHIFT: tl.constexpr = 1 << 24
+    qs = qp0 + SHIFT
+    a = tl.arange(0, BLOCK_N)[:, None] + qs % BLOCK_N
+    f0 = a // BLOCK_N  # (BLOCK_N, 1): floor((u + qp0) / BLOCK_N) - floor(qp0 / BLOCK_N), 0 or 1
+    t = a + tl.arange(0, BLOCK_M)[None, :]
+    x = tl.gather(dsT, t & (BLOCK_N - 1), axis=0)  # (BLOCK_N, BLOCK_M)
+    more = (t // BLOCK_N) != f0  # the column wrapped once more than the row's first: z one lower
+    xr = tl.reshape(x, [BLOCK_N, BLOCK_M // NC, NC])
+    mr = tl.reshape(more, [BLOCK_N, BLOCK_M // NC, NC])
+    # the bins in the middle axis, where the reshaped tile's in-thread columns were: the sums go back into the
+    # tile's own layout, so the accumulator needs no layout conversion per step
+    sa = tl.sum(tl.where(mr, 0.0, xr), 1)[:, None, :]  # (BLOCK_N, 1, NC)
+    sb = tl.sum(tl.where(mr, xr, 0.0), 1)[:, None, :]
+    zq = k0 // BLOCK_N - qs // BLOCK_N + SHIFT // BLOCK_N + ZB // 2
+    ba = (zq - f0)[:, :, None]  # bin of the row's first z
+    bins = tl.arange(0, ZB)[None, :, None]
+    acc_b += tl.where(bins == ba, sa, 0.0) + tl.where(bins == ba - 1, sb, 0.0)
+    return acc_b
+
+
+@triton.jit
+def _rel_defer_ends(acc_b, acc_rel, s_lo, s_hi, W, BLOCK_N: tl.constexpr, ZB: tl.constexpr, RB: tl.constexpr):
+    """acc_b (``_rel_grad_defer``) summed over its column groups and moved into the distance frame of acc_rel
+    (distance + W), the distances at or beyond +-W into s_lo / s_hi."""
+    frame = tl.reshape(tl.trans(tl.sum(acc_b, 2)), [ZB * BLOCK_N])  # index i: distance i - ZB / 2 * BLOCK_N
+    dist = tl.arange(0, ZB * BLOCK_N) - (ZB // 2) * BLOCK_N
+    s_lo += tl.sum(tl.where(dist <= -W, frame, 0.0), 0)
+    s_hi += tl.sum(tl.where(dist >= W, frame, 0.0), 0)
+    r = tl.arange(0, RB)
+    src = r - W + (ZB // 2) * BLOCK_N
+    okr = (r > 0) & (r < 2 * W)
+    acc_rel += tl.where(okr, tl.gather(frame, tl.where(okr, src, 0), axis=0), 0.0)
+    return acc_rel, s_lo, s_hi
 
 
 @triton.jit
@@ -1116,7 +1165,8 @@ def _dkv_inner(
     NEAR_M: tl.constexpr,
     NEAR_WIN: tl.constexpr,
     ALIGNED: tl.constexpr,
-    CIRC: tl.constexpr = False,
+    CIRC: tl.constexpr = 0,
+    ZB: tl.constexpr = 8,
 ):
     # as _fwd_inner; here distance = k0 - query falls as the loop goes on: beyond +W, near, below -W
     e1 = start
@@ -1179,6 +1229,7 @@ def _dkv_inner(
             REL_MODE if NPART == 1 else (3 if (part == 1 and REL_MODE == 3) else 1 - part),
             ALIGNED,
             CIRC,
+            ZB,
         )
     return dk, dv, acc_rel, s_lo, s_hi
 
@@ -1234,7 +1285,8 @@ def _dkv_tiles(
     RB: tl.constexpr,
     REL_MODE: tl.constexpr,
     ALIGNED: tl.constexpr,
-    CIRC: tl.constexpr = False,
+    CIRC: tl.constexpr = 0,
+    ZB: tl.constexpr = 8,
 ):
     # the bias gradient's clamped ends, per key row (far tiles) and per diagonal (near tiles): reduced to the
     # scalars s_lo / s_hi once, after the loop
@@ -1242,6 +1294,11 @@ def _dkv_tiles(
     v_hi = tl.zeros([BLOCK_N], tl.float32)
     w_lo = tl.zeros([WIN], tl.float32)
     w_hi = tl.zeros([WIN], tl.float32)
+    DEFER: tl.constexpr = (
+        REL_GRAD and CIRC == 2 and REL_MODE == 3
+    )  # near steps: sums per thread until the end
+    if DEFER:
+        acc_b = tl.zeros([BLOCK_N, ZB, 4 if BLOCK_M >= 4 else BLOCK_M], tl.float32)
     if REL_MODE == 3 and PREFETCH:  # as _dq_tiles, along the queries
         next_bias = _near_bias(RB_h, (q_off + start + tl.arange(0, BLOCK_M))[None, :], kpos[:, None], k0, W)
     for start_m in range(start, end, BLOCK_M):
@@ -1298,24 +1355,29 @@ def _dkv_tiles(
         if REL_GRAD:
             if REL_MODE != 1 and REL_MODE != -1:  # far tiles' row sums are masked once, after the loop
                 dsT = tl.where(kpos[:, None] < N, dsT, 0.0)  # key rows past N hold garbage scores
-            acc_rel, v_lo, v_hi, w_lo, w_hi = _rel_grad(
-                dsT,
-                acc_rel,
-                v_lo,
-                v_hi,
-                w_lo,
-                w_hi,
-                rel_lo,
-                rel_hi,
-                k0 - qp0,
-                W,
-                BLOCK_M,
-                BLOCK_N,
-                WIN,
-                RB,
-                REL_MODE,
-                CIRC,
-            )
+            if DEFER:
+                acc_b = _rel_grad_defer(dsT, acc_b, k0, qp0, BLOCK_M, BLOCK_N, ZB)
+            else:
+                acc_rel, v_lo, v_hi, w_lo, w_hi = _rel_grad(
+                    dsT,
+                    acc_rel,
+                    v_lo,
+                    v_hi,
+                    w_lo,
+                    w_hi,
+                    rel_lo,
+                    rel_hi,
+                    k0 - qp0,
+                    W,
+                    BLOCK_M,
+                    BLOCK_N,
+                    WIN,
+                    RB,
+                    REL_MODE,
+                    CIRC == 1,
+                )
+    if DEFER:
+        acc_rel, s_lo, s_hi = _rel_defer_ends(acc_b, acc_rel, s_lo, s_hi, W, BLOCK_N, ZB, RB)
     if REL_GRAD:
         s_lo += tl.sum(tl.where(kpos < N, v_lo, 0.0), 0) + tl.sum(w_lo, 0)
         s_hi += tl.sum(tl.where(kpos < N, v_hi, 0.0), 0) + tl.sum(w_hi, 0)
@@ -1349,6 +1411,10 @@ def _dkv_tiles(
         "NEAR_WIN": lambda a: next_pow2(
             min(a["BLOCK_M"], a["NEAR_DKV"] if a["NEAR_TABLE"] else 16) + a["BLOCK_N"] - 1
         ),
+        # bins of the deferred near sums (CIRC 2): the near range is cut on the BLOCK_M grid, so a near step's
+        # distances lie within +-(W + BLOCK_N + BLOCK_M - 3), and W < RB / 2: ZB / 2 blocks of BLOCK_N distances
+        # on each side hold them
+        "ZB": lambda a: next_pow2(2 * cdiv(a["RB"] // 2 + a["BLOCK_N"] + a["BLOCK_M"] - 2, a["BLOCK_N"])),
     }
 )
 @triton.jit
@@ -1441,6 +1507,7 @@ def _dkv_kernel(
     NEAR_WIN: tl.constexpr,
     CIRC: tl.constexpr,
     NEAR_DKV: tl.constexpr,
+    ZB: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -1571,6 +1638,7 @@ def _dkv_kernel(
         NEAR_WIN,
         SEG_PASS != 1,
         CIRC,
+        ZB,
     )
     dk, dv, acc_rel, s_lo, s_hi = _dkv_inner(
         dk,
@@ -1626,6 +1694,7 @@ def _dkv_kernel(
         NEAR_WIN,
         SEG_PASS != 1,
         CIRC,
+        ZB,
     )
     dk = dk * scale
     tl.store(
@@ -2806,7 +2875,7 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
             a.n_bucket,
             BIAS_KIND=a.bias_kind,
             REL_GRAD=rel_grad,
-            CIRC=CIRC_SKEW and rel_grad,
+            CIRC=CIRC_SKEW if rel_grad else 0,
             NEAR_DKV=NEAR["dkv"],
             CAUSAL=a.causal,
             HAS_KPM=a.kpm is not a.dummy,
