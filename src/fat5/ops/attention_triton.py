@@ -1374,7 +1374,7 @@ def _dkv_tiles(
                     WIN,
                     RB,
                     REL_MODE,
-                    CIRC == 1,
+                    CIRC != 0,  # 2: the masked and per-tile steps skew circularly per step
                 )
     if DEFER:
         acc_rel, s_lo, s_hi = _rel_defer_ends(acc_b, acc_rel, s_lo, s_hi, W, BLOCK_N, ZB, RB)
