@@ -362,6 +362,13 @@ def test_circular_skew_matches_reference(name, blocks, circ, monkeypatch):
     _check(CASES[name], torch.float32, DEV)
 
 
+def test_circular_skew_rejects_unknown_values(monkeypatch):
+    monkeypatch.setattr(at, "CIRC_SKEW", 3)
+    case = dict(shape=(1, 1, 20, 20, 16), bias="t5", kw=dict(rel_max_distance=16))
+    with pytest.raises(ValueError, match="CIRC_SKEW"):
+        _table_grad(case, DEV, torch.float32)
+
+
 # ------------------------------------------------------------------ near bias through a tensor descriptor (TMA)
 def _near_rows(qp0, lo, end, w, bm, bn, near):
     """Table rows (lowest, highest) the forward's near steps read for a query block starting at position qp0

@@ -199,7 +199,17 @@ DOC_PASS = os.environ.get("FAT5_ATTN_DOC_PASS", "1") != "0"
 # circular skew of the tile's own elements; 2: a circular skew in the absolute query position, whose sums stay
 # per thread and per distance class until the loop ends (_rel_grad_defer). sm_90a, 32x64 w4: 255 registers and
 # 108 spill bytes (0), 240 and none (1), 238 and none (2). 1 was no faster than 0 on the H200 (2026-12-05).
-CIRC_SKEW = int(os.environ.get("FAT5_ATTN_CIRC_SKEW", "0"))
+CIRC_SKEW = os.environ.get("FAT5_ATTN_CIRC_SKEW", "0")
+if CIRC_SKEW not in ("0", "1", "2"):
+    raise ValueError(f"FAT5_ATTN_CIRC_SKEW={CIRC_SKEW!r}: use 0 (default), 1 or 2")
+CIRC_SKEW = int(CIRC_SKEW)
+
+
+def _circ_skew() -> int:
+    """CIRC_SKEW, checked (a module attribute that benchmarks and tests may set)."""
+    if CIRC_SKEW not in (0, 1, 2):
+        raise ValueError(f"attention_triton.CIRC_SKEW = {CIRC_SKEW!r}: use 0, 1 or 2")
+    return CIRC_SKEW
 
 
 def _rbv_dtype(act_dtype: torch.dtype) -> torch.dtype:
@@ -442,11 +452,17 @@ def _rel_grad_near(
     drel = R0 - lead + tl.arange(0, WIN)
     w_lo += tl.where(drel <= -W, diag, 0.0)
     w_hi += tl.where(drel >= W, diag, 0.0)
-    r = tl.arange(0, RB)
-    src = r - W - (R0 - lead)
-    okr = (r > 0) & (r < 2 * W) & (src >= 0) & (src < WIN)
-    acc_rel += tl.where(okr, tl.gather(diag, tl.where(okr, src, 0), axis=0), 0.0)
+    acc_rel = _into_frame(acc_rel, diag, R0 - lead, W, WIN, RB)
     return acc_rel, w_lo, w_hi
+
+
+@triton.jit
+def _into_frame(acc_rel, sums, first, W, LEN: tl.constexpr, RB: tl.constexpr):
+    """acc_rel[r] (distance r - W) += sums[i] (distance first + i), for the distances strictly inside +-W."""
+    r = tl.arange(0, RB)
+    src = r - W - first
+    okr = (r > 0) & (r < 2 * W) & (src >= 0) & (src < LEN)
+    return acc_rel + tl.where(okr, tl.gather(sums, tl.where(okr, src, 0), axis=0), 0.0)
 
 
 @triton.jit
@@ -489,10 +505,7 @@ def _rel_defer_ends(acc_b, acc_rel, s_lo, s_hi, W, BLOCK_N: tl.constexpr, ZB: tl
     dist = tl.arange(0, ZB * BLOCK_N) - (ZB // 2) * BLOCK_N
     s_lo += tl.sum(tl.where(dist <= -W, frame, 0.0), 0)
     s_hi += tl.sum(tl.where(dist >= W, frame, 0.0), 0)
-    r = tl.arange(0, RB)
-    src = r - W + (ZB // 2) * BLOCK_N
-    okr = (r > 0) & (r < 2 * W)
-    acc_rel += tl.where(okr, tl.gather(frame, tl.where(okr, src, 0), axis=0), 0.0)
+    acc_rel = _into_frame(acc_rel, frame, -(ZB // 2) * BLOCK_N, W, ZB * BLOCK_N, RB)
     return acc_rel, s_lo, s_hi
 
 
@@ -1294,9 +1307,8 @@ def _dkv_tiles(
     v_hi = tl.zeros([BLOCK_N], tl.float32)
     w_lo = tl.zeros([WIN], tl.float32)
     w_hi = tl.zeros([WIN], tl.float32)
-    DEFER: tl.constexpr = (
-        REL_GRAD and CIRC == 2 and REL_MODE == 3
-    )  # near steps: sums per thread until the end
+    # near steps with CIRC 2: their sums stay per thread until the loop ends
+    DEFER: tl.constexpr = REL_GRAD and CIRC == 2 and REL_MODE == 3
     if DEFER:
         acc_b = tl.zeros([BLOCK_N, ZB, 4 if BLOCK_M >= 4 else BLOCK_M], tl.float32)
     if REL_MODE == 3 and PREFETCH:  # as _dq_tiles, along the queries
@@ -2875,7 +2887,7 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
             a.n_bucket,
             BIAS_KIND=a.bias_kind,
             REL_GRAD=rel_grad,
-            CIRC=CIRC_SKEW if rel_grad else 0,
+            CIRC=_circ_skew() if rel_grad else 0,
             NEAR_DKV=NEAR["dkv"],
             CAUSAL=a.causal,
             HAS_KPM=a.kpm is not a.dummy,
