@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import json
 import os
 import re
 import shlex
@@ -83,6 +84,37 @@ def ptxas_report(ptx: str) -> tuple[int, int]:
     return int(regs.group(1)) if regs else -1, int(spill.group(1)) if spill else 0
 
 
+def sass_loops(cubin: bytes) -> list[tuple[int, dict[str, int]]]:
+    """The loops of a kernel's SASS (a backward branch closes one), in program order: instructions per
+    iteration and the count of each opcode (without modifiers). Static counts: what one iteration issues per
+    warp, a proxy for its cost where the loop is not waiting on memory."""
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.NamedTemporaryFile("wb", suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    r = subprocess.run([nvdisasm, f.name], capture_output=True, text=True)
+    os.remove(f.name)
+    labels, ins = {}, []
+    for line in r.stdout.splitlines():
+        m = re.match(r"^(\.L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = len(ins)
+            continue
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+([^.\s].*?);", line)
+        if m:
+            ins.append(m.group(1).strip())
+    loops = []
+    for i, text in enumerate(ins):
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", text)
+        if m and labels.get(m.group(1), i + 1) <= i:
+            ops: dict[str, int] = {}
+            for t in ins[labels[m.group(1)] : i + 1]:
+                op = re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0]
+                ops[op] = ops.get(op, 0) + 1
+            if i > labels[m.group(1)]:  # not the branch-to-self that ends a kernel
+                loops.append((i + 1 - labels[m.group(1)], ops))
+    return loops
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="benchmarks/results")
@@ -104,6 +136,12 @@ def main() -> None:
         "KV_TMA=True, HALF_TABLE=False, NEAR={'fwd':64,'dkv':32,'dq':32}; repeatable",
     )
     p.add_argument("--tag", default="", help="suffix of the report's file name")
+    p.add_argument(
+        "--loops",
+        action="store_true",
+        help="also list each kernel's SASS loops (nvdisasm): instructions per iteration, and the opcodes that "
+        "differ most between loops",
+    )
     args = p.parse_args()
     compile_only()
     from fat5.ops import attention_triton as A
@@ -117,14 +155,14 @@ def main() -> None:
         except (ValueError, SyntaxError):
             p.error(f"--set {item}: {value!r} is not a Python literal (e.g. True, 64, {{'fwd': 64}})")
 
-    rows = []
+    rows, details = [], []
     t0 = time.time()
     errors = []
     for variant in args.variants.split(","):
         A.set_variant(variant)
         for d in map(int, args.head_dims.split(",")):
             for kind in args.kinds.split(","):
-                if variant != "table" and kind != "t5":
+                if variant != "table" and not kind.startswith("t5"):
                     continue
                 for causal in (False, True):
                     for seg in args.segments.split(","):
@@ -135,9 +173,10 @@ def main() -> None:
                             torch.randn_like(q, requires_grad=True),
                         )
                         extra = {}
-                        if kind == "t5":
+                        if kind in ("t5", "t5-nograd"):  # t5-nograd: the table needs no gradient
                             extra = dict(
-                                rel_table=torch.randn(32, 2, requires_grad=True), rel_bidirectional=not causal
+                                rel_table=torch.randn(32, 2, requires_grad=kind == "t5"),
+                                rel_bidirectional=not causal,
                             )
                         if seg == "yes":
                             ids = torch.tensor(
@@ -162,7 +201,12 @@ def main() -> None:
                             kname = name.strip("_")
                             if kw.get("SEG_PASS"):  # segment ids: the document pass (1) and the rest (2)
                                 kname += f" pass {kw['SEG_PASS']}"
-                            rows.append((variant, d, kind, causal, seg, kname, cfg, regs, spill))
+                            row = (variant, d, kind, causal, seg, kname, cfg, regs, spill)
+                            if args.loops:
+                                loops = sass_loops(kernel.asm["cubin"])
+                                row += (" / ".join(str(n) for n, _ in loops),)
+                                details.append((row, loops))
+                            rows.append(row)
                             print(rows[-1], flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -177,11 +221,30 @@ def main() -> None:
         f"{len(rows)} kernels compiled, {len(errors)} specialisations failed to compile"
         + ("".join(f"\n- {e}" for e in errors) if errors else "."),
         "",
-        "| variant | head dim | bias | causal | segments | kernel | config | registers | spill bytes |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | head dim | bias | causal | segments | kernel | config | registers | spill bytes |"
+        + (" SASS loops: instructions per iteration |" if args.loops else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if args.loops else ""),
     ]
     lines += [f"| {' | '.join(map(str, r))} |" for r in rows]
+    if details:
+        lines += ["", "## Opcodes per loop iteration (the 12 most frequent in each kernel's loops)", ""]
+        for row, loops in details:
+            total: dict[str, int] = {}
+            for _, ops in loops:
+                for op, n in ops.items():
+                    total[op] = total.get(op, 0) + n
+            top = sorted(total, key=lambda o: -total[o])[:12]
+            lines += [f"{' '.join(map(str, row[:7]))}:", "", "| loop | " + " | ".join(top) + " | all |"]
+            lines += ["|---" * (len(top) + 2) + "|"]
+            lines += [
+                f"| {i} | " + " | ".join(str(ops.get(o, 0)) for o in top) + f" | {n} |"
+                for i, (n, ops) in enumerate(loops)
+            ]
+            lines += [""]
     (out / f"attention_registers_{day}{args.tag}.md").write_text("\n".join(lines) + "\n")
+    if details:  # every opcode's count per loop, for diffs between settings
+        full = [{"kernel": list(row[:7]), "loops": [ops for _, ops in loops]} for row, loops in details]
+        (out / f"attention_registers_{day}{args.tag}_loops.json").write_text(json.dumps(full))
     print(lines[4])
 
 
