@@ -27,6 +27,7 @@ our kernel (each variant), with the tile-count bound of the speedup.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import json
@@ -132,21 +133,31 @@ def fn_ours_split(q, k, v, table, causal, seg=None, **_):
     return _ours(q, k, v, table, causal, seg)
 
 
+@contextlib.contextmanager
+def _settings(overrides):
+    """Module settings of fat5.ops.attention_triton overridden inside the block, restored after."""
+    old = {name: getattr(at, name) for name in overrides}
+    for name, value in overrides.items():
+        setattr(at, name, value)
+    try:
+        yield
+    finally:
+        for name, value in old.items():
+            setattr(at, name, value)
+
+
 def _with(**overrides):
-    """ours with module settings of fat5.ops.attention_triton overridden for the call (the forward reads them
-    at launch; the backward reads what its forward saved), e.g. KV_TMA=True or NEAR={..., "fwd": 64}"""
+    """ours with module settings of fat5.ops.attention_triton overridden, e.g. KV_TMA=True or
+    NEAR={..., "fwd": 64}. Some are read by the backward's launches (CIRC_SKEW, NEAR["dkv"] / ["dq"],
+    DOC_PASS), which run after the call returns: ``bench`` holds ``fn.overrides`` over the forward and the
+    backward alike."""
 
     def fn(q, k, v, table, causal, seg=None, **_):
         set_variant("table")
-        old = {name: getattr(at, name) for name in overrides}
-        for name, value in overrides.items():
-            setattr(at, name, value)
-        try:
+        with _settings(overrides):
             return _ours(q, k, v, table, causal, seg)
-        finally:
-            for name, value in old.items():
-                setattr(at, name, value)
 
+    fn.overrides = overrides
     return fn
 
 
@@ -206,6 +217,11 @@ def bench(fn, q, k, v, table, causal, warmup, rep, graph=False, **kw):
     """(fwd ms, fwd+bwd ms, peak extra GiB) or 'OOM' strings. ``graph``: the two timings again with the calls
     replayed from a CUDA graph (``fwd_graph_ms``, ``fwdbwd_graph_ms``): GPU time alone, without the host's
     launch work, which short calls (the packed rows) may not hide behind the GPU's."""
+    with _settings(getattr(fn, "overrides", {})):  # over the backward too, which reads some of them
+        return _bench(fn, q, k, v, table, causal, warmup, rep, graph, **kw)
+
+
+def _bench(fn, q, k, v, table, causal, warmup, rep, graph, **kw):
     res = {}
     try:
         with torch.no_grad():
@@ -280,6 +296,7 @@ def main():
         help="time the packed rows from CUDA graphs as well (GPU time alone, no host launch work)",
     )
     ap.add_argument("--tag", default="", help="suffix of the report's file names")
+    ap.add_argument("--no-packed", action="store_true", help="skip the packed-documents rows")
     args = ap.parse_args()
     if args.quick and "--methods" not in sys.argv:
         args.methods = QUICK_METHODS
@@ -325,7 +342,7 @@ def main():
         "random": torch.sort(torch.randperm(length - 1, generator=g)[:7] + 1).values,
         "equal": torch.arange(1, 8) * (length // 8),
     }
-    for name in (m for m in methods if m in OURS):
+    for name in (m for m in methods if m in OURS and not args.no_packed):
         q, k, v, table = make_inputs(b, length, 64, False)
         one = bench(METHODS[name], q, k, v, table, False, args.warmup, args.rep, graph=args.packed_graph)
         for layout, cuts in layouts.items():
