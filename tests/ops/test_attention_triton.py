@@ -344,16 +344,17 @@ def test_table_variant_large_blocks(shape, q_offset, near, monkeypatch):
     _check(case, torch.float32, DEV)
 
 
-@pytest.mark.parametrize("circ", [1, 2], ids=["per_step", "deferred"])
+@pytest.mark.parametrize("circ", [0, 1, 2], ids=["copy", "per_step", "deferred"])
 @pytest.mark.parametrize("blocks", ["interpreter", "64x128"])
 @pytest.mark.parametrize("name", T5_CASES)
 def test_circular_skew_matches_reference(name, blocks, circ, monkeypatch):
-    """The dk/dv near tiles' table gradient through the circular skews (CIRC_SKEW 1: summed per step; 2: kept
-    per thread and distance class until the loop ends) against float64: the interpreter's 32x32 blocks (near
+    """The dk/dv near tiles' table gradient through each skew (CIRC_SKEW 0: a skewed copy; 1: circular, summed
+    per step; 2, the default: circular, kept per thread and distance class until the loop ends) against
+    float64: the interpreter's 32x32 blocks (near
     steps of 16 queries, so a step narrower than its block, and the square last tiles), and the GPU's 64-query
     x 128-key blocks with 32-query near steps."""
     if DEV == "cuda":
-        pytest.skip("interpreter case; the gpu tests run it with FAT5_ATTN_CIRC_SKEW=1 or 2")
+        pytest.skip("interpreter case; the gpu tests run the default, and the others with FAT5_ATTN_CIRC_SKEW")
     monkeypatch.setattr(at, "_VARIANT", "table")
     monkeypatch.setattr(at, "CIRC_SKEW", circ)
     if blocks == "64x128":

@@ -199,7 +199,7 @@ DOC_PASS = os.environ.get("FAT5_ATTN_DOC_PASS", "1") != "0"
 # circular skew of the tile's own elements; 2: a circular skew in the absolute query position, whose sums stay
 # per thread and per distance class until the loop ends (_rel_grad_defer). sm_90a, 32x64 w4: 255 registers and
 # 108 spill bytes (0), 240 and none (1), 238 and none (2). 1 was no faster than 0 on the H200 (2026-12-05).
-CIRC_SKEW = os.environ.get("FAT5_ATTN_CIRC_SKEW", "0")
+CIRC_SKEW = os.environ.get("FAT5_ATTN_CIRC_SKEW", "2")
 if CIRC_SKEW not in ("0", "1", "2"):
     raise ValueError(f"FAT5_ATTN_CIRC_SKEW={CIRC_SKEW!r}: use 0 (default), 1 or 2")
 CIRC_SKEW = int(CIRC_SKEW)
