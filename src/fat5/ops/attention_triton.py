@@ -193,15 +193,16 @@ HALF_TABLE = os.environ.get("FAT5_ATTN_HALF_TABLE", "1") != "0"
 DOC_PASS = os.environ.get("FAT5_ATTN_DOC_PASS", "1") != "0"
 
 
-# CIRC_SKEW (FAT5_ATTN_CIRC_SKEW=1 or 2 at import; read at every backward launch, tuned apart): how the dk/dv
-# kernel's near tiles sum dS^T per distance for the table gradient. 0: a skewed copy of WIN x BLOCK_M elements,
-# summed across the warps and moved into the distance frame on every step (_rel_grad_near); 1: the same with a
-# circular skew of the tile's own elements; 2: a circular skew in the absolute query position, whose sums stay
-# per thread and per distance class until the loop ends (_rel_grad_defer). sm_90a, 32x64 w4: 255 registers and
-# 108 spill bytes (0), 240 and none (1), 238 and none (2). 1 was no faster than 0 on the H200 (2026-12-05).
+# CIRC_SKEW (default 2; FAT5_ATTN_CIRC_SKEW=0 or 1 at import; read at every backward launch, tuned apart): how the
+# dk/dv kernel's near tiles sum dS^T per distance for the table gradient. 0: a skewed copy of WIN x BLOCK_M
+# elements, summed across the warps and moved into the distance frame on every step (_rel_grad_near); 1: the same
+# with a circular skew of the tile's own elements; 2: a circular skew in the absolute query position, whose sums
+# stay per thread and per distance class until the loop ends (_rel_grad_defer). sm_90a, 32x64 w4: 255 registers
+# and 108 spill bytes (0), 240 and none (1), 238 and none (2). H100, L=1024, fwd+bwd TFLOP/s in one run
+# (benchmarks/results/2026-12-06-deferskew.md): 209 (0), 222 (1), 229 (2); causal 148, 159, 157.
 CIRC_SKEW = os.environ.get("FAT5_ATTN_CIRC_SKEW", "2")
 if CIRC_SKEW not in ("0", "1", "2"):
-    raise ValueError(f"FAT5_ATTN_CIRC_SKEW={CIRC_SKEW!r}: use 0 (default), 1 or 2")
+    raise ValueError(f"FAT5_ATTN_CIRC_SKEW={CIRC_SKEW!r}: use 0, 1 or 2 (default)")
 CIRC_SKEW = int(CIRC_SKEW)
 
 
