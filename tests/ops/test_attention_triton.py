@@ -354,7 +354,9 @@ def test_circular_skew_matches_reference(name, blocks, circ, monkeypatch):
     steps of 16 queries, so a step narrower than its block, and the square last tiles), and the GPU's 64-query
     x 128-key blocks with 32-query near steps."""
     if DEV == "cuda":
-        pytest.skip("interpreter case; the gpu tests run the default, and the others with FAT5_ATTN_CIRC_SKEW")
+        pytest.skip(
+            "interpreter case; the gpu tests run the default, and the others with FAT5_ATTN_CIRC_SKEW"
+        )
     monkeypatch.setattr(at, "_VARIANT", "table")
     monkeypatch.setattr(at, "CIRC_SKEW", circ)
     if blocks == "64x128":
