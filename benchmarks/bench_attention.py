@@ -13,7 +13,9 @@ T5 buckets 32 / max distance 128. Methods:
   ours_nodoc  ours without the document pass for packed documents (FAT5_ATTN_DOC_PASS=0: every block masked by ids)
   ours_circ   ours with the dk/dv near tiles' table gradient skewed circularly (FAT5_ATTN_CIRC_SKEW=1)
   ours_circ64 ours_circ with dk/dv near steps of 64 queries
-  ours_defer  ours with the near tiles' table gradient kept per thread until the loop ends (FAT5_ATTN_CIRC_SKEW=2)
+  ours_defer  ours with the near tiles' table gradient kept per thread until the loop ends (FAT5_ATTN_CIRC_SKEW=2,
+              the default)
+  ours_rot    ours_defer through a step-independent gather whose row sums are rotated (FAT5_ATTN_CIRC_SKEW=3)
   ours_nobias our kernel with no bias (not in the default list): the ceiling the bias costs are measured from
 TFLOP/s: forward 4*B*H*L*L*D (halved if causal), forward+backward 3.5x that; median of triton.testing.do_bench.
 Memory: peak allocated during one forward+backward minus what was allocated before (inputs excluded).
@@ -195,6 +197,7 @@ METHODS = {
     "ours_circ": _with(CIRC_SKEW=1),
     "ours_circ64": _with(CIRC_SKEW=1, NEAR={**at.NEAR, "dkv": 64}),
     "ours_defer": _with(CIRC_SKEW=2),
+    "ours_rot": _with(CIRC_SKEW=3),
 }
 OURS = (
     "ours",
@@ -206,6 +209,7 @@ OURS = (
     "ours_circ",
     "ours_circ64",
     "ours_defer",
+    "ours_rot",
 )  # the T5-bias methods: the packed rows run these
 RATIO = (*OURS, "ours_nobias")  # methods whose ratio to SDPA is reported
 # --quick: (head dim, L, causal) rows that show the gaps of the 2026-11-29 report, plus the packed row

@@ -344,7 +344,7 @@ def test_table_variant_large_blocks(shape, q_offset, near, monkeypatch):
     _check(case, torch.float32, DEV)
 
 
-@pytest.mark.parametrize("circ", [0, 1, 2], ids=["copy", "per_step", "deferred"])
+@pytest.mark.parametrize("circ", [0, 1, 2, 3], ids=["copy", "per_step", "deferred", "rotated"])
 @pytest.mark.parametrize("blocks", ["interpreter", "64x128"])
 @pytest.mark.parametrize("name", T5_CASES)
 def test_circular_skew_matches_reference(name, blocks, circ, monkeypatch):
@@ -365,8 +365,42 @@ def test_circular_skew_matches_reference(name, blocks, circ, monkeypatch):
     _check(CASES[name], torch.float32, DEV)
 
 
+def _table_grad_with(circ, case, device, dtype, monkeypatch):
+    monkeypatch.setattr(at, "CIRC_SKEW", circ)
+    return _table_grad(case, device, dtype)
+
+
+@pytest.mark.parametrize("blocks", ["interpreter", "64x128"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(shape=(1, 2, 150, 150, 16), bias="t5", kw=dict(rel_max_distance=40)),
+        dict(
+            shape=(2, 1, 67, 190, 16),
+            bias="t5",
+            kw=dict(rel_max_distance=24, rel_bidirectional=False, causal=True),
+        ),
+        dict(shape=(1, 2, 40, 130, 16), bias="t5", kw=dict(rel_max_distance=32), q_offset=-23),
+        dict(shape=(1, 1, 45, 150, 16), bias="t5", kw=dict(rel_max_distance=32), q_offset=71),
+    ],
+    ids=["square", "causal-decoder", "negative-offset", "offset"],
+)
+def test_rotated_skew_sums_as_deferred(case, blocks, monkeypatch):
+    """CIRC_SKEW 3 adds the same elements in the same order as 2, only gathered and rotated differently: the
+    table gradients are bitwise equal (queries at positive and negative offsets move the rotation off 0)."""
+    if DEV == "cuda":
+        pytest.skip("interpreter case; test_rotated_skew_sums_as_deferred_gpu runs the GPU's blocks")
+    monkeypatch.setattr(at, "_VARIANT", "table")
+    if blocks == "64x128":
+        monkeypatch.setattr(at._dkv_kernel, "configs", [at._cfg(64, 128, 1, 1)])
+        monkeypatch.setattr(at, "NEAR", {**at.NEAR, "dkv": 32})
+    g2, g3 = (_table_grad_with(c, case, DEV, torch.float32, monkeypatch) for c in (2, 3))
+    assert g2.abs().sum() > 0
+    assert torch.equal(g2, g3)
+
+
 def test_circular_skew_rejects_unknown_values(monkeypatch):
-    monkeypatch.setattr(at, "CIRC_SKEW", 3)
+    monkeypatch.setattr(at, "CIRC_SKEW", 4)
     case = dict(shape=(1, 1, 20, 20, 16), bias="t5", kw=dict(rel_max_distance=16))
     with pytest.raises(ValueError, match="CIRC_SKEW"):
         _table_grad(case, DEV, torch.float32)
@@ -1049,6 +1083,24 @@ def test_table_grad_deterministic_gpu(variant):
     case = dict(shape=(4, 8, 1024, 1024, 64), bias="t5")
     g1, g2 = (_table_grad(case, "cuda", torch.bfloat16) for _ in range(2))
     assert torch.equal(g1, g2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dkv", [c for c in at._DKV_CONFIGS_GPU], ids=lambda c: f"{c.kwargs}w{c.num_warps}")
+@pytest.mark.parametrize("causal", [False, True])
+def test_rotated_skew_sums_as_deferred_gpu(dkv, causal, monkeypatch):
+    """CIRC_SKEW 3 against 2 on every dk/dv config of the GPU, bf16, queries at an offset: the same sums, so the
+    same table gradient (to float32 rounding, should the compiler order a reduction differently)."""
+    monkeypatch.setattr(at._dkv_kernel, "configs", [dkv])
+    case = dict(
+        shape=(2, 4, 700, 1100, 64),
+        bias="t5",
+        q_offset=250,
+        kw=dict(causal=causal, rel_bidirectional=not causal),
+    )
+    g2, g3 = (_table_grad_with(c, case, "cuda", torch.bfloat16, monkeypatch) for c in (2, 3))
+    assert g2.abs().sum() > 0
+    torch.testing.assert_close(g3, g2, rtol=1e-5, atol=1e-5 * g2.abs().max().item())
 
 
 @pytest.mark.gpu

@@ -193,23 +193,26 @@ HALF_TABLE = os.environ.get("FAT5_ATTN_HALF_TABLE", "1") != "0"
 DOC_PASS = os.environ.get("FAT5_ATTN_DOC_PASS", "1") != "0"
 
 
-# CIRC_SKEW (default 2; FAT5_ATTN_CIRC_SKEW=0 or 1 at import; read at every backward launch, tuned apart): how the
-# dk/dv kernel's near tiles sum dS^T per distance for the table gradient. 0: a skewed copy of WIN x BLOCK_M
+# CIRC_SKEW (default 2; FAT5_ATTN_CIRC_SKEW=0, 1 or 3 at import; read at every backward launch, tuned apart): how
+# the dk/dv kernel's near tiles sum dS^T per distance for the table gradient. 0: a skewed copy of WIN x BLOCK_M
 # elements, summed across the warps and moved into the distance frame on every step (_rel_grad_near); 1: the same
 # with a circular skew of the tile's own elements; 2: a circular skew in the absolute query position, whose sums
-# stay per thread and per distance class until the loop ends (_rel_grad_defer). sm_90a, 32x64 w4: 255 registers
-# and 108 spill bytes (0), 240 and none (1), 238 and none (2). H100, L=1024, fwd+bwd TFLOP/s in one run
-# (benchmarks/results/2026-12-06-deferskew.md): 209 (0), 222 (1), 229 (2); causal 148, 159, 157.
+# stay per thread and per distance class until the loop ends (_rel_grad_defer); 3: as 2, but the tile is gathered
+# through a step-independent skew and its row sums rotated (bitwise the same sums). sm_90a, 32x64 w4: 255
+# registers and 108 spill bytes (0), 240 and none (1), 238 and none (2), 244 and none (3); a near step's SASS
+# issues 822 / 682 / 806 / 728 instructions (410 without the table gradient). H100, L=1024, fwd+bwd TFLOP/s in
+# one run (benchmarks/results/2026-12-06-deferskew.md): 209 (0), 222 (1), 229 (2); causal 148, 159, 157. 3 is
+# not timed yet.
 CIRC_SKEW = os.environ.get("FAT5_ATTN_CIRC_SKEW", "2")
-if CIRC_SKEW not in ("0", "1", "2"):
-    raise ValueError(f"FAT5_ATTN_CIRC_SKEW={CIRC_SKEW!r}: use 0, 1 or 2 (default)")
+if CIRC_SKEW not in ("0", "1", "2", "3"):
+    raise ValueError(f"FAT5_ATTN_CIRC_SKEW={CIRC_SKEW!r}: use 0, 1, 2 (default) or 3")
 CIRC_SKEW = int(CIRC_SKEW)
 
 
 def _circ_skew() -> int:
     """CIRC_SKEW, checked (a module attribute that benchmarks and tests may set)."""
-    if CIRC_SKEW not in (0, 1, 2):
-        raise ValueError(f"attention_triton.CIRC_SKEW = {CIRC_SKEW!r}: use 0, 1 or 2")
+    if CIRC_SKEW not in (0, 1, 2, 3):
+        raise ValueError(f"attention_triton.CIRC_SKEW = {CIRC_SKEW!r}: use 0, 1, 2 or 3")
     return CIRC_SKEW
 
 
@@ -467,14 +470,28 @@ def _into_frame(acc_rel, sums, first, W, LEN: tl.constexpr, RB: tl.constexpr):
 
 
 @triton.jit
-def _rel_grad_defer(dsT, acc_b, k0, qp0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ZB: tl.constexpr):
-    """A near tile's per-distance sums kept per thread until the loop ends (``CIRC_SKEW == 2``). The skew is
+def _rel_grad_defer(
+    dsT,
+    acc_b,
+    k0,
+    qp0,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ZB: tl.constexpr,
+    ROT: tl.constexpr = False,
+):
+    """A near tile's per-distance sums kept per thread until the loop ends (``CIRC_SKEW`` 2 and 3). The skew is
     circular in the absolute query position: x[u, m] = dS^T[(u + q) mod BLOCK_N, m] for query q = qp0 + m, so
     the element's distance k0 + n - q is u + BLOCK_N z, with z = k0 / BLOCK_N - floor((u + q) / BLOCK_N): row u
     of every step holds the distances = u (mod BLOCK_N), and a row of one step spans two values of z. The
     tile's columns are summed only within each of NC column groups (the warps' share in the blocked layout
     the gather uses), per row and per value of z, into acc_b (BLOCK_N, ZB, NC): bin b is z = b - ZB / 2. No
-    per-step reduction across warps and no move into the distance frame; ``_rel_defer_ends`` does both once."""
+    per-step reduction across warps and no move into the distance frame; ``_rel_defer_ends`` does both once.
+    ROT (``CIRC_SKEW`` 3): the same sums, with the tile gathered through the step-independent skew
+    x'[v, m] = dS^T[(v + m) mod BLOCK_N, m] (its lane and register arithmetic is the same on every step) and its
+    per-row sums rotated by qp0 mod BLOCK_N afterwards: row u of x is row (u + qp0) mod BLOCK_N of x', and an
+    element wrapped once more than its row's first exactly when v + m >= BLOCK_N. The rotation moves 2 x NC
+    sums per row instead of a tile, and every sum adds the same elements in the same order as without ROT."""
     NC: tl.constexpr = 4 if BLOCK_M >= 4 else BLOCK_M
     # qp0 is negative for queries at a negative offset: shifted by a multiple of BLOCK_N, so that // and % (which
     # truncate) floor
@@ -482,15 +499,24 @@ def _rel_grad_defer(dsT, acc_b, k0, qp0, BLOCK_M: tl.constexpr, BLOCK_N: tl.cons
     qs = qp0 + SHIFT
     a = tl.arange(0, BLOCK_N)[:, None] + qs % BLOCK_N
     f0 = a // BLOCK_N  # (BLOCK_N, 1): floor((u + qp0) / BLOCK_N) - floor(qp0 / BLOCK_N), 0 or 1
-    t = a + tl.arange(0, BLOCK_M)[None, :]
-    x = tl.gather(dsT, t & (BLOCK_N - 1), axis=0)  # (BLOCK_N, BLOCK_M)
-    more = (t // BLOCK_N) != f0  # the column wrapped once more than the row's first: z one lower
+    if ROT:
+        t = tl.arange(0, BLOCK_N)[:, None] + tl.arange(0, BLOCK_M)[None, :]
+        x = tl.gather(dsT, t & (BLOCK_N - 1), axis=0)  # (BLOCK_N, BLOCK_M), rows v
+        more = t >= BLOCK_N
+    else:
+        t = a + tl.arange(0, BLOCK_M)[None, :]
+        x = tl.gather(dsT, t & (BLOCK_N - 1), axis=0)  # (BLOCK_N, BLOCK_M), rows u
+        more = (t // BLOCK_N) != f0  # the column wrapped once more than the row's first: z one lower
     xr = tl.reshape(x, [BLOCK_N, BLOCK_M // NC, NC])
     mr = tl.reshape(more, [BLOCK_N, BLOCK_M // NC, NC])
     # the bins in the middle axis, where the reshaped tile's in-thread columns were: the sums go back into the
     # tile's own layout, so the accumulator needs no layout conversion per step
     sa = tl.sum(tl.where(mr, 0.0, xr), 1)[:, None, :]  # (BLOCK_N, 1, NC)
     sb = tl.sum(tl.where(mr, xr, 0.0), 1)[:, None, :]
+    if ROT:  # row u of the sums <- row (u + qp0) mod BLOCK_N
+        rot = tl.broadcast_to((a & (BLOCK_N - 1))[:, :, None], [BLOCK_N, 1, NC])
+        sa = tl.gather(sa, rot, axis=0)
+        sb = tl.gather(sb, rot, axis=0)
     zq = k0 // BLOCK_N - qs // BLOCK_N + SHIFT // BLOCK_N + ZB // 2
     ba = (zq - f0)[:, :, None]  # bin of the row's first z
     bins = tl.arange(0, ZB)[None, :, None]
@@ -1308,8 +1334,8 @@ def _dkv_tiles(
     v_hi = tl.zeros([BLOCK_N], tl.float32)
     w_lo = tl.zeros([WIN], tl.float32)
     w_hi = tl.zeros([WIN], tl.float32)
-    # near steps with CIRC 2: their sums stay per thread until the loop ends
-    DEFER: tl.constexpr = REL_GRAD and CIRC == 2 and REL_MODE == 3
+    # near steps with CIRC 2 or 3: their sums stay per thread until the loop ends
+    DEFER: tl.constexpr = REL_GRAD and CIRC >= 2 and REL_MODE == 3
     if DEFER:
         acc_b = tl.zeros([BLOCK_N, ZB, 4 if BLOCK_M >= 4 else BLOCK_M], tl.float32)
     if REL_MODE == 3 and PREFETCH:  # as _dq_tiles, along the queries
@@ -1369,7 +1395,7 @@ def _dkv_tiles(
             if REL_MODE != 1 and REL_MODE != -1:  # far tiles' row sums are masked once, after the loop
                 dsT = tl.where(kpos[:, None] < N, dsT, 0.0)  # key rows past N hold garbage scores
             if DEFER:
-                acc_b = _rel_grad_defer(dsT, acc_b, k0, qp0, BLOCK_M, BLOCK_N, ZB)
+                acc_b = _rel_grad_defer(dsT, acc_b, k0, qp0, BLOCK_M, BLOCK_N, ZB, CIRC == 3)
             else:
                 acc_rel, v_lo, v_hi, w_lo, w_hi = _rel_grad(
                     dsT,
