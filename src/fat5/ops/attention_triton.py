@@ -199,8 +199,8 @@ DOC_PASS = os.environ.get("FAT5_ATTN_DOC_PASS", "1") != "0"
 # with a circular skew of the tile's own elements; 2: a circular skew in the absolute query position, whose sums
 # stay per thread and per distance class until the loop ends (_rel_grad_defer); 3: as 2, but the tile is gathered
 # through a step-independent skew and its row sums rotated (bitwise the same sums). sm_90a, 32x64 w4: 255
-# registers and 108 spill bytes (0), 240 and none (1), 238 and none (2), 244 and none (3); a near step's SASS
-# issues 822 / 682 / 806 / 728 instructions (410 without the table gradient). H100, L=1024, fwd+bwd TFLOP/s in
+# registers and 108 spill bytes (0), 240 and none (1), 238 and none (2), 242 and none (3); a near step's SASS
+# issues 822 / 682 / 806 / 710 instructions (410 without the table gradient). H100, L=1024, fwd+bwd TFLOP/s in
 # one run (benchmarks/results/2026-12-06-deferskew.md): 209 (0), 222 (1), 229 (2); causal 148, 159, 157. 3 is
 # not timed yet.
 CIRC_SKEW = os.environ.get("FAT5_ATTN_CIRC_SKEW", "2")
@@ -520,7 +520,10 @@ def _rel_grad_defer(
     zq = k0 // BLOCK_N - qs // BLOCK_N + SHIFT // BLOCK_N + ZB // 2
     ba = (zq - f0)[:, :, None]  # bin of the row's first z
     bins = tl.arange(0, ZB)[None, :, None]
-    acc_b += tl.where(bins == ba, sa, 0.0) + tl.where(bins == ba - 1, sb, 0.0)
+    if ROT:
+        acc_b += tl.where(bins == ba, sa, tl.where(bins == ba - 1, sb, 0.0))
+    else:
+        acc_b += tl.where(bins == ba, sa, 0.0) + tl.where(bins == ba - 1, sb, 0.0)
     return acc_b
 
 
