@@ -293,7 +293,11 @@ def main():
     )
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--rep", type=int, default=40)
-    ap.add_argument("--commit", default=None)
+    ap.add_argument(
+        "--commit",
+        default=None,
+        help="the code's commit for the report (default: $FAT5_COMMIT, else git's HEAD)",
+    )
     ap.add_argument(
         "--packed-graph",
         action="store_true",
@@ -373,7 +377,7 @@ def main():
         del q, k, v, table
         torch.cuda.empty_cache()
 
-    commit = args.commit
+    commit = args.commit or os.environ.get("FAT5_COMMIT")  # as bench_kernels.py: for a copied, stale checkout
     if commit is None:
         try:
             commit = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()

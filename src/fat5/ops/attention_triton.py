@@ -1453,7 +1453,7 @@ def _dkv_tiles(
         "NEAR_WIN": lambda a: next_pow2(
             min(a["BLOCK_M"], a["NEAR_DKV"] if a["NEAR_TABLE"] else 16) + a["BLOCK_N"] - 1
         ),
-        # bins of the deferred near sums (CIRC 2): the near range is cut on the BLOCK_M grid, so a near step's
+        # bins of the deferred near sums (CIRC 2 and 3): the near range is cut on the BLOCK_M grid, so a near step's
         # distances lie within +-(W + BLOCK_N + BLOCK_M - 3), and W < RB / 2: ZB / 2 blocks of BLOCK_N distances
         # on each side hold them
         "ZB": lambda a: next_pow2(2 * cdiv(a["RB"] // 2 + a["BLOCK_N"] + a["BLOCK_M"] - 2, a["BLOCK_N"])),
