@@ -60,6 +60,11 @@ class CopyBatches:
 
 
 def _worker(out: str, batch: int, parallel: str) -> None:
+    import faulthandler
+
+    # a rank stuck for minutes (a hang at shutdown was seen once) prints every thread's stack and exits, so the
+    # failing test shows where it stopped instead of only the subprocess timeout
+    faulthandler.dump_traceback_later(WORKER_LIMIT_S, exit=True)
     from fat5 import FAT5ForConditionalGeneration
     from fat5 import distributed as D
     from fat5.runconfig import load_run_config
@@ -78,9 +83,12 @@ def _worker(out: str, batch: int, parallel: str) -> None:
     D.shutdown()
 
 
+WORKER_LIMIT_S = 240  # below _run's timeout, so a stuck rank's stacks reach the test's output
+
+
 def _run(cmd, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=WORKER_LIMIT_S + 60)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
 
