@@ -16,6 +16,8 @@ T5 buckets 32 / max distance 128. Methods:
   ours_defer  ours with the near tiles' table gradient kept per thread until the loop ends (FAT5_ATTN_CIRC_SKEW=2,
               the default)
   ours_rot    ours_defer through a step-independent gather whose row sums are rotated (FAT5_ATTN_CIRC_SKEW=3)
+  ours_tma64  ours with the forward's near bias read through a tensor descriptor (TMA), 64 keys a step
+              (FAT5_ATTN_TMA=1)
   ours_nobias our kernel with no bias (not in the default list): the ceiling the bias costs are measured from
 TFLOP/s: forward 4*B*H*L*L*D (halved if causal), forward+backward 3.5x that; median of triton.testing.do_bench.
 Memory: peak allocated during one forward+backward minus what was allocated before (inputs excluded).
@@ -198,6 +200,7 @@ METHODS = {
     "ours_circ64": _with(CIRC_SKEW=1, NEAR={**at.NEAR, "dkv": 64}),
     "ours_defer": _with(CIRC_SKEW=2),
     "ours_rot": _with(CIRC_SKEW=3),
+    "ours_tma64": _with(TMA=True, NEAR={**at.NEAR, "fwd": 64}),
 }
 OURS = (
     "ours",
@@ -210,6 +213,7 @@ OURS = (
     "ours_circ64",
     "ours_defer",
     "ours_rot",
+    "ours_tma64",
 )  # the T5-bias methods: the packed rows run these
 RATIO = (*OURS, "ours_nobias")  # methods whose ratio to SDPA is reported
 # --quick: (head dim, L, causal) rows that show the gaps of the 2026-11-29 report, plus the packed row

@@ -164,7 +164,8 @@ NEAR = dict.fromkeys(("fwd", "dkv", "dq"), 16 if _INTERPRET else 32)
 # FAT5_ATTN_TMA=1 (read at import; ``TMA`` is read at every launch): the "table" forward loads a near step's bias
 # tile as one 2D block through a tensor descriptor (TMA on Hopper) instead of one pointer per element. A tile
 # then costs no pointer registers, so the forward steps 64 keys at a time (per-element pointers at 64 spilled:
-# 0.496 against 0.401 ms at L=1024, H200). Off by default: not yet timed on the GPU. Used on compute
+# 0.496 against 0.401 ms at L=1024, H200). Off by default: 17-25% slower on the H200 with the fp32 table
+# (benchmarks/results/2026-12-04-fills.md); bench_attention.py's ours_tma64 times it again. Used on compute
 # capability >= 9 only (elsewhere the descriptor would be lowered to per-element pointers again); the
 # interpreter keeps its narrow near steps, so its tests walk near steps narrower than blocks.
 TMA = os.environ.get("FAT5_ATTN_TMA") == "1"
