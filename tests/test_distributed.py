@@ -62,7 +62,7 @@ class CopyBatches:
 def _worker(out: str, batch: int, parallel: str) -> None:
     import faulthandler
 
-    # a rank stuck for minutes (a hang at shutdown was seen once) prints every thread's stack and exits, so the
+    # a rank stuck for minutes (a hang at shutdown was seen twice in CI) prints every thread's stack and exits, so the
     # failing test shows where it stopped instead of only the subprocess timeout
     faulthandler.dump_traceback_later(WORKER_LIMIT_S, exit=True)
     from fat5 import FAT5ForConditionalGeneration
