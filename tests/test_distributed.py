@@ -124,5 +124,28 @@ def test_two_processes_match_one(tmp_path, parallel):
     assert state["world_size"] == 2 and [d["i"] for d in state["data"]] == [8, 8]
 
 
+@pytest.mark.slow
+def test_shutdown_waits_for_every_rank():
+    """No rank leaves shutdown before every rank has destroyed its process group (a rank whose peer exits
+    while it still tears gloo down can hang): with rank 1's destroy 3 s slower, rank 0 is held as long."""
+    worker = str(Path(__file__).resolve().parent / "_shutdown_worker.py")
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"),
+    }
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=WORKER_LIMIT_S,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    held = dict(line.split()[1::2] for line in r.stdout.splitlines() if line.startswith("rank "))
+    assert set(held) == {"0", "1"}, r.stdout
+    assert float(held["0"]) >= 2.5, held
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1], int(sys.argv[2]), sys.argv[3])

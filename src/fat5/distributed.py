@@ -71,14 +71,31 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 
 def shutdown() -> None:
-    """End of a multi-process run: every rank finishes its last collective (and rank 0 its checkpoint), then the
-    group is torn down. A gloo (CPU) group is left to the process's exit instead: destroying it right after the
-    barrier hung now and then (one rank left waiting, pytorch/pytorch#75097); its sockets close with the process.
-    NCCL groups are destroyed, as NCCL requires before exit."""
-    if dist.is_initialized():
-        dist.barrier()
-        if dist.get_backend() != "gloo":
-            dist.destroy_process_group()
+    """End of a multi-process run. Every rank finishes its last collective (and rank 0 its checkpoint), the
+    group is destroyed, and then no rank leaves before every rank has destroyed it: a rank whose peer exits
+    while it still tears gloo down can hang there (seen in CI: one rank left waiting after the final barrier),
+    and without the destroy a rank aborts when its peer's sockets close under gloo's threads. The last step
+    meets through the rendezvous store torchrun started (``MASTER_ADDR`` / ``MASTER_PORT``), which outlives
+    the group."""
+    if not dist.is_initialized():
+        return
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dist.barrier()
+    store = None
+    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=timedelta(minutes=2),
+            wait_for_workers=False,
+        )
+    dist.destroy_process_group()
+    if store is not None:
+        prefix = f"fat5_shutdown/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/"
+        prefix += f"{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+        store.set(f"{prefix}{rank}", "1")
+        store.wait([f"{prefix}{r}" for r in range(world)])
 
 
 def barrier() -> None:
