@@ -76,13 +76,14 @@ def shutdown() -> None:
     while it still tears gloo down can hang there (seen in CI: one rank left waiting after the final barrier),
     and without the destroy a rank aborts when its peer's sockets close under gloo's threads. The last step
     meets through the rendezvous store torchrun started (``MASTER_ADDR`` / ``MASTER_PORT``), which outlives
-    the group."""
+    the group; under other launchers it is skipped."""
     if not dist.is_initialized():
         return
     rank, world = dist.get_rank(), dist.get_world_size()
     dist.barrier()
     store = None
-    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+    # only torchrun's own store outlives the group (a store started by rank 0 itself goes with its group)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and "MASTER_PORT" in os.environ:
         store = dist.TCPStore(
             os.environ["MASTER_ADDR"],
             int(os.environ["MASTER_PORT"]),
