@@ -500,6 +500,8 @@ def _rel_grad_defer(
     qs = qp0 + SHIFT
     a = tl.arange(0, BLOCK_N)[:, None] + qs % BLOCK_N
     f0 = a // BLOCK_N  # (BLOCK_N, 1): floor((u + qp0) / BLOCK_N) - floor(qp0 / BLOCK_N), 0 or 1
+    # a gather in each branch: one shared gather after them compiles the default (ROT off) differently from the
+    # code its timings were taken with (other registers and schedule)
     if ROT:
         t = tl.arange(0, BLOCK_N)[:, None] + tl.arange(0, BLOCK_M)[None, :]
         x = tl.gather(dsT, t & (BLOCK_N - 1), axis=0)  # (BLOCK_N, BLOCK_M), rows v
