@@ -13,9 +13,9 @@ T5 buckets 32 / max distance 128. Methods:
   ours_nodoc  ours without the document pass for packed documents (FAT5_ATTN_DOC_PASS=0: every block masked by ids)
   ours_circ   ours with the dk/dv near tiles' table gradient skewed circularly (FAT5_ATTN_CIRC_SKEW=1)
   ours_circ64 ours_circ with dk/dv near steps of 64 queries
-  ours_defer  ours with the near tiles' table gradient kept per thread until the loop ends (FAT5_ATTN_CIRC_SKEW=2,
+  ours_defer  ours with the near tiles' table gradient kept per thread until the loop ends (FAT5_ATTN_CIRC_SKEW=2)
+  ours_rot    ours_defer through a step-independent gather whose row sums are rotated (FAT5_ATTN_CIRC_SKEW=3,
               the default)
-  ours_rot    ours_defer through a step-independent gather whose row sums are rotated (FAT5_ATTN_CIRC_SKEW=3)
   ours_tma64  ours with the forward's near bias read through a tensor descriptor (TMA), 64 keys a step
               (FAT5_ATTN_TMA=1)
   ours_nobias our kernel with no bias (not in the default list): the ceiling the bias costs are measured from

@@ -16,14 +16,14 @@ if [ "${1:-}" = step ]; then
   python3 benchmarks/convergence.py --out "$out"
 elif [ "${1:-}" = skews ]; then
   # the dk/dv near tiles' table-gradient skews (CIRC_SKEW): the rotated one's GPU tests (bitwise-level agreement
-  # with the default on every dk/dv config, then the table-gradient and dk/dv-config tests under it), then the
+  # of the default, 3, with 2 on every dk/dv config, then the table-gradient and dk/dv-config tests under 2), then the
   # skews against each other and SDPA at L = 1024 and 4096, causal and not (and the forward's TMA near steps)
   FAT5_ATTN_AUTOTUNE=0 python3 -m pytest -q -m gpu tests/ops/test_attention_triton.py -k "rotated" -rf \
     --tb=short 2>&1 | tee "$out/gpu_tests_skews.log" | tail -3
-  FAT5_ATTN_CIRC_SKEW=3 FAT5_ATTN_AUTOTUNE=0 python3 -m pytest -q -m gpu tests/ops/test_attention_triton.py \
+  FAT5_ATTN_CIRC_SKEW=2 FAT5_ATTN_AUTOTUNE=0 python3 -m pytest -q -m gpu tests/ops/test_attention_triton.py \
     -k "table_grad or every_dkv" -rf --tb=short 2>&1 | tee -a "$out/gpu_tests_skews.log" | tail -3
   python3 benchmarks/bench_attention.py --lengths 1024,4096 --d128-lengths "" --flex-lengths "" --no-packed \
-    --methods sdpa,ours,ours_rot,ours_circ,ours_tma64 --rep 30 --out "$out" --tag=_skews
+    --methods sdpa,ours,ours_defer,ours_circ,ours_tma64 --rep 30 --out "$out" --tag=_skews
 elif [ "${1:-}" = docpass ]; then
   # packed documents alone: the segment cases' GPU tests (the document pass with mixed blocks, every dk/dv
   # config), then the packed rows with the document pass against the single masked launch (ours_nodoc)

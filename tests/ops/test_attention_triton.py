@@ -349,7 +349,8 @@ def test_table_variant_large_blocks(shape, q_offset, near, monkeypatch):
 @pytest.mark.parametrize("name", T5_CASES)
 def test_circular_skew_matches_reference(name, blocks, circ, monkeypatch):
     """The dk/dv near tiles' table gradient through each skew (CIRC_SKEW 0: a skewed copy; 1: circular, summed
-    per step; 2, the default: circular, kept per thread and distance class until the loop ends) against
+    per step; 2: circular, kept per thread and distance class until the loop ends; 3, the default: as 2 through a
+    step-independent gather with rotated row sums) against
     float64: the interpreter's 32x32 blocks (near
     steps of 16 queries, so a step narrower than its block, and the square last tiles), and the GPU's 64-query
     x 128-key blocks with 32-query near steps."""

@@ -194,7 +194,7 @@ HALF_TABLE = os.environ.get("FAT5_ATTN_HALF_TABLE", "1") != "0"
 DOC_PASS = os.environ.get("FAT5_ATTN_DOC_PASS", "1") != "0"
 
 
-# CIRC_SKEW (default 2; FAT5_ATTN_CIRC_SKEW=0, 1 or 3 at import; read at every backward launch, tuned apart): how
+# CIRC_SKEW (default 3; FAT5_ATTN_CIRC_SKEW=0, 1 or 2 at import; read at every backward launch, tuned apart): how
 # the dk/dv kernel's near tiles sum dS^T per distance for the table gradient. 0: a skewed copy of WIN x BLOCK_M
 # elements, summed across the warps and moved into the distance frame on every step (_rel_grad_near); 1: the same
 # with a circular skew of the tile's own elements; 2: a circular skew in the absolute query position, whose sums
@@ -202,11 +202,12 @@ DOC_PASS = os.environ.get("FAT5_ATTN_DOC_PASS", "1") != "0"
 # through a step-independent skew and its row sums rotated (bitwise the same sums). sm_90a, 32x64 w4: 255
 # registers and 108 spill bytes (0), 240 and none (1), 238 and none (2), 242 and none (3); a near step's SASS
 # issues 822 / 682 / 806 / 710 instructions (410 without the table gradient). H100, L=1024, fwd+bwd TFLOP/s in
-# one run (benchmarks/results/2026-12-06-deferskew.md): 209 (0), 222 (1), 229 (2); causal 148, 159, 157. 3 is
-# not timed yet.
-CIRC_SKEW = os.environ.get("FAT5_ATTN_CIRC_SKEW", "2")
+# one run (benchmarks/results/2026-12-06-deferskew.md): 209 (0), 222 (1), 229 (2); causal 148, 159, 157. H200,
+# one run (2026-12-06-rotskew.md), 1 / 2 / 3: L=1024 217 / 222 / 226, causal 157 / 156 / 157; L=4096 310 / 302
+# / 318, causal 264 / 259 / 265.
+CIRC_SKEW = os.environ.get("FAT5_ATTN_CIRC_SKEW", "3")
 if CIRC_SKEW not in ("0", "1", "2", "3"):
-    raise ValueError(f"FAT5_ATTN_CIRC_SKEW={CIRC_SKEW!r}: use 0, 1, 2 (default) or 3")
+    raise ValueError(f"FAT5_ATTN_CIRC_SKEW={CIRC_SKEW!r}: use 0, 1, 2 or 3 (default)")
 CIRC_SKEW = int(CIRC_SKEW)
 
 
