@@ -920,6 +920,71 @@ def test_packed_input_errors():
         attention_ref(q, None, q)
 
 
+# ------------------------------------------------------------- the scale and a constant bias in the exponent
+def _spy_flag(monkeypatch, launcher, flag):
+    """The values of keyword ``flag`` of every launch through ``launcher``, recorded from now on."""
+    seen, launch = [], launcher.run
+
+    def run(grid, *args, **kwargs):
+        seen.append(kwargs[flag])
+        return launch(grid, *args, **kwargs)
+
+    monkeypatch.setattr(launcher, "run", run)
+    return seen
+
+
+FOLD_CASES = [
+    "t5_near_far",
+    "t5_near_far_causal_kpm",
+    "t5_near_far_segments",
+    "t5_near_far_q_offset",
+    "plain",
+    "kpm_full_row_masked",
+    "segments",
+]
+
+
+@pytest.mark.parametrize("name", FOLD_CASES)
+def test_folded_exponent_matches_unfolded(name, monkeypatch):
+    """FOLD_SCALE: tiles whose bias is one constant take p = exp2(raw * scale - (m - c)) (forward) and
+    exp2(s - (lse - c)) (backward) instead of scaling and biasing every score first. The same softmax up to
+    float32 rounding, on cases with far tiles on both sides of the T5 band, masks, documents and offsets; and
+    the launches really took each path."""
+    if DEV == "cuda":
+        pytest.skip("interpreter case; the GPU tests run the default, folded")
+    case = CASES[name]
+    runs = {}
+    for fold in (True, False):
+        monkeypatch.setattr(at, "FOLD_SCALE", fold)
+        fwd = _spy_flag(monkeypatch, at._FWD, "POS_SCALE")
+        dkv = _spy_flag(monkeypatch, at._DKV, "FOLD")
+        dq = _spy_flag(monkeypatch, at._DQ, "FOLD")
+        gen = torch.Generator().manual_seed(5)
+        leaves, kw = _make(case, torch.float32, DEV, gen)
+        out, args = _call(at.flash_attention, leaves, kw)
+        grads = torch.autograd.grad(out, list(args.values()), torch.randn(out.shape, generator=gen))
+        for flags in (fwd, dkv, dq):
+            assert flags and all(f is fold for f in flags)
+        runs[fold] = (out.detach(), grads)
+        monkeypatch.undo()
+    (o1, g1), (o0, g0) = runs[True], runs[False]
+    torch.testing.assert_close(o1, o0, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(b.abs().max().item(), 1.0))
+
+
+@pytest.mark.parametrize("scale", [-0.6, 0.0, 0.35], ids=["negative", "zero", "positive"])
+@pytest.mark.parametrize("name", ["t5_near_far_causal_kpm", "kpm_full_row_masked", "t5_near_far_segments"])
+def test_any_scale_sign(name, scale, monkeypatch):
+    """The forward folds the scale into the exponent only when it is positive (a negative one reverses the
+    order of the raw scores, and zero turns a masked -inf into NaN): every sign against float64."""
+    case = dict(CASES[name])
+    case["kw"] = {**case.get("kw", {}), "scale": scale}
+    flags = _spy_flag(monkeypatch, at._FWD, "POS_SCALE")
+    _check(case, torch.float32, DEV)
+    assert flags and all(f is (scale > 0) for f in flags)
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 GPU_CASES = {
     "plain_d128": dict(shape=(2, 4, 300, 515, 128)),

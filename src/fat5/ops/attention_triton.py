@@ -189,6 +189,12 @@ KV_TMA = os.environ.get("FAT5_ATTN_KV_TMA") == "1"
 # forward 265 -> 300 TFLOP/s, causal 178 -> 220, fwd+bwd +5-7% (benchmarks/results/2026-12-05-kvtma.md).
 HALF_TABLE = os.environ.get("FAT5_ATTN_HALF_TABLE", "1") != "0"
 
+# FOLD_SCALE (default on; FAT5_ATTN_FOLD_SCALE=0 at import turns it off; read at every launch): tiles whose bias
+# is one constant (no bias, ALiBi aside; the T5 tiles wholly beyond +-W) fold the softmax scale and that constant
+# into the exponent's FFMA instead of scaling and biasing every score first (see _fwd_tiles; the backward kernels
+# fold the constant into the logsumexp they subtract)
+FOLD_SCALE = os.environ.get("FAT5_ATTN_FOLD_SCALE", "1") != "0"
+
 # DOC_PASS (default on; FAT5_ATTN_DOC_PASS=0 at import turns it off; read at every launch): with segment ids,
 # the blocks that lie in one document run in a launch of their own without per-key ids (see _seg_passes)
 DOC_PASS = os.environ.get("FAT5_ATTN_DOC_PASS", "1") != "0"
@@ -611,6 +617,7 @@ def _fwd_inner(
     jump_at=0,
     jump=0,
     LOWER: tl.constexpr = False,
+    POS_SCALE: tl.constexpr = False,
 ):
     # NPART 1: one loop over [start, end) adding the T5 bias by REL_MODE; NPART 3 ("split" variant): three
     # branch-free loops, tiles wholly below -W (distance = key - query), near the diagonal, wholly beyond +W
@@ -674,6 +681,7 @@ def _fwd_inner(
             jump_at,
             jump,
             LOWER,
+            POS_SCALE,
         )
     return acc, l_i, m_i
 
@@ -732,7 +740,18 @@ def _fwd_tiles(
     jump_at=0,
     jump=0,
     LOWER: tl.constexpr = False,
+    POS_SCALE: tl.constexpr = False,
 ):
+    # FOLD: a tile whose bias is one constant c (no bias: c = 0; T5: the tiles wholly beyond +-W) keeps the raw
+    # scores, takes its row maxima from them (a positive scale keeps their order: POS_SCALE) and computes
+    # p = exp2(raw * scale - (m - c)): one FFMA per element where the scaled, biased score costs a FFMA (or FMUL)
+    # and a FADD; the masks set raw scores to -inf, which a positive scale keeps
+    FOLD: tl.constexpr = POS_SCALE and (
+        BIAS_KIND == 0 or (BIAS_KIND == 1 and (REL_MODE == -1 or REL_MODE == 1))
+    )
+    c = 0.0
+    if FOLD and BIAS_KIND == 1:
+        c = b_lo if REL_MODE == -1 else b_hi
     # no prefetch of the near bias here (unlike dq and dk/dv): it took the 8-warp 128x64 forward from 126 to
     # 169 registers (one program per SM instead of two) and the forward from 362 to 337 TFLOP/s at L=4096
     for start_n in range(start, end, BLOCK_N):
@@ -745,32 +764,35 @@ def _fwd_tiles(
         else:
             kmask = (kpos[:, None] < N) & (offs_d[None, :] < D)
             k = tl.load(K_bh + kpos[:, None] * skn + offs_d[None, :] * skd, mask=kmask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+        if not FOLD:
+            s = s * qk_scale
         if REL_MODE == 3 and TMA:
             # the near tile's bias as one block of the Toeplitz table (rows of queries qp0.., columns of keys
             # start_n..): the same values _near_bias gathers, and _add_bias below adds nothing (mode 4)
             s += NT.load([nt_row + qp0 - start_n, 0]).to(tl.float32)
         rel_lo = start_n - (qp0 + BLOCK_M - 1)
         rel_hi = start_n + BLOCK_N - 1 - qp0
-        s = _add_bias(
-            s,
-            BIAS_KIND,
-            RB_h,
-            b_lo,
-            b_hi,
-            slope,
-            BIAS_bh + offs_m[:, None] * sbm + kpos[None, :] * sbn,
-            (offs_m[:, None] < M) & (kpos[None, :] < N),
-            rel_lo,
-            rel_hi,
-            kpos[None, :],
-            qpos[:, None],
-            start_n,
-            W,
-            BLOCK_M,
-            BLOCK_N,
-            4 if (REL_MODE == 3 and TMA) else REL_MODE,
-        )
+        if not FOLD:
+            s = _add_bias(
+                s,
+                BIAS_KIND,
+                RB_h,
+                b_lo,
+                b_hi,
+                slope,
+                BIAS_bh + offs_m[:, None] * sbm + kpos[None, :] * sbn,
+                (offs_m[:, None] < M) & (kpos[None, :] < N),
+                rel_lo,
+                rel_hi,
+                kpos[None, :],
+                qpos[:, None],
+                start_n,
+                W,
+                BLOCK_M,
+                BLOCK_N,
+                4 if (REL_MODE == 3 and TMA) else REL_MODE,
+            )
         if MASK:
             if LOWER:  # keys in [k_lo, N): one unsigned compare
                 keep = (kpos - k_lo).to(tl.uint32)[None, :] < (N - k_lo).to(tl.uint32)
@@ -785,9 +807,15 @@ def _fwd_tiles(
         if HAS_SEG:
             ks = tl.load(KSEG_b + kpos * sks, mask=kpos < N, other=-3)
             s = tl.where(qseg[:, None] == ks[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if FOLD:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale + c)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
-        p = tl.math.exp2(s - m_safe[:, None])
+        if FOLD:
+            p = tl.math.exp2(s * qk_scale - (m_safe - c)[:, None])
+        else:
+            p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -889,6 +917,7 @@ def _fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NEAR_N: tl.constexpr,
+    POS_SCALE: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -1053,6 +1082,7 @@ def _fwd_kernel(
         NEAR_N,
         TMA,
         KV_TMA,
+        POS_SCALE=POS_SCALE,
     )
     acc, l_i, m_i = _fwd_inner(
         acc,
@@ -1111,6 +1141,7 @@ def _fwd_kernel(
         jump_at,
         mid - jump_at,
         SEG_PASS == 1,
+        POS_SCALE,
     )
     empty = l_i == 0.0  # no visible key: output zeros, lse=+inf makes the backward's P exactly 0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -1214,6 +1245,7 @@ def _dkv_inner(
     ALIGNED: tl.constexpr,
     CIRC: tl.constexpr = 0,
     ZB: tl.constexpr = 8,
+    FOLD: tl.constexpr = False,
 ):
     # as _fwd_inner; here distance = k0 - query falls as the loop goes on: beyond +W, near, below -W
     e1 = start
@@ -1277,6 +1309,7 @@ def _dkv_inner(
             ALIGNED,
             CIRC,
             ZB,
+            FOLD,
         )
     return dk, dv, acc_rel, s_lo, s_hi
 
@@ -1334,6 +1367,7 @@ def _dkv_tiles(
     ALIGNED: tl.constexpr,
     CIRC: tl.constexpr = 0,
     ZB: tl.constexpr = 8,
+    FOLD: tl.constexpr = False,
 ):
     # the bias gradient's clamped ends, per key row (far tiles) and per diagonal (near tiles): reduced to the
     # scalars s_lo / s_hi once, after the loop
@@ -1343,6 +1377,9 @@ def _dkv_tiles(
     w_hi = tl.zeros([WIN], tl.float32)
     # near steps with CIRC 2 or 3: their sums stay per thread until the loop ends
     DEFER: tl.constexpr = REL_GRAD and CIRC >= 2 and REL_MODE == 3
+    # tiles whose bias is one constant c (T5, wholly beyond +-W): P = exp2(s - (lse - c)), one FFMA per element
+    # (FOLD_SCALE)
+    CONST: tl.constexpr = FOLD and BIAS_KIND == 1 and (REL_MODE == 1 or REL_MODE == -1)
     if DEFER:
         acc_b = tl.zeros([BLOCK_N, ZB, 4 if BLOCK_M >= 4 else BLOCK_M], tl.float32)
     if REL_MODE == 3 and PREFETCH:  # as _dq_tiles, along the queries
@@ -1367,25 +1404,28 @@ def _dkv_tiles(
         rel_hi = k0 + BLOCK_N - 1 - qp0
         if REL_MODE == 3 and PREFETCH:
             sT += bias
-        sT = _add_bias(
-            sT,
-            BIAS_KIND,
-            RB_h,
-            b_lo,
-            b_hi,
-            slope,
-            BIAS_bh + offs_m[None, :] * sbm + kpos[:, None] * sbn,
-            (offs_m[None, :] < M) & (kpos[:, None] < N),
-            rel_lo,
-            rel_hi,
-            kpos[:, None],
-            qpos[None, :],
-            k0,
-            W,
-            BLOCK_N,
-            BLOCK_M,
-            4 if (REL_MODE == 3 and PREFETCH) else REL_MODE,
-        )
+        if CONST:
+            lse = lse - (b_lo if REL_MODE == -1 else b_hi)
+        else:
+            sT = _add_bias(
+                sT,
+                BIAS_KIND,
+                RB_h,
+                b_lo,
+                b_hi,
+                slope,
+                BIAS_bh + offs_m[None, :] * sbm + kpos[:, None] * sbn,
+                (offs_m[None, :] < M) & (kpos[:, None] < N),
+                rel_lo,
+                rel_hi,
+                kpos[:, None],
+                qpos[None, :],
+                k0,
+                W,
+                BLOCK_N,
+                BLOCK_M,
+                4 if (REL_MODE == 3 and PREFETCH) else REL_MODE,
+            )
         if MASK:
             sT = tl.where(kpos[:, None] <= qpos[None, :], sT, float("-inf"))
         if HAS_KPM:
@@ -1554,6 +1594,7 @@ def _dkv_kernel(
     CIRC: tl.constexpr,
     NEAR_DKV: tl.constexpr,
     ZB: tl.constexpr,
+    FOLD: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -1685,6 +1726,7 @@ def _dkv_kernel(
         SEG_PASS != 1,
         CIRC,
         ZB,
+        FOLD,
     )
     dk, dv, acc_rel, s_lo, s_hi = _dkv_inner(
         dk,
@@ -1741,6 +1783,7 @@ def _dkv_kernel(
         SEG_PASS != 1,
         CIRC,
         ZB,
+        FOLD,
     )
     dk = dk * scale
     tl.store(
@@ -1818,6 +1861,7 @@ def _dq_inner(
     REL_MODE: tl.constexpr,
     NEAR_N: tl.constexpr,
     ALIGNED: tl.constexpr,
+    FOLD: tl.constexpr = False,
 ):
     # as _fwd_inner
     e1 = start
@@ -1875,6 +1919,7 @@ def _dq_inner(
             BLOCK_N if (NPART == 1 or part != 1) else NEAR_N,
             REL_MODE if NPART == 1 else (3 if (part == 1 and REL_MODE == 3) else part - 1),
             ALIGNED,
+            FOLD,
         )
     return dq
 
@@ -1928,7 +1973,13 @@ def _dq_tiles(
     BLOCK_N: tl.constexpr,
     REL_MODE: tl.constexpr,
     ALIGNED: tl.constexpr,
+    FOLD: tl.constexpr = False,
 ):
+    # tiles whose bias is one constant c (T5, wholly beyond +-W): P = exp2(s - (lse - c)) (FOLD_SCALE, as _dkv_tiles)
+    CONST: tl.constexpr = FOLD and BIAS_KIND == 1 and (REL_MODE == 1 or REL_MODE == -1)
+    lse_c = lse
+    if CONST:
+        lse_c = lse - (b_lo if REL_MODE == -1 else b_hi)
     if REL_MODE == 3 and PREFETCH:  # step i + 1's bias tile is loaded before step i's dots (see PREFETCH)
         next_bias = _near_bias(RB_h, qpos[:, None], start + tl.arange(0, BLOCK_N)[None, :], start, W)
     for start_n in range(start, end, BLOCK_N):
@@ -1947,25 +1998,26 @@ def _dq_tiles(
         tile_mask = (offs_m[:, None] < M) & (kpos[None, :] < N)
         if REL_MODE == 3 and PREFETCH:
             s += bias
-        s = _add_bias(
-            s,
-            BIAS_KIND,
-            RB_h,
-            b_lo,
-            b_hi,
-            slope,
-            BIAS_bh + offs_m[:, None] * sbm + kpos[None, :] * sbn,
-            tile_mask,
-            rel_lo,
-            rel_hi,
-            kpos[None, :],
-            qpos[:, None],
-            start_n,
-            W,
-            BLOCK_M,
-            BLOCK_N,
-            4 if (REL_MODE == 3 and PREFETCH) else REL_MODE,
-        )
+        if not CONST:
+            s = _add_bias(
+                s,
+                BIAS_KIND,
+                RB_h,
+                b_lo,
+                b_hi,
+                slope,
+                BIAS_bh + offs_m[:, None] * sbm + kpos[None, :] * sbn,
+                tile_mask,
+                rel_lo,
+                rel_hi,
+                kpos[None, :],
+                qpos[:, None],
+                start_n,
+                W,
+                BLOCK_M,
+                BLOCK_N,
+                4 if (REL_MODE == 3 and PREFETCH) else REL_MODE,
+            )
         if MASK:
             keep = kpos[None, :] < N
             if CAUSAL:
@@ -1977,7 +2029,7 @@ def _dq_tiles(
         if HAS_SEG:
             ks = tl.load(KSEG_b + kpos * sks, mask=kpos < N, other=-3)
             s = tl.where(qseg[:, None] == ks[None, :], s, float("-inf"))
-        p = tl.math.exp2(s - lse[:, None])
+        p = tl.math.exp2(s - lse_c[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         if BIAS_GRAD:
@@ -2069,6 +2121,7 @@ def _dq_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     NEAR_N: tl.constexpr,
+    FOLD: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -2195,6 +2248,7 @@ def _dq_kernel(
         3 if NEAR_TABLE else 2,
         NEAR_N,
         SEG_PASS != 1,
+        FOLD,
     )
     dq = _dq_inner(
         dq,
@@ -2246,6 +2300,7 @@ def _dq_kernel(
         0 if NPART == 3 else 2,
         NEAR_N,
         SEG_PASS != 1,
+        FOLD,
     )
     dq = dq * scale
     tl.store(
@@ -2831,6 +2886,7 @@ def _forward(q, k, v, a: _Args):
             KV_TMA=kv_tma,
             RBW=a.rbw,
             BLOCK_D=a.block_d,
+            POS_SCALE=FOLD_SCALE and a.qk_scale > 0,
         )
     return out, lse
 
@@ -2936,6 +2992,7 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
             RB=a.rb,
             DREL_BN=bn_min,
             BLOCK_D=a.block_d,
+            FOLD=FOLD_SCALE,
         )
     bias_grad = need_dbias and a.bias_kind == BIAS_TENSOR
     # skipped (fully masked) tiles are never written: their gradient is zero
@@ -2994,6 +3051,7 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
             NEAR_TABLE=a.near_table,
             RBW=a.rbw,
             BLOCK_D=a.block_d,
+            FOLD=FOLD_SCALE,
         )
     d_table = _table_grad(drel, a, b * nkb, h, srow, rel_table) if rel_grad else torch.empty(0, device=dev)
     d_bias = torch.empty(0, device=dev)
