@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call (device time is scarce): bf16 kernel tests, then the benchmarks,
 # results under ${OUT:-benchmarks/results}. Usage from the repository root on a CUDA machine:
-#   bash benchmarks/run_gpu.sh [quick | step | kernels | rmsnorm | docpass | skews]
+#   bash benchmarks/run_gpu.sh [quick | step | kernels | rmsnorm | docpass | skews | fold]
 # On a copied checkout whose git metadata may be stale, set FAT5_COMMIT to the commit the reports should name.
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -24,6 +24,13 @@ elif [ "${1:-}" = skews ]; then
     -k "table_grad or every_dkv" -rf --tb=short 2>&1 | tee -a "$out/gpu_tests_skews.log" | tail -3
   python3 benchmarks/bench_attention.py --lengths 1024,4096 --d128-lengths "" --flex-lengths "" --no-packed \
     --methods sdpa,ours,ours_defer,ours_circ,ours_tma64 --rep 30 --out "$out" --tag=_skews
+elif [ "${1:-}" = fold ]; then
+  # the scale and constant bias folded into the exponent (FOLD_SCALE): the targets' cells with it and without,
+  # then the GPU tests its code paths reach (every forward, dq and dk/dv config, the bf16 reference cases)
+  python3 benchmarks/bench_attention.py --quick --methods sdpa,ours,ours_nofold --out "$out" --tag=_fold
+  FAT5_ATTN_AUTOTUNE=0 timeout 330 python3 -m pytest -q -m gpu tests/ops/test_attention_triton.py \
+    -k "every_fwd or matches_reference_gpu or (every_dkv and bidir)" -rf --tb=short 2>&1 |
+    tee "$out/gpu_tests_fold.log" | tail -5
 elif [ "${1:-}" = docpass ]; then
   # packed documents alone: the segment cases' GPU tests (the document pass with mixed blocks, every dk/dv
   # config), then the packed rows with the document pass against the single masked launch (ours_nodoc)

@@ -1056,6 +1056,29 @@ def test_every_dkv_config_gpu(case, cfg, monkeypatch):
     _check(case, torch.bfloat16, "cuda")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", range(max(len(at._FWD_CONFIGS_GPU), len(at._DQ_CONFIGS_GPU))))
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(shape=(2, 4, 700, 700, 64), bias="t5"),
+        dict(shape=(2, 2, 600, 600, 64), bias="t5", kw=dict(causal=True, rel_bidirectional=False)),
+        dict(shape=(2, 2, 333, 520, 64), kpm=True),
+    ],
+    ids=["t5", "t5_causal", "nobias_kpm"],
+)
+def test_every_fwd_and_dq_config_gpu(case, cfg, monkeypatch):
+    """Each forward and dq config the autotuner may pick (the i-th of each list; the shorter list repeats its
+    last), whatever FAT5_ATTN_AUTOTUNE says: their far steps fold the scale and the constant bias into the
+    exponent (FOLD_SCALE), with a code path per config; lengths with far tiles on both sides of the T5 band."""
+    fwd = at._FWD_CONFIGS_GPU[min(cfg, len(at._FWD_CONFIGS_GPU) - 1)]
+    dq = at._DQ_CONFIGS_GPU[min(cfg, len(at._DQ_CONFIGS_GPU) - 1)]
+    _pin_configs(monkeypatch, "fwd", at._FWD_CONFIGS_GPU, lambda kw: fwd)
+    _pin_configs(monkeypatch, "dq", at._DQ_CONFIGS_GPU, lambda kw: dq)
+    monkeypatch.setattr(at, "_VARIANT", "table")
+    _check(case, torch.bfloat16, "cuda")
+
+
 def test_table_grad_rows_follow_held_configs(monkeypatch):
     """The table gradient's partial rows are sized by the dk/dv configs the autotuner holds, not by the module's
     list: a config narrower (16 keys) than every listed one (interpreter: 32) still gets one row per program, so
