@@ -3,7 +3,10 @@
 Each kernel is timed with one config at a time (its autotuner reduced to that config), the other two kernels
 held at a fixed config: the forward alone; dk/dv and dq by the forward+backward time (median of do_bench).
 Setting as bench_attention: bf16, 12 heads x 64, B*L = 32768, T5 buckets 32 / max distance 128.
-Prints one JSON line per measurement and writes attention_near_sweep_<date>.json.
+Prints one JSON line per measurement (also appended, as it goes, to attention_near_sweep_<date><tag>.jsonl) and
+writes attention_near_sweep_<date><tag>.json. ``--kernels fwd`` sweeps the forward alone; ``--extra-fwd`` adds
+configs outside the autotuner's list (``128x64w8s3``, ``r128`` for maxnreg 128); each cell also times SDPA
+without bias (the ceiling of the targets) in the same process.
 Run from the repository root on a CUDA machine: `PYTHONPATH=src python3 benchmarks/attention_near_sweep.py`.
 """
 
@@ -13,6 +16,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 
 import torch
 import triton
@@ -33,13 +37,23 @@ def inputs(length):
 
 
 def cfg_str(c):
-    return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}"
+    regs = f"r{c.maxnreg}" if c.maxnreg else ""
+    return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}{regs}"
 
 
-def sweep_cell(length, causal, nears, rep, fwd_all, dkv_all, dq_all):
+def parse_cfg(text):
+    m = re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)(?:r(\d+))?", text.strip())
+    if not m:
+        raise SystemExit(f"--extra-fwd: {text!r} is not a config like 128x64w8s3 or 128x64w8s3r128")
+    bm, bn, w, st, r = m.groups()
+    return at._cfg(int(bm), int(bn), int(w), int(st), int(r) if r else None)
+
+
+def sweep_cell(length, causal, nears, rep, fwd_all, dkv_all, dq_all, kernels, log):
     q, k, v, table = inputs(length)
     grad = torch.randn_like(q)
     kw = dict(causal=causal, rel_table=table, rel_bidirectional=not causal, rel_max_distance=128)
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
 
     def fwd():
         return at.flash_attention(q, k, v, **kw)
@@ -52,7 +66,14 @@ def sweep_cell(length, causal, nears, rep, fwd_all, dkv_all, dq_all):
         return triton.testing.do_bench(fn, warmup=5, rep=rep, return_mode="median", **bench_kw)
 
     rows = []
+    with torch.no_grad():
+        row = dict(L=length, causal=causal, kernel="sdpa_fwd", config="-", near=0, ms=timed(sdpa))
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    log.write(json.dumps(row) + "\n")
     for kernel, configs in (("fwd", fwd_all), ("dkv", dkv_all), ("dq", dq_all)):
+        if kernel not in kernels:
+            continue
         for c in configs:
             for near in nears:
                 if near > c.kwargs["BLOCK_M" if kernel == "dkv" else "BLOCK_N"]:
@@ -69,6 +90,8 @@ def sweep_cell(length, causal, nears, rep, fwd_all, dkv_all, dq_all):
                 row = dict(L=length, causal=causal, kernel=kernel, config=cfg_str(c), near=near, ms=ms)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+                log.write(json.dumps(row) + "\n")
+                log.flush()
     return rows
 
 
@@ -78,15 +101,26 @@ def main():
     ap.add_argument("--lengths", default="512,1024,4096")
     ap.add_argument("--nears", default="16,32,64")
     ap.add_argument("--rep", type=int, default=20)
+    ap.add_argument("--causal-lengths", default="1024")
+    ap.add_argument("--kernels", default="fwd,dkv,dq")
+    ap.add_argument("--extra-fwd", default="", help="forward configs to add, e.g. 128x64w8s4,64x64w4s2")
+    ap.add_argument("--tag", default="")
     args = ap.parse_args()
     at.set_variant("table")
     fwd_all, dkv_all, dq_all = list(at._FWD_CONFIGS), list(at._DKV_CONFIGS), list(at._DQ_CONFIGS)
+    fwd_all += [parse_cfg(x) for x in args.extra_fwd.split(",") if x.strip()]
+    kernels = args.kernels.split(",")
     nears = [int(x) for x in args.nears.split(",")]
-    cells = [(int(x), False) for x in args.lengths.split(",")] + [(1024, True)]
+    cells = [(int(x), False) for x in args.lengths.split(",") if x] + [
+        (int(x), True) for x in args.causal_lengths.split(",") if x
+    ]
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"attention_near_sweep_{datetime.date.today().isoformat()}{args.tag}")
     rows = []
-    for length, causal in cells:
-        rows += sweep_cell(length, causal, nears, args.rep, fwd_all, dkv_all, dq_all)
-        torch.cuda.empty_cache()
+    with open(stem + ".jsonl", "a") as log:
+        for length, causal in cells:
+            rows += sweep_cell(length, causal, nears, args.rep, fwd_all, dkv_all, dq_all, kernels, log)
+            torch.cuda.empty_cache()
     best = {}
     for r in rows:
         if isinstance(r["ms"], float):
@@ -94,10 +128,9 @@ def main():
             if key not in best or r["ms"] < best[key]["ms"]:
                 best[key] = r
     print(json.dumps(best, indent=1))
-    os.makedirs(args.out, exist_ok=True)
     meta = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
-    path = os.path.join(args.out, f"attention_near_sweep_{datetime.date.today().isoformat()}.json")
-    with open(path, "w") as f:
+    meta["commit"] = os.environ.get("FAT5_COMMIT", "")
+    with open(stem + ".json", "w") as f:
         json.dump({"meta": meta, "rows": rows, "best": best}, f, indent=1)
 
 
