@@ -1079,6 +1079,25 @@ def test_every_fwd_and_dq_config_gpu(case, cfg, monkeypatch):
     _check(case, torch.bfloat16, "cuda")
 
 
+@pytest.mark.parametrize("name", ["t5_near_far", "t5_near_far_causal_kpm", "t5_near_far_q_offset"])
+def test_config_near_width(name, monkeypatch):
+    """A forward config may carry its own near-step width (NEAR_CFG, as the GPU's 64-key 128x64 config does):
+    the NEAR_N heuristic takes it over NEAR["fwd"] (the "split" variant keeps 16), and a forward whose config
+    steps its whole block width on near tiles, where NEAR["fwd"] would step half of it, matches float64."""
+    near_n = at._fwd_kernel.fn.values["NEAR_N"]
+    assert near_n({"BLOCK_N": 64, "NEAR_CFG": 64, "NEAR_TABLE": True}) == 64
+    assert near_n({"BLOCK_N": 64, "NEAR_TABLE": True}) == min(64, at.NEAR["fwd"])
+    assert near_n({"BLOCK_N": 64, "NEAR_CFG": 64, "NEAR_TABLE": False}) == 16
+    assert any(c.kwargs.get("NEAR_CFG") == 64 for c in at._FWD_CONFIGS_GPU)
+    if DEV == "cuda":
+        pytest.skip("interpreter case; the GPU runs its own configs (test_every_fwd_and_dq_config_gpu)")
+    monkeypatch.setattr(at, "_VARIANT", "table")
+    monkeypatch.setattr(at, "NEAR", {**at.NEAR, "fwd": 16})
+    wide = at._cfg(16, 32, 1, 1, near=32)
+    _pin_configs(monkeypatch, "fwd", [wide], lambda kw: wide)
+    _check(CASES[name], torch.float32, DEV)
+
+
 def test_table_grad_rows_follow_held_configs(monkeypatch):
     """The table gradient's partial rows are sized by the dk/dv configs the autotuner holds, not by the module's
     list: a config narrower (16 keys) than every listed one (interpreter: 32) still gets one row per program, so

@@ -112,13 +112,22 @@ NT_COLS = tl.constexpr(128)
 
 
 # --------------------------------------------------------------------------------------------- configs
-def _cfg(bm, bn, w, s, maxnreg=None):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s, maxnreg=maxnreg)
+def _cfg(bm, bn, w, s, maxnreg=None, near=None):
+    """A tile config; ``near``: the forward's near-diagonal step width for this config (NEAR_CFG), instead of
+    NEAR["fwd"]."""
+    kw = {"BLOCK_M": bm, "BLOCK_N": bn}
+    if near is not None:
+        kw["NEAR_CFG"] = near
+    return triton.Config(kw, num_warps=w, num_stages=s, maxnreg=maxnreg)
 
 
 # the GPU's forward configs (also read by the tests of the forward's near-step bounds, see _nt_rows)
+# the last one steps 64 keys on near-diagonal tiles: with 128 registers it is the fastest L=1024 forward on the
+# H200 (0.315 ms against 0.337 with 32-key steps; without the register cap 64-key steps take 0.430), and the
+# slowest causal one of the 128x64 w8 configs (benchmarks/results/attention_near_sweep_2026-12-06_fwd.json)
 _FWD_CONFIGS_GPU = [
-    _cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3, 128)
+    _cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3, 128),
+    _cfg(128, 64, 8, 3, 128, near=64),
 ]  # fmt: skip
 # key-block kernel: BLOCK_M (queries per step) <= BLOCK_N (keys held) -- the diagonal skew needs it
 # (with the T5 table gradient, offline ptxas -v for sm_90a shows the 4-warp 64/128-wide tiles spilling
@@ -845,8 +854,11 @@ def _fwd_tiles(
     ],
 )
 # near-diagonal tiles: "split" steps 16 keys (a gather holds one pointer per element in registers, and at
-# full width it pushes the kernel to the register limit: 255 at 128x64, half the occupancy); "table" NEAR["fwd"]
-@triton.heuristics({"NEAR_N": lambda a: min(a["BLOCK_N"], NEAR["fwd"] if a["NEAR_TABLE"] else 16)})
+# full width it pushes the kernel to the register limit: 255 at 128x64, half the occupancy); "table" NEAR["fwd"],
+# or the config's own width (NEAR_CFG)
+@triton.heuristics(
+    {"NEAR_N": lambda a: min(a["BLOCK_N"], (a.get("NEAR_CFG") or NEAR["fwd"]) if a["NEAR_TABLE"] else 16)}
+)
 @triton.jit
 def _fwd_kernel(
     Q,
@@ -918,6 +930,7 @@ def _fwd_kernel(
     BLOCK_N: tl.constexpr,
     NEAR_N: tl.constexpr,
     POS_SCALE: tl.constexpr = False,
+    NEAR_CFG: tl.constexpr = 0,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
