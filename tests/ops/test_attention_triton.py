@@ -973,6 +973,20 @@ def test_folded_exponent_matches_unfolded(name, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(b.abs().max().item(), 1.0))
 
 
+@pytest.mark.parametrize("name", T5_CASES)
+def test_tail_table_matches_reference(name, monkeypatch):
+    """TAIL_TABLE: the forward's masked last steps (causal diagonal, key-length tail, a document's first tile,
+    queries at offsets that put them far from the diagonal) read the clamped Toeplitz table instead of
+    gathering by distance, against float64; the launches really asked for it."""
+    if DEV == "cuda":
+        pytest.skip("interpreter case; on the GPU: FAT5_ATTN_TAIL_TABLE=1 with the bf16 reference cases")
+    monkeypatch.setattr(at, "_VARIANT", "table")
+    monkeypatch.setattr(at, "TAIL_TABLE", True)
+    flags = _spy_flag(monkeypatch, at._FWD, "TAIL")
+    _check(CASES[name], torch.float32, DEV)
+    assert flags and all(flags)
+
+
 @pytest.mark.parametrize("scale", [-0.6, 0.0, 0.35], ids=["negative", "zero", "positive"])
 @pytest.mark.parametrize("name", ["t5_near_far_causal_kpm", "kpm_full_row_masked", "t5_near_far_segments"])
 def test_any_scale_sign(name, scale, monkeypatch):

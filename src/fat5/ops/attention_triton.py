@@ -204,6 +204,12 @@ HALF_TABLE = os.environ.get("FAT5_ATTN_HALF_TABLE", "1") != "0"
 # fold the constant into the logsumexp they subtract)
 FOLD_SCALE = os.environ.get("FAT5_ATTN_FOLD_SCALE", "1") != "0"
 
+# TAIL_TABLE (FAT5_ATTN_TAIL_TABLE=1 at import; read at every forward launch): the forward's masked last steps (the
+# causal diagonal, the key-length tail) read the "table" variant's Toeplitz table instead of gathering the bias
+# per element by distance. Exact on any tile: a row past either end of the table is clamped to it, and the end
+# rows hold only saturated distances (see _near_bias). Not with TMA, whose block loads are not clamped.
+TAIL_TABLE = os.environ.get("FAT5_ATTN_TAIL_TABLE") == "1"
+
 # DOC_PASS (default on; FAT5_ATTN_DOC_PASS=0 at import turns it off; read at every launch): with segment ids,
 # the blocks that lie in one document run in a launch of their own without per-key ids (see _seg_passes)
 DOC_PASS = os.environ.get("FAT5_ATTN_DOC_PASS", "1") != "0"
@@ -931,6 +937,7 @@ def _fwd_kernel(
     NEAR_N: tl.constexpr,
     POS_SCALE: tl.constexpr = False,
     NEAR_CFG: tl.constexpr = 0,
+    TAIL: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -1146,7 +1153,8 @@ def _fwd_kernel(
         BLOCK_M,
         NEAR_N if NPART == 3 else BLOCK_N,
         1,
-        0 if NPART == 3 else 2,  # the last tile(s): gathering is exact on any tile
+        # the last tile(s): gathering is exact on any tile, and so is the clamped table (TAIL_TABLE)
+        (3 if TAIL else 0) if NPART == 3 else 2,
         NEAR_N,
         TMA,
         KV_TMA,
@@ -2900,6 +2908,7 @@ def _forward(q, k, v, a: _Args):
             RBW=a.rbw,
             BLOCK_D=a.block_d,
             POS_SCALE=FOLD_SCALE and a.qk_scale > 0,
+            TAIL=TAIL_TABLE and a.near_table and not tma,
         )
     return out, lse
 
