@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call (device time is scarce): bf16 kernel tests, then the benchmarks,
 # results under ${OUT:-benchmarks/results}. Usage from the repository root on a CUDA machine:
-#   bash benchmarks/run_gpu.sh [quick | step | kernels | rmsnorm | docpass | skews | fold]
+#   bash benchmarks/run_gpu.sh [quick | step | kernels | rmsnorm | docpass | skews | fold | tail]
 # On a copied checkout whose git metadata may be stale, set FAT5_COMMIT to the commit the reports should name.
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -31,6 +31,16 @@ elif [ "${1:-}" = fold ]; then
   FAT5_ATTN_AUTOTUNE=0 timeout 330 python3 -m pytest -q -m gpu tests/ops/test_attention_triton.py \
     -k "every_fwd or matches_reference_gpu or (every_dkv and bidir)" -rf --tb=short 2>&1 |
     tee "$out/gpu_tests_fold.log" | tail -5
+elif [ "${1:-}" = tail ]; then
+  # the forward's masked last steps through the Toeplitz table (TAIL_TABLE, opt-in) against the default, with the
+  # 64-key near-step forward config in the autotuner's list; then the GPU tests of both (every forward and dq
+  # config, the bf16 reference cases under TAIL_TABLE)
+  python3 benchmarks/bench_attention.py --quick --methods sdpa,ours,ours_tail --out "$out" --tag=_tail
+  FAT5_ATTN_AUTOTUNE=0 timeout 150 python3 -m pytest -q -m gpu tests/ops/test_attention_triton.py -k "every_fwd" \
+    -rf --tb=short 2>&1 | tee "$out/gpu_tests_tail.log" | tail -3
+  FAT5_ATTN_TAIL_TABLE=1 FAT5_ATTN_AUTOTUNE=0 timeout 150 python3 -m pytest -q -m gpu \
+    tests/ops/test_attention_triton.py -k "matches_reference_gpu or every_fwd" -rf --tb=short 2>&1 |
+    tee -a "$out/gpu_tests_tail.log" | tail -3
 elif [ "${1:-}" = docpass ]; then
   # packed documents alone: the segment cases' GPU tests (the document pass with mixed blocks, every dk/dv
   # config), then the packed rows with the document pass against the single masked launch (ours_nodoc)
