@@ -198,6 +198,8 @@ def main() -> None:
                             cfg = f"{kw['BLOCK_M']}x{kw['BLOCK_N']} w{nw} s{ns}"
                             if kw.get("maxnreg"):
                                 cfg += f" maxnreg {kw['maxnreg']}"
+                            if kw.get("NEAR_CFG"):  # the config's own near-step width
+                                cfg += f" near {kw['NEAR_CFG']}"
                             kname = name.strip("_")
                             if kw.get("SEG_PASS"):  # segment ids: the document pass (1) and the rest (2)
                                 kname += f" pass {kw['SEG_PASS']}"
