@@ -32,12 +32,12 @@ elif [ "${1:-}" = fold ]; then
     -k "every_fwd or matches_reference_gpu or (every_dkv and bidir)" -rf --tb=short 2>&1 |
     tee "$out/gpu_tests_fold.log" | tail -5
 elif [ "${1:-}" = tail ]; then
-  # the forward's masked last steps through the Toeplitz table (TAIL_TABLE, opt-in) against the default, with the
-  # 64-key near-step forward config in the autotuner's list; then the GPU tests of both (every forward and dq
-  # config, the bf16 reference cases under TAIL_TABLE)
-  python3 benchmarks/bench_attention.py --quick --methods sdpa,ours,ours_tail --out "$out" --tag=_tail
-  FAT5_ATTN_AUTOTUNE=0 timeout 150 python3 -m pytest -q -m gpu tests/ops/test_attention_triton.py -k "every_fwd" \
-    -rf --tb=short 2>&1 | tee "$out/gpu_tests_tail.log" | tail -3
+  # the forward's masked last steps through the Toeplitz table (TAIL_TABLE, opt-in) and the dk/dv near sums through
+  # running slots (CIRC_SKEW=4, opt-in) against the default, with the 64-key near-step forward config in the
+  # autotuner's list; then their GPU tests (every forward, dq and dk/dv config; the bf16 cases under TAIL_TABLE)
+  python3 benchmarks/bench_attention.py --quick --methods sdpa,ours,ours_tail,ours_slots --out "$out" --tag=_tail
+  FAT5_ATTN_AUTOTUNE=0 timeout 200 python3 -m pytest -q -m gpu tests/ops/test_attention_triton.py \
+    -k "every_fwd or rotated" -rf --tb=short 2>&1 | tee "$out/gpu_tests_tail.log" | tail -3
   FAT5_ATTN_TAIL_TABLE=1 FAT5_ATTN_AUTOTUNE=0 timeout 150 python3 -m pytest -q -m gpu \
     tests/ops/test_attention_triton.py -k "matches_reference_gpu or every_fwd" -rf --tb=short 2>&1 |
     tee -a "$out/gpu_tests_tail.log" | tail -3

@@ -225,17 +225,19 @@ DOC_PASS = os.environ.get("FAT5_ATTN_DOC_PASS", "1") != "0"
 # issues 822 / 682 / 806 / 710 instructions (410 without the table gradient). H100, L=1024, fwd+bwd TFLOP/s in
 # one run (benchmarks/results/2026-12-06-deferskew.md): 209 (0), 222 (1), 229 (2); causal 148, 159, 157. H200,
 # one run (2026-12-06-rotskew.md), 1 / 2 / 3: L=1024 217 / 222 / 226, causal 157 / 156 / 157; L=4096 310 / 302
-# / 318, causal 264 / 259 / 265.
+# / 318, causal 264 / 259 / 265. 4 (opt-in, not timed): as 3, but a step adds its row sums into three running
+# slots (the bins of the step's three values of z) instead of selecting among all ZB bins; a slot goes into its bin
+# once, when the steps' z moves past it (_rel_grad_slots): bitwise the sums of 3.
 CIRC_SKEW = os.environ.get("FAT5_ATTN_CIRC_SKEW", "3")
-if CIRC_SKEW not in ("0", "1", "2", "3"):
-    raise ValueError(f"FAT5_ATTN_CIRC_SKEW={CIRC_SKEW!r}: use 0, 1, 2 or 3 (default)")
+if CIRC_SKEW not in ("0", "1", "2", "3", "4"):
+    raise ValueError(f"FAT5_ATTN_CIRC_SKEW={CIRC_SKEW!r}: use 0, 1, 2, 3 (default) or 4")
 CIRC_SKEW = int(CIRC_SKEW)
 
 
 def _circ_skew() -> int:
     """CIRC_SKEW, checked (a module attribute that benchmarks and tests may set)."""
-    if CIRC_SKEW not in (0, 1, 2, 3):
-        raise ValueError(f"attention_triton.CIRC_SKEW = {CIRC_SKEW!r}: use 0, 1, 2 or 3")
+    if CIRC_SKEW not in (0, 1, 2, 3, 4):
+        raise ValueError(f"attention_triton.CIRC_SKEW = {CIRC_SKEW!r}: use 0, 1, 2, 3 or 4")
     return CIRC_SKEW
 
 
@@ -525,23 +527,17 @@ def _rel_grad_defer(
     # a gather in each branch: one shared gather after them compiles the default (ROT off) differently from the
     # code its timings were taken with (other registers and schedule)
     if ROT:
-        t = tl.arange(0, BLOCK_N)[:, None] + tl.arange(0, BLOCK_M)[None, :]
-        x = tl.gather(dsT, t & (BLOCK_N - 1), axis=0)  # (BLOCK_N, BLOCK_M), rows v
-        more = t >= BLOCK_N
+        sa, sb = _rot_sums(dsT, a, BLOCK_M, BLOCK_N)
     else:
         t = a + tl.arange(0, BLOCK_M)[None, :]
         x = tl.gather(dsT, t & (BLOCK_N - 1), axis=0)  # (BLOCK_N, BLOCK_M), rows u
         more = (t // BLOCK_N) != f0  # the column wrapped once more than the row's first: z one lower
-    xr = tl.reshape(x, [BLOCK_N, BLOCK_M // NC, NC])
-    mr = tl.reshape(more, [BLOCK_N, BLOCK_M // NC, NC])
-    # the bins in the middle axis, where the reshaped tile's in-thread columns were: the sums go back into the
-    # tile's own layout, so the accumulator needs no layout conversion per step
-    sa = tl.sum(tl.where(mr, 0.0, xr), 1)[:, None, :]  # (BLOCK_N, 1, NC)
-    sb = tl.sum(tl.where(mr, xr, 0.0), 1)[:, None, :]
-    if ROT:  # row u of the sums <- row (u + qp0) mod BLOCK_N
-        rot = tl.broadcast_to((a & (BLOCK_N - 1))[:, :, None], [BLOCK_N, 1, NC])
-        sa = tl.gather(sa, rot, axis=0)
-        sb = tl.gather(sb, rot, axis=0)
+        xr = tl.reshape(x, [BLOCK_N, BLOCK_M // NC, NC])
+        mr = tl.reshape(more, [BLOCK_N, BLOCK_M // NC, NC])
+        # the bins in the middle axis, where the reshaped tile's in-thread columns were: the sums go back into
+        # the tile's own layout, so the accumulator needs no layout conversion per step
+        sa = tl.sum(tl.where(mr, 0.0, xr), 1)[:, None, :]  # (BLOCK_N, 1, NC)
+        sb = tl.sum(tl.where(mr, xr, 0.0), 1)[:, None, :]
     zq = k0 // BLOCK_N - qs // BLOCK_N + SHIFT // BLOCK_N + ZB // 2
     ba = (zq - f0)[:, :, None]  # bin of the row's first z
     bins = tl.arange(0, ZB)[None, :, None]
@@ -550,6 +546,51 @@ def _rel_grad_defer(
     else:
         acc_b += tl.where(bins == ba, sa, 0.0) + tl.where(bins == ba - 1, sb, 0.0)
     return acc_b
+
+
+@triton.jit
+def _rot_sums(dsT, a, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The row sums of a near tile gathered through the step-independent skew x'[v, m] = dS^T[(v + m) mod BLOCK_N,
+    m], per column group, split by whether the element wrapped once more than its row's first (sa: not, sb:
+    did), then rotated into the rows u of ``_rel_grad_defer`` (a: u + qp0 mod BLOCK_N, shifted)."""
+    NC: tl.constexpr = 4 if BLOCK_M >= 4 else BLOCK_M
+    t = tl.arange(0, BLOCK_N)[:, None] + tl.arange(0, BLOCK_M)[None, :]
+    x = tl.gather(dsT, t & (BLOCK_N - 1), axis=0)  # (BLOCK_N, BLOCK_M), rows v
+    more = t >= BLOCK_N
+    xr = tl.reshape(x, [BLOCK_N, BLOCK_M // NC, NC])
+    mr = tl.reshape(more, [BLOCK_N, BLOCK_M // NC, NC])
+    # the bins in the middle axis, where the reshaped tile's in-thread columns were: the sums go back into the
+    # tile's own layout, so the accumulator needs no layout conversion per step
+    sa = tl.sum(tl.where(mr, 0.0, xr), 1)[:, None, :]  # (BLOCK_N, 1, NC)
+    sb = tl.sum(tl.where(mr, xr, 0.0), 1)[:, None, :]
+    # row u of the sums <- row (u + qp0) mod BLOCK_N
+    rot = tl.broadcast_to((a & (BLOCK_N - 1))[:, :, None], [BLOCK_N, 1, NC])
+    return tl.gather(sa, rot, axis=0), tl.gather(sb, rot, axis=0)
+
+
+@triton.jit
+def _slot_bin(k0, qp0, BLOCK_N: tl.constexpr, ZB: tl.constexpr):
+    """The bin (of ``_rel_grad_defer``'s acc_b) of a near step's highest z, k0 / BLOCK_N - floor(qp0 / BLOCK_N):
+    the first z of the rows u with u + qp0 mod BLOCK_N < BLOCK_N."""
+    SHIFT: tl.constexpr = 1 << 24
+    return k0 // BLOCK_N - (qp0 + SHIFT) // BLOCK_N + SHIFT // BLOCK_N + ZB // 2
+
+
+@triton.jit
+def _rel_grad_slots(dsT, s0, s1, s2, qp0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``CIRC_SKEW`` 4: a near step's rotated row sums (as 3) added into three running slots, the bins
+    ``_slot_bin`` (s0), one lower (s1) and two lower (s2): a row whose first z is the step's highest adds sa to
+    s0 and sb to s1, the other rows sa to s1 and sb to s2. The caller moves s0 into acc_b when the next step's
+    bin is lower (by one: a step spans at most BLOCK_N queries), and shifts the slots. Each bin then receives
+    the same additions in the same order as with 3 (and +0.0 elsewhere), so the sums are bitwise those of 3."""
+    SHIFT: tl.constexpr = 1 << 24
+    a = tl.arange(0, BLOCK_N)[:, None] + (qp0 + SHIFT) % BLOCK_N
+    sa, sb = _rot_sums(dsT, a, BLOCK_M, BLOCK_N)
+    high = (a < BLOCK_N)[:, :, None]  # floor((u + qp0) / BLOCK_N) = floor(qp0 / BLOCK_N)
+    s0 += tl.where(high, sa, 0.0)
+    s1 += tl.where(high, sb, sa)
+    s2 += tl.where(high, 0.0, sb)
+    return s0, s1, s2
 
 
 @triton.jit
@@ -1403,6 +1444,15 @@ def _dkv_tiles(
     CONST: tl.constexpr = FOLD and BIAS_KIND == 1 and (REL_MODE == 1 or REL_MODE == -1)
     if DEFER:
         acc_b = tl.zeros([BLOCK_N, ZB, 4 if BLOCK_M >= 4 else BLOCK_M], tl.float32)
+    # CIRC 4: the near steps' sums go through three running slots (_rel_grad_slots) of bins cur, cur - 1, cur - 2
+    SLOTS: tl.constexpr = DEFER and CIRC == 4
+    if SLOTS:
+        tl.static_assert(BLOCK_M <= BLOCK_N)  # a step's bin is at most one below the one before
+        s0 = tl.zeros([BLOCK_N, 1, 4 if BLOCK_M >= 4 else BLOCK_M], tl.float32)
+        s1 = s0
+        s2 = s0
+        cur = _slot_bin(k0, q_off + start, BLOCK_N, ZB)
+        bins = tl.arange(0, ZB)[None, :, None]
     if REL_MODE == 3 and PREFETCH:  # as _dq_tiles, along the queries
         next_bias = _near_bias(RB_h, (q_off + start + tl.arange(0, BLOCK_M))[None, :], kpos[:, None], k0, W)
     for start_m in range(start, end, BLOCK_M):
@@ -1462,7 +1512,16 @@ def _dkv_tiles(
         if REL_GRAD:
             if REL_MODE != 1 and REL_MODE != -1:  # far tiles' row sums are masked once, after the loop
                 dsT = tl.where(kpos[:, None] < N, dsT, 0.0)  # key rows past N hold garbage scores
-            if DEFER:
+            if SLOTS:
+                zq = _slot_bin(k0, qp0, BLOCK_N, ZB)
+                if zq != cur:  # bin cur is complete: into acc_b, and the slots move down one bin
+                    acc_b += tl.where(bins == cur, s0, 0.0)
+                    s0 = s1
+                    s1 = s2
+                    s2 = tl.zeros_like(s2)
+                    cur = zq
+                s0, s1, s2 = _rel_grad_slots(dsT, s0, s1, s2, qp0, BLOCK_M, BLOCK_N)
+            elif DEFER:
                 acc_b = _rel_grad_defer(dsT, acc_b, k0, qp0, BLOCK_M, BLOCK_N, ZB, CIRC == 3)
             else:
                 acc_rel, v_lo, v_hi, w_lo, w_hi = _rel_grad(
@@ -1483,6 +1542,9 @@ def _dkv_tiles(
                     REL_MODE,
                     CIRC != 0,  # 2: the masked and per-tile steps skew circularly per step
                 )
+    if SLOTS:
+        acc_b += tl.where(bins == cur, s0, 0.0) + tl.where(bins == cur - 1, s1, 0.0)
+        acc_b += tl.where(bins == cur - 2, s2, 0.0)
     if DEFER:
         acc_rel, s_lo, s_hi = _rel_defer_ends(acc_b, acc_rel, s_lo, s_hi, W, BLOCK_N, ZB, RB)
     if REL_GRAD:
