@@ -203,7 +203,10 @@ def main() -> None:
                             kname = name.strip("_")
                             if kw.get("SEG_PASS"):  # segment ids: the document pass (1) and the rest (2)
                                 kname += f" pass {kw['SEG_PASS']}"
-                            row = (variant, d, kind, causal, seg, kname, cfg, regs, spill)
+                            smem = (
+                                f"{kernel.metadata.shared / 1024:.1f}"  # KiB of shared memory a program needs
+                            )
+                            row = (variant, d, kind, causal, seg, kname, cfg, regs, spill, smem)
                             if args.loops:
                                 loops = sass_loops(kernel.asm["cubin"])
                                 row += (" / ".join(str(n) for n, _ in loops),)
@@ -223,9 +226,9 @@ def main() -> None:
         f"{len(rows)} kernels compiled, {len(errors)} specialisations failed to compile"
         + ("".join(f"\n- {e}" for e in errors) if errors else "."),
         "",
-        "| variant | head dim | bias | causal | segments | kernel | config | registers | spill bytes |"
+        "| variant | head dim | bias | causal | segments | kernel | config | registers | spill bytes | shared KiB |"
         + (" SASS loops: instructions per iteration |" if args.loops else ""),
-        "|---|---|---|---|---|---|---|---|---|" + ("---|" if args.loops else ""),
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.loops else ""),
     ]
     lines += [f"| {' | '.join(map(str, r))} |" for r in rows]
     if details:

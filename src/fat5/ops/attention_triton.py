@@ -124,10 +124,12 @@ def _cfg(bm, bn, w, s, maxnreg=None, near=None):
 # the GPU's forward configs (also read by the tests of the forward's near-step bounds, see _nt_rows)
 # the last one steps 64 keys on near-diagonal tiles: with 128 registers it is the fastest L=1024 forward on the
 # H200 (0.315 ms against 0.337 with 32-key steps; without the register cap 64-key steps take 0.430), and the
-# slowest causal one of the 128x64 w8 configs (benchmarks/results/attention_near_sweep_2026-12-06_fwd.json)
+# slowest causal one of the 128x64 w8 configs (benchmarks/results/attention_near_sweep_2026-12-06_fwd.json). The
+# 64x64 w4 config capped at 128 registers is for TAIL_TABLE, which takes the uncapped one from 128 to 138 (sm_90a):
+# 3 programs per SM instead of 4 (56 KiB of shared memory each); capped it keeps 4, without spills
 _FWD_CONFIGS_GPU = [
     _cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3, 128),
-    _cfg(128, 64, 8, 3, 128, near=64),
+    _cfg(128, 64, 8, 3, 128, near=64), _cfg(64, 64, 4, 3, 128),
 ]  # fmt: skip
 # key-block kernel: BLOCK_M (queries per step) <= BLOCK_N (keys held) -- the diagonal skew needs it
 # (with the T5 table gradient, offline ptxas -v for sm_90a shows the 4-warp 64/128-wide tiles spilling
