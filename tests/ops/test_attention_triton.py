@@ -977,16 +977,18 @@ def test_folded_exponent_matches_unfolded(name, monkeypatch):
 
 @pytest.mark.parametrize("name", T5_CASES)
 def test_tail_table_matches_reference(name, monkeypatch):
-    """TAIL_TABLE: the forward's masked last steps (causal diagonal, key-length tail, a document's first tile,
-    queries at offsets that put them far from the diagonal) read the clamped Toeplitz table instead of
+    """TAIL_TABLE: the forward's and dq's masked last steps (causal diagonal, key-length tail, a document's first
+    tile, queries at offsets that put them far from the diagonal) read the clamped Toeplitz table instead of
     gathering by distance, against float64; the launches really asked for it."""
     if DEV == "cuda":
         pytest.skip("interpreter case; on the GPU: FAT5_ATTN_TAIL_TABLE=1 with the bf16 reference cases")
     monkeypatch.setattr(at, "_VARIANT", "table")
     monkeypatch.setattr(at, "TAIL_TABLE", True)
     flags = _spy_flag(monkeypatch, at._FWD, "TAIL")
+    dq_flags = _spy_flag(monkeypatch, at._DQ, "TAIL")
     _check(CASES[name], torch.float32, DEV)
     assert flags and all(flags)
+    assert dq_flags and all(dq_flags)
 
 
 @pytest.mark.parametrize("scale", [-0.6, 0.0, 0.35], ids=["negative", "zero", "positive"])

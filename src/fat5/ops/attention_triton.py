@@ -206,10 +206,11 @@ HALF_TABLE = os.environ.get("FAT5_ATTN_HALF_TABLE", "1") != "0"
 # fold the constant into the logsumexp they subtract)
 FOLD_SCALE = os.environ.get("FAT5_ATTN_FOLD_SCALE", "1") != "0"
 
-# TAIL_TABLE (FAT5_ATTN_TAIL_TABLE=1 at import; read at every forward launch): the forward's masked last steps (the
-# causal diagonal, the key-length tail) read the "table" variant's Toeplitz table instead of gathering the bias
-# per element by distance. Exact on any tile: a row past either end of the table is clamped to it, and the end
-# rows hold only saturated distances (see _near_bias). Not with TMA, whose block loads are not clamped.
+# TAIL_TABLE (FAT5_ATTN_TAIL_TABLE=1 at import; read at every forward and dq launch): the forward's and dq's masked
+# last steps (the causal diagonal, the key-length tail) read the "table" variant's Toeplitz table instead of
+# gathering the bias per element by distance. Exact on any tile: a row past either end of the table is clamped
+# to it, and the end rows hold only saturated distances (see _near_bias). Not with the forward's TMA, whose
+# block loads are not clamped.
 TAIL_TABLE = os.environ.get("FAT5_ATTN_TAIL_TABLE") == "1"
 
 # DOC_PASS (default on; FAT5_ATTN_DOC_PASS=0 at import turns it off; read at every launch): with segment ids,
@@ -2207,6 +2208,7 @@ def _dq_kernel(
     BLOCK_N: tl.constexpr,
     NEAR_N: tl.constexpr,
     FOLD: tl.constexpr = False,
+    TAIL: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -2382,7 +2384,7 @@ def _dq_kernel(
         BLOCK_M,
         NEAR_N if NPART == 3 else BLOCK_N,
         1,
-        0 if NPART == 3 else 2,
+        (3 if TAIL else 0) if NPART == 3 else 2,  # as the forward's (TAIL_TABLE)
         NEAR_N,
         SEG_PASS != 1,
         FOLD,
@@ -3138,6 +3140,7 @@ def _backward(do, q, k, v, out, lse, a: _Args, scale, need_drel, need_dbias, rel
             RBW=a.rbw,
             BLOCK_D=a.block_d,
             FOLD=FOLD_SCALE,
+            TAIL=TAIL_TABLE and a.near_table,
         )
     d_table = _table_grad(drel, a, b * nkb, h, srow, rel_table) if rel_grad else torch.empty(0, device=dev)
     d_bias = torch.empty(0, device=dev)
