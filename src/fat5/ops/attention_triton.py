@@ -201,7 +201,7 @@ KV_TMA = os.environ.get("FAT5_ATTN_KV_TMA") == "1"
 HALF_TABLE = os.environ.get("FAT5_ATTN_HALF_TABLE", "1") != "0"
 
 # FOLD_SCALE (default on; FAT5_ATTN_FOLD_SCALE=0 at import turns it off; read at every launch): tiles whose bias
-# is one constant (no bias, ALiBi aside; the T5 tiles wholly beyond +-W) fold the softmax scale and that constant
+# is one constant (no bias; the T5 tiles wholly beyond +-W; never ALiBi or a bias tensor) fold the softmax scale and that constant
 # into the exponent's FFMA instead of scaling and biasing every score first (see _fwd_tiles; the backward kernels
 # fold the constant into the logsumexp they subtract)
 FOLD_SCALE = os.environ.get("FAT5_ATTN_FOLD_SCALE", "1") != "0"
@@ -497,6 +497,11 @@ def _into_frame(acc_rel, sums, first, W, LEN: tl.constexpr, RB: tl.constexpr):
     return acc_rel + tl.where(okr, tl.gather(sums, tl.where(okr, src, 0), axis=0), 0.0)
 
 
+# query positions are negative for queries at a negative offset: the near-sum skews shift them by this multiple of
+# every BLOCK_N, so that // and % (which truncate) floor
+_QSHIFT = tl.constexpr(1 << 24)
+
+
 @triton.jit
 def _rel_grad_defer(
     dsT,
@@ -520,28 +525,19 @@ def _rel_grad_defer(
     per-row sums rotated by qp0 mod BLOCK_N afterwards: row u of x is row (u + qp0) mod BLOCK_N of x', and an
     element wrapped once more than its row's first exactly when v + m >= BLOCK_N. The rotation moves 2 x NC
     sums per row instead of a tile, and every sum adds the same elements in the same order as without ROT."""
-    NC: tl.constexpr = 4 if BLOCK_M >= 4 else BLOCK_M
-    # qp0 is negative for queries at a negative offset: shifted by a multiple of BLOCK_N, so that // and % (which
-    # truncate) floor
-    SHIFT: tl.constexpr = 1 << 24
-    qs = qp0 + SHIFT
+    qs = qp0 + _QSHIFT
     a = tl.arange(0, BLOCK_N)[:, None] + qs % BLOCK_N
     f0 = a // BLOCK_N  # (BLOCK_N, 1): floor((u + qp0) / BLOCK_N) - floor(qp0 / BLOCK_N), 0 or 1
-    # a gather in each branch: one shared gather after them compiles the default (ROT off) differently from the
-    # code its timings were taken with (other registers and schedule)
+    # each branch gathers on its own (a gather shared after them compiled 2 differently: other registers and
+    # schedule than the code it was timed with)
     if ROT:
         sa, sb = _rot_sums(dsT, a, BLOCK_M, BLOCK_N)
     else:
         t = a + tl.arange(0, BLOCK_M)[None, :]
         x = tl.gather(dsT, t & (BLOCK_N - 1), axis=0)  # (BLOCK_N, BLOCK_M), rows u
         more = (t // BLOCK_N) != f0  # the column wrapped once more than the row's first: z one lower
-        xr = tl.reshape(x, [BLOCK_N, BLOCK_M // NC, NC])
-        mr = tl.reshape(more, [BLOCK_N, BLOCK_M // NC, NC])
-        # the bins in the middle axis, where the reshaped tile's in-thread columns were: the sums go back into
-        # the tile's own layout, so the accumulator needs no layout conversion per step
-        sa = tl.sum(tl.where(mr, 0.0, xr), 1)[:, None, :]  # (BLOCK_N, 1, NC)
-        sb = tl.sum(tl.where(mr, xr, 0.0), 1)[:, None, :]
-    zq = k0 // BLOCK_N - qs // BLOCK_N + SHIFT // BLOCK_N + ZB // 2
+        sa, sb = _split_sums(x, more, BLOCK_M, BLOCK_N)
+    zq = _slot_bin(k0, qp0, BLOCK_N, ZB)
     ba = (zq - f0)[:, :, None]  # bin of the row's first z
     bins = tl.arange(0, ZB)[None, :, None]
     if ROT:
@@ -552,6 +548,21 @@ def _rel_grad_defer(
 
 
 @triton.jit
+def _split_sums(x, more, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row sums of a skewed near tile x within each of NC column groups (the warps' share in the blocked layout
+    the gather uses), split by ``more``: sa of the elements whose column did not wrap once more than the row's
+    first, sb of those that did; each (BLOCK_N, 1, NC)."""
+    NC: tl.constexpr = 4 if BLOCK_M >= 4 else BLOCK_M
+    xr = tl.reshape(x, [BLOCK_N, BLOCK_M // NC, NC])
+    mr = tl.reshape(more, [BLOCK_N, BLOCK_M // NC, NC])
+    # the bins in the middle axis, where the reshaped tile's in-thread columns were: the sums go back into the
+    # tile's own layout, so the accumulator needs no layout conversion per step
+    sa = tl.sum(tl.where(mr, 0.0, xr), 1)[:, None, :]
+    sb = tl.sum(tl.where(mr, xr, 0.0), 1)[:, None, :]
+    return sa, sb
+
+
+@triton.jit
 def _rot_sums(dsT, a, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """The row sums of a near tile gathered through the step-independent skew x'[v, m] = dS^T[(v + m) mod BLOCK_N,
     m], per column group, split by whether the element wrapped once more than its row's first (sa: not, sb:
@@ -559,13 +570,7 @@ def _rot_sums(dsT, a, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     NC: tl.constexpr = 4 if BLOCK_M >= 4 else BLOCK_M
     t = tl.arange(0, BLOCK_N)[:, None] + tl.arange(0, BLOCK_M)[None, :]
     x = tl.gather(dsT, t & (BLOCK_N - 1), axis=0)  # (BLOCK_N, BLOCK_M), rows v
-    more = t >= BLOCK_N
-    xr = tl.reshape(x, [BLOCK_N, BLOCK_M // NC, NC])
-    mr = tl.reshape(more, [BLOCK_N, BLOCK_M // NC, NC])
-    # the bins in the middle axis, where the reshaped tile's in-thread columns were: the sums go back into the
-    # tile's own layout, so the accumulator needs no layout conversion per step
-    sa = tl.sum(tl.where(mr, 0.0, xr), 1)[:, None, :]  # (BLOCK_N, 1, NC)
-    sb = tl.sum(tl.where(mr, xr, 0.0), 1)[:, None, :]
+    sa, sb = _split_sums(x, t >= BLOCK_N, BLOCK_M, BLOCK_N)
     # row u of the sums <- row (u + qp0) mod BLOCK_N
     rot = tl.broadcast_to((a & (BLOCK_N - 1))[:, :, None], [BLOCK_N, 1, NC])
     return tl.gather(sa, rot, axis=0), tl.gather(sb, rot, axis=0)
@@ -575,8 +580,7 @@ def _rot_sums(dsT, a, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 def _slot_bin(k0, qp0, BLOCK_N: tl.constexpr, ZB: tl.constexpr):
     """The bin (of ``_rel_grad_defer``'s acc_b) of a near step's highest z, k0 / BLOCK_N - floor(qp0 / BLOCK_N):
     the first z of the rows u with u + qp0 mod BLOCK_N < BLOCK_N."""
-    SHIFT: tl.constexpr = 1 << 24
-    return k0 // BLOCK_N - (qp0 + SHIFT) // BLOCK_N + SHIFT // BLOCK_N + ZB // 2
+    return k0 // BLOCK_N - (qp0 + _QSHIFT) // BLOCK_N + _QSHIFT // BLOCK_N + ZB // 2
 
 
 @triton.jit
@@ -586,8 +590,7 @@ def _rel_grad_slots(dsT, s0, s1, s2, qp0, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
     s0 and sb to s1, the other rows sa to s1 and sb to s2. The caller moves s0 into acc_b when the next step's
     bin is lower (by one: a step spans at most BLOCK_N queries), and shifts the slots. Each bin then receives
     the same additions in the same order as with 3 (and +0.0 elsewhere), so the sums are bitwise those of 3."""
-    SHIFT: tl.constexpr = 1 << 24
-    a = tl.arange(0, BLOCK_N)[:, None] + (qp0 + SHIFT) % BLOCK_N
+    a = tl.arange(0, BLOCK_N)[:, None] + (qp0 + _QSHIFT) % BLOCK_N
     sa, sb = _rot_sums(dsT, a, BLOCK_M, BLOCK_N)
     high = (a < BLOCK_N)[:, :, None]  # floor((u + qp0) / BLOCK_N) = floor(qp0 / BLOCK_N)
     s0 += tl.where(high, sa, 0.0)
@@ -1440,7 +1443,7 @@ def _dkv_tiles(
     v_hi = tl.zeros([BLOCK_N], tl.float32)
     w_lo = tl.zeros([WIN], tl.float32)
     w_hi = tl.zeros([WIN], tl.float32)
-    # near steps with CIRC 2 or 3: their sums stay per thread until the loop ends
+    # near steps with CIRC 2, 3 or 4: their sums stay per thread until the loop ends
     DEFER: tl.constexpr = REL_GRAD and CIRC >= 2 and REL_MODE == 3
     # tiles whose bias is one constant c (T5, wholly beyond +-W): P = exp2(s - (lse - c)), one FFMA per element
     # (FOLD_SCALE)
@@ -1583,7 +1586,7 @@ def _dkv_tiles(
         "NEAR_WIN": lambda a: next_pow2(
             min(a["BLOCK_M"], a["NEAR_DKV"] if a["NEAR_TABLE"] else 16) + a["BLOCK_N"] - 1
         ),
-        # bins of the deferred near sums (CIRC 2 and 3): the near range is cut on the BLOCK_M grid, so a near step's
+        # bins of the deferred near sums (CIRC 2, 3 and 4): the near range is cut on the BLOCK_M grid, so a near step's
         # distances lie within +-(W + BLOCK_N + BLOCK_M - 3), and W < RB / 2: ZB / 2 blocks of BLOCK_N distances
         # on each side hold them
         "ZB": lambda a: next_pow2(2 * cdiv(a["RB"] // 2 + a["BLOCK_N"] + a["BLOCK_M"] - 2, a["BLOCK_N"])),
