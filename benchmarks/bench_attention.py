@@ -40,6 +40,7 @@ import csv
 import datetime
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -284,6 +285,16 @@ def _bench(fn, q, k, v, table, causal, warmup, rep, graph, **kw):
     return res
 
 
+def _median_run(runs):
+    """One method's rounds in one: the median of each timing (an OOM in any round makes it OOM), the peak memory
+    of the first round."""
+    out = dict(runs[0])
+    for key in ("fwd_ms", "fwdbwd_ms"):
+        vals = [r[key] for r in runs]
+        out[key] = "OOM" if any(isinstance(x, str) for x in vals) else statistics.median(vals)
+    return out
+
+
 def tflops(ms, flops):
     return "OOM" if ms == "OOM" else flops / (ms * 1e-3) / 1e12
 
@@ -307,6 +318,13 @@ def main():
     )
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--rep", type=int, default=40)
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="time every method of a cell this many times, interleaved (each round starts one method later), "
+        "and report each timing's median over the rounds (the rounds go into the JSON)",
+    )
     ap.add_argument(
         "--commit",
         default=None,
@@ -338,11 +356,19 @@ def main():
         q, k, v, table = make_inputs(b, length, d, causal)
         flops = 4 * b * H * length * length * d / (2 if causal else 1)
         row = {"d": d, "L": length, "B": b, "causal": causal}
+        timed = [m for m in methods if not (m == "flex" and (length not in flex_lengths or d != 64))]
         for name in methods:
-            if name == "flex" and (length not in flex_lengths or d != 64):
+            if name not in timed:
                 row.update({f"{name}_fwd": "-", f"{name}_fwdbwd": "-", f"{name}_mem": "-"})
-                continue
-            r = bench(METHODS[name], q, k, v, table, causal, args.warmup, args.rep)
+        runs = {name: [] for name in timed}
+        for rnd in range(args.rounds):  # each round starts one method later: no method is always first
+            for name in timed[rnd % len(timed) :] + timed[: rnd % len(timed)]:
+                runs[name].append(bench(METHODS[name], q, k, v, table, causal, args.warmup, args.rep))
+        for name in timed:
+            r = _median_run(runs[name])
+            if args.rounds > 1:
+                row[f"{name}_fwd_ms_rounds"] = [x["fwd_ms"] for x in runs[name]]
+                row[f"{name}_fwdbwd_ms_rounds"] = [x["fwdbwd_ms"] for x in runs[name]]
             row[f"{name}_fwd"] = tflops(r["fwd_ms"], flops)
             row[f"{name}_fwdbwd"] = tflops(r["fwdbwd_ms"], 3.5 * flops)
             row[f"{name}_mem"] = r["mem_gib"]
@@ -405,6 +431,7 @@ def main():
         "commit": commit,
         "setting": f"bf16, H={H}, B*L={TOKENS}, scale 1.0, T5 buckets {BUCKETS} / max distance {MAXDIST}",
         "seconds": round(time.time() - t_start, 1),
+        "rounds": args.rounds,
     }
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"attention_{meta['date']}" + ("_quick" if args.quick else "") + args.tag)
@@ -422,8 +449,9 @@ def main():
         f"# Attention with T5 relative bias: {meta['date']}" + (" (quick)" if args.quick else ""),
         "",
         f"{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}.",
-        f"Setting: {meta['setting']}. TFLOP/s fwd / fwd+bwd (median of do_bench); memory = peak extra "
-        "GiB during one fwd+bwd.",
+        f"Setting: {meta['setting']}. TFLOP/s fwd / fwd+bwd (median of do_bench"
+        + (f"; median over {args.rounds} interleaved rounds per cell" if args.rounds > 1 else "")
+        + "); memory = peak extra GiB during one fwd+bwd.",
         "",
         "| D | causal | L | "
         + " | ".join(methods)

@@ -902,6 +902,8 @@ def _fwd_tiles(
         "NPART",
         "TMA",
         "KV_TMA",
+        "POS_SCALE",
+        "TAIL",  # the tail's table reads take the 64x64 w4 pick to 138 registers: its capped twin must compete
         "M_BUCKET",
         "N_BUCKET",
     ],
@@ -2129,7 +2131,18 @@ def _dq_tiles(
 
 @triton.autotune(
     configs=_DQ_CONFIGS,
-    key=["BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "SEG_PASS", "NPART", "M_BUCKET", "N_BUCKET"],
+    key=[
+        "BLOCK_D",
+        "BIAS_KIND",
+        "CAUSAL",
+        "HAS_SEG",
+        "SEG_PASS",
+        "NPART",
+        "FOLD",
+        "TAIL",
+        "M_BUCKET",
+        "N_BUCKET",
+    ],
     prune_configs_by={"early_config_prune": _prune_by_smem},
 )
 @triton.heuristics({"NEAR_N": lambda a: min(a["BLOCK_N"], NEAR["dq"] if a["NEAR_TABLE"] else 16)})  # as fwd
