@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call (device time is scarce): bf16 kernel tests, then the benchmarks,
 # results under ${OUT:-benchmarks/results}. Usage from the repository root on a CUDA machine:
-#   bash benchmarks/run_gpu.sh [quick | step | kernels | rmsnorm | docpass | skews | fold | tail]
+#   bash benchmarks/run_gpu.sh [quick | step | kernels | rmsnorm | docpass | skews | fold | attention]
 # On a copied checkout whose git metadata may be stale, set FAT5_COMMIT to the commit the reports should name.
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -31,16 +31,13 @@ elif [ "${1:-}" = fold ]; then
   FAT5_ATTN_AUTOTUNE=0 timeout 330 python3 -m pytest -q -m gpu tests/ops/test_attention_triton.py \
     -k "every_fwd or matches_reference_gpu or (every_dkv and bidir)" -rf --tb=short 2>&1 |
     tee "$out/gpu_tests_fold.log" | tail -5
-elif [ "${1:-}" = tail ]; then
-  # the forward's masked last steps through the Toeplitz table (TAIL_TABLE, opt-in) and the dk/dv near sums through
-  # running slots (CIRC_SKEW=4, opt-in) against the default, with the 64-key near-step forward config in the
-  # autotuner's list; then their GPU tests (every forward, dq and dk/dv config; the bf16 cases under TAIL_TABLE)
-  python3 benchmarks/bench_attention.py --quick --methods sdpa,ours,ours_tail,ours_slots --out "$out" --tag=_tail
-  FAT5_ATTN_AUTOTUNE=0 timeout 200 python3 -m pytest -q -m gpu tests/ops/test_attention_triton.py \
-    -k "every_fwd or rotated" -rf --tb=short 2>&1 | tee "$out/gpu_tests_tail.log" | tail -3
-  FAT5_ATTN_TAIL_TABLE=1 FAT5_ATTN_AUTOTUNE=0 timeout 150 python3 -m pytest -q -m gpu \
-    tests/ops/test_attention_triton.py -k "matches_reference_gpu or every_fwd" -rf --tb=short 2>&1 |
-    tee -a "$out/gpu_tests_tail.log" | tail -3
+elif [ "${1:-}" = attention ]; then
+  # the attention benchmark's whole setting (every length 512-16384, causal and not, the head-dim-128 rows, the packed
+  # rows): SDPA without bias, SDPA with the materialised bias, FlexAttention and ours in one process; the rows are
+  # logged as they go, so a cut run keeps what it measured
+  python3 benchmarks/bench_attention.py --methods sdpa,sdpa_bias,flex,ours --flex-lengths 1024,4096 --out "$out" \
+    --tag=_full 2>&1 |
+    tee "$out/attention_full.log" | tail -30
 elif [ "${1:-}" = docpass ]; then
   # packed documents alone: the segment cases' GPU tests (the document pass with mixed blocks, every dk/dv
   # config), then the packed rows with the document pass against the single masked launch (ours_nodoc)

@@ -975,20 +975,21 @@ def test_folded_exponent_matches_unfolded(name, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * max(b.abs().max().item(), 1.0))
 
 
+@pytest.mark.parametrize("tail", [True, False], ids=["table", "gather"])
 @pytest.mark.parametrize("name", T5_CASES)
-def test_tail_table_matches_reference(name, monkeypatch):
-    """TAIL_TABLE: the forward's and dq's masked last steps (causal diagonal, key-length tail, a document's first
-    tile, queries at offsets that put them far from the diagonal) read the clamped Toeplitz table instead of
-    gathering by distance, against float64; the launches really asked for it."""
+def test_tail_table_matches_reference(name, tail, monkeypatch):
+    """TAIL_TABLE (the default) and without it: the forward's and dq's masked last steps (causal diagonal,
+    key-length tail, a document's first tile, queries at offsets that put them far from the diagonal) read the
+    clamped Toeplitz table, or gather the bias by distance, against float64; the launches really asked for it."""
     if DEV == "cuda":
-        pytest.skip("interpreter case; on the GPU: FAT5_ATTN_TAIL_TABLE=1 with the bf16 reference cases")
+        pytest.skip("interpreter case; on the GPU the bf16 reference cases run the default, TAIL_TABLE on")
     monkeypatch.setattr(at, "_VARIANT", "table")
-    monkeypatch.setattr(at, "TAIL_TABLE", True)
+    monkeypatch.setattr(at, "TAIL_TABLE", tail)
     flags = _spy_flag(monkeypatch, at._FWD, "TAIL")
     dq_flags = _spy_flag(monkeypatch, at._DQ, "TAIL")
     _check(CASES[name], torch.float32, DEV)
-    assert flags and all(flags)
-    assert dq_flags and all(dq_flags)
+    assert flags and all(f is tail for f in flags)
+    assert dq_flags and all(f is tail for f in dq_flags)
 
 
 @pytest.mark.parametrize("scale", [-0.6, 0.0, 0.35], ids=["negative", "zero", "positive"])

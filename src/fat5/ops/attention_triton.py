@@ -126,7 +126,8 @@ def _cfg(bm, bn, w, s, maxnreg=None, near=None):
 # H200 (0.315 ms against 0.337 with 32-key steps; without the register cap 64-key steps take 0.430), and the
 # slowest causal one of the 128x64 w8 configs (benchmarks/results/attention_near_sweep_2026-12-06_fwd.json). The
 # 64x64 w4 config capped at 128 registers is for TAIL_TABLE, which takes the uncapped one from 128 to 138 (sm_90a):
-# 3 programs per SM instead of 4 (56 KiB of shared memory each); capped it keeps 4, without spills
+# 3 programs per SM instead of 4 (56 KiB of shared memory each); capped it keeps 4, without spills, and it is the
+# causal L=1024 pick with TAIL_TABLE on the H200 (0.222 ms pinned, benchmarks/results/2026-12-06-tail.md)
 _FWD_CONFIGS_GPU = [
     _cfg(128, 64, 4, 3), _cfg(128, 64, 8, 3), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3, 128),
     _cfg(128, 64, 8, 3, 128, near=64), _cfg(64, 64, 4, 3, 128),
@@ -206,12 +207,14 @@ HALF_TABLE = os.environ.get("FAT5_ATTN_HALF_TABLE", "1") != "0"
 # fold the constant into the logsumexp they subtract)
 FOLD_SCALE = os.environ.get("FAT5_ATTN_FOLD_SCALE", "1") != "0"
 
-# TAIL_TABLE (FAT5_ATTN_TAIL_TABLE=1 at import; read at every forward and dq launch): the forward's and dq's masked
-# last steps (the causal diagonal, the key-length tail) read the "table" variant's Toeplitz table instead of
-# gathering the bias per element by distance. Exact on any tile: a row past either end of the table is clamped
-# to it, and the end rows hold only saturated distances (see _near_bias). Not with the forward's TMA, whose
-# block loads are not clamped.
-TAIL_TABLE = os.environ.get("FAT5_ATTN_TAIL_TABLE") == "1"
+# TAIL_TABLE (default on; FAT5_ATTN_TAIL_TABLE=0 at import turns it off; read at every forward and dq launch): the
+# forward's and dq's masked last steps (the causal diagonal, the key-length tail) read the "table" variant's
+# Toeplitz table instead of gathering the bias per element by distance. Exact on any tile: a row past either end
+# of the table is clamped to it, and the end rows hold only saturated distances (see _near_bias). Not with the
+# forward's TMA, whose block loads are not clamped. H200, median of 3 interleaved rounds, forward ms on / off:
+# L=1024 causal 0.221 / 0.230, L=4096 1.048 / 1.092, causal 0.591 / 0.603, L=1024 0.324 / 0.322; fwd+bwd within
+# 1% (benchmarks/results/2026-12-06-tail.md).
+TAIL_TABLE = os.environ.get("FAT5_ATTN_TAIL_TABLE", "1") != "0"
 
 # DOC_PASS (default on; FAT5_ATTN_DOC_PASS=0 at import turns it off; read at every launch): with segment ids,
 # the blocks that lie in one document run in a launch of their own without per-key ids (see _seg_passes)
