@@ -22,7 +22,6 @@ T5 buckets 32 / max distance 128. Methods:
               constant (FAT5_ATTN_FOLD_SCALE=0; default: folded into the exponent's FFMA)
   ours_notail ours with the forward's and dq's masked last steps gathering the bias by distance
               (FAT5_ATTN_TAIL_TABLE=0; the default reads the Toeplitz table)
-  ours_slots  ours with the dk/dv near steps' sums through three running slots (FAT5_ATTN_CIRC_SKEW=4)
   ours_nobias our kernel with no bias (not in the default list): the ceiling the bias costs are measured from
 TFLOP/s: forward 4*B*H*L*L*D (halved if causal), forward+backward 3.5x that; median of triton.testing.do_bench.
 Memory: peak allocated during one forward+backward minus what was allocated before (inputs excluded).
@@ -209,7 +208,6 @@ METHODS = {
     "ours_tma64": _with(TMA=True, NEAR={**at.NEAR, "fwd": 64}),
     "ours_nofold": _with(FOLD_SCALE=False),
     "ours_notail": _with(TAIL_TABLE=False),
-    "ours_slots": _with(CIRC_SKEW=4),
 }
 OURS = (
     "ours",
@@ -225,7 +223,6 @@ OURS = (
     "ours_tma64",
     "ours_nofold",
     "ours_notail",
-    "ours_slots",
 )  # the T5-bias methods: the packed rows run these
 RATIO = (*OURS, "ours_nobias")  # methods whose ratio to SDPA is reported
 # --quick: (head dim, L, causal) rows that show the gaps of the 2026-11-29 report, plus the packed row

@@ -231,19 +231,19 @@ DOC_PASS = os.environ.get("FAT5_ATTN_DOC_PASS", "1") != "0"
 # issues 822 / 682 / 806 / 710 instructions (410 without the table gradient). H100, L=1024, fwd+bwd TFLOP/s in
 # one run (benchmarks/results/2026-12-06-deferskew.md): 209 (0), 222 (1), 229 (2); causal 148, 159, 157. H200,
 # one run (2026-12-06-rotskew.md), 1 / 2 / 3: L=1024 217 / 222 / 226, causal 157 / 156 / 157; L=4096 310 / 302
-# / 318, causal 264 / 259 / 265. 4 (opt-in, not timed): as 3, but a step adds its row sums into three running
-# slots (the bins of the step's three values of z) instead of selecting among all ZB bins; a slot goes into its bin
-# once, when the steps' z moves past it (_rel_grad_slots): bitwise the sums of 3.
+# / 318, causal 264 / 259 / 265. (A fourth way, adding 3's row sums through three running slots instead of a
+# select over all ZB bins, was bitwise equal to 3 and slower in fwd+bwd by 3-5% in three of five cells on an H100,
+# so it was dropped: benchmarks/results/2026-12-06-tail.md.)
 CIRC_SKEW = os.environ.get("FAT5_ATTN_CIRC_SKEW", "3")
-if CIRC_SKEW not in ("0", "1", "2", "3", "4"):
-    raise ValueError(f"FAT5_ATTN_CIRC_SKEW={CIRC_SKEW!r}: use 0, 1, 2, 3 (default) or 4")
+if CIRC_SKEW not in ("0", "1", "2", "3"):
+    raise ValueError(f"FAT5_ATTN_CIRC_SKEW={CIRC_SKEW!r}: use 0, 1, 2 or 3 (default)")
 CIRC_SKEW = int(CIRC_SKEW)
 
 
 def _circ_skew() -> int:
     """CIRC_SKEW, checked (a module attribute that benchmarks and tests may set)."""
-    if CIRC_SKEW not in (0, 1, 2, 3, 4):
-        raise ValueError(f"attention_triton.CIRC_SKEW = {CIRC_SKEW!r}: use 0, 1, 2, 3 or 4")
+    if CIRC_SKEW not in (0, 1, 2, 3):
+        raise ValueError(f"attention_triton.CIRC_SKEW = {CIRC_SKEW!r}: use 0, 1, 2 or 3")
     return CIRC_SKEW
 
 
@@ -584,22 +584,6 @@ def _slot_bin(k0, qp0, BLOCK_N: tl.constexpr, ZB: tl.constexpr):
     """The bin (of ``_rel_grad_defer``'s acc_b) of a near step's highest z, k0 / BLOCK_N - floor(qp0 / BLOCK_N):
     the first z of the rows u with u + qp0 mod BLOCK_N < BLOCK_N."""
     return k0 // BLOCK_N - (qp0 + _QSHIFT) // BLOCK_N + _QSHIFT // BLOCK_N + ZB // 2
-
-
-@triton.jit
-def _rel_grad_slots(dsT, s0, s1, s2, qp0, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """``CIRC_SKEW`` 4: a near step's rotated row sums (as 3) added into three running slots, the bins
-    ``_slot_bin`` (s0), one lower (s1) and two lower (s2): a row whose first z is the step's highest adds sa to
-    s0 and sb to s1, the other rows sa to s1 and sb to s2. The caller moves s0 into acc_b when the next step's
-    bin is lower (by one: a step spans at most BLOCK_N queries), and shifts the slots. Each bin then receives
-    the same additions in the same order as with 3 (and +0.0 elsewhere), so the sums are bitwise those of 3."""
-    a = tl.arange(0, BLOCK_N)[:, None] + (qp0 + _QSHIFT) % BLOCK_N
-    sa, sb = _rot_sums(dsT, a, BLOCK_M, BLOCK_N)
-    high = (a < BLOCK_N)[:, :, None]  # floor((u + qp0) / BLOCK_N) = floor(qp0 / BLOCK_N)
-    s0 += tl.where(high, sa, 0.0)
-    s1 += tl.where(high, sb, sa)
-    s2 += tl.where(high, 0.0, sb)
-    return s0, s1, s2
 
 
 @triton.jit
@@ -1448,22 +1432,13 @@ def _dkv_tiles(
     v_hi = tl.zeros([BLOCK_N], tl.float32)
     w_lo = tl.zeros([WIN], tl.float32)
     w_hi = tl.zeros([WIN], tl.float32)
-    # near steps with CIRC 2, 3 or 4: their sums stay per thread until the loop ends
+    # near steps with CIRC 2 or 3: their sums stay per thread until the loop ends
     DEFER: tl.constexpr = REL_GRAD and CIRC >= 2 and REL_MODE == 3
     # tiles whose bias is one constant c (T5, wholly beyond +-W): P = exp2(s - (lse - c)), one FFMA per element
     # (FOLD_SCALE)
     CONST: tl.constexpr = FOLD and BIAS_KIND == 1 and (REL_MODE == 1 or REL_MODE == -1)
     if DEFER:
         acc_b = tl.zeros([BLOCK_N, ZB, 4 if BLOCK_M >= 4 else BLOCK_M], tl.float32)
-    # CIRC 4: the near steps' sums go through three running slots (_rel_grad_slots) of bins cur, cur - 1, cur - 2
-    SLOTS: tl.constexpr = DEFER and CIRC == 4
-    if SLOTS:
-        tl.static_assert(BLOCK_M <= BLOCK_N)  # a step's bin is at most one below the one before
-        s0 = tl.zeros([BLOCK_N, 1, 4 if BLOCK_M >= 4 else BLOCK_M], tl.float32)
-        s1 = s0
-        s2 = s0
-        cur = _slot_bin(k0, q_off + start, BLOCK_N, ZB)
-        bins = tl.arange(0, ZB)[None, :, None]
     if REL_MODE == 3 and PREFETCH:  # as _dq_tiles, along the queries
         next_bias = _near_bias(RB_h, (q_off + start + tl.arange(0, BLOCK_M))[None, :], kpos[:, None], k0, W)
     for start_m in range(start, end, BLOCK_M):
@@ -1523,16 +1498,7 @@ def _dkv_tiles(
         if REL_GRAD:
             if REL_MODE != 1 and REL_MODE != -1:  # far tiles' row sums are masked once, after the loop
                 dsT = tl.where(kpos[:, None] < N, dsT, 0.0)  # key rows past N hold garbage scores
-            if SLOTS:
-                zq = _slot_bin(k0, qp0, BLOCK_N, ZB)
-                if zq != cur:  # bin cur is complete: into acc_b, and the slots move down one bin
-                    acc_b += tl.where(bins == cur, s0, 0.0)
-                    s0 = s1
-                    s1 = s2
-                    s2 = tl.zeros_like(s2)
-                    cur = zq
-                s0, s1, s2 = _rel_grad_slots(dsT, s0, s1, s2, qp0, BLOCK_M, BLOCK_N)
-            elif DEFER:
+            if DEFER:
                 acc_b = _rel_grad_defer(dsT, acc_b, k0, qp0, BLOCK_M, BLOCK_N, ZB, CIRC == 3)
             else:
                 acc_rel, v_lo, v_hi, w_lo, w_hi = _rel_grad(
@@ -1553,9 +1519,6 @@ def _dkv_tiles(
                     REL_MODE,
                     CIRC != 0,  # 2: the masked and per-tile steps skew circularly per step
                 )
-    if SLOTS:
-        acc_b += tl.where(bins == cur, s0, 0.0) + tl.where(bins == cur - 1, s1, 0.0)
-        acc_b += tl.where(bins == cur - 2, s2, 0.0)
     if DEFER:
         acc_rel, s_lo, s_hi = _rel_defer_ends(acc_b, acc_rel, s_lo, s_hi, W, BLOCK_N, ZB, RB)
     if REL_GRAD:
@@ -1591,7 +1554,7 @@ def _dkv_tiles(
         "NEAR_WIN": lambda a: next_pow2(
             min(a["BLOCK_M"], a["NEAR_DKV"] if a["NEAR_TABLE"] else 16) + a["BLOCK_N"] - 1
         ),
-        # bins of the deferred near sums (CIRC 2, 3 and 4): the near range is cut on the BLOCK_M grid, so a near step's
+        # bins of the deferred near sums (CIRC 2 and 3): the near range is cut on the BLOCK_M grid, so a near step's
         # distances lie within +-(W + BLOCK_N + BLOCK_M - 3), and W < RB / 2: ZB / 2 blocks of BLOCK_N distances
         # on each side hold them
         "ZB": lambda a: next_pow2(2 * cdiv(a["RB"] // 2 + a["BLOCK_N"] + a["BLOCK_M"] - 2, a["BLOCK_N"])),
