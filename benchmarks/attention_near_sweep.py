@@ -5,7 +5,8 @@ held at a fixed config: the forward alone; dk/dv and dq by the forward+backward 
 Setting as bench_attention: bf16, 12 heads x 64, B*L = 32768, T5 buckets 32 / max distance 128.
 Prints one JSON line per measurement (also appended, as it goes, to attention_near_sweep_<date><tag>.jsonl) and
 writes attention_near_sweep_<date><tag>.json. ``--kernels fwd`` sweeps the forward alone; ``--extra-fwd`` adds
-configs outside the autotuner's list (``128x64w8s3``, ``r128`` for maxnreg 128); each cell also times SDPA
+configs outside the autotuner's list (``128x64w8s3``, ``r128`` for maxnreg 128, ``n64`` for the config's own
+near width; ``--only-extra`` sweeps them alone); ``--head-dim`` changes the head dim; each cell also times SDPA
 without bias (the ceiling of the targets) in the same process.
 Run from the repository root on a CUDA machine: `PYTHONPATH=src python3 benchmarks/attention_near_sweep.py`.
 """
@@ -27,30 +28,33 @@ from fat5.ops import attention_triton as at
 H, D, TOKENS = 12, 64, 32768
 
 
-def inputs(length):
+def inputs(length, d=D):
     g = torch.Generator(device="cuda").manual_seed(0)
     b = TOKENS // length
     mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16, generator=g)  # noqa: E731
-    q, k, v = (mk(b, H, length, D).requires_grad_(True) for _ in range(3))
+    q, k, v = (mk(b, H, length, d).requires_grad_(True) for _ in range(3))
     table = torch.randn(32, H, device="cuda", generator=g).requires_grad_(True)
     return q, k, v, table
 
 
 def cfg_str(c):
     regs = f"r{c.maxnreg}" if c.maxnreg else ""
-    return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}{regs}"
+    near = f"n{c.kwargs['NEAR_CFG']}" if c.kwargs.get("NEAR_CFG") else ""  # its own near width
+    return f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']}w{c.num_warps}s{c.num_stages}{regs}{near}"
 
 
 def parse_cfg(text):
-    m = re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)(?:r(\d+))?", text.strip())
+    m = re.fullmatch(r"(\d+)x(\d+)w(\d+)s(\d+)(?:r(\d+))?(?:n(\d+))?", text.strip())
     if not m:
-        raise SystemExit(f"--extra-fwd: {text!r} is not a config like 128x64w8s3 or 128x64w8s3r128")
-    bm, bn, w, st, r = m.groups()
-    return at._cfg(int(bm), int(bn), int(w), int(st), int(r) if r else None)
+        raise SystemExit(
+            f"--extra-fwd: {text!r} is not a config like 128x64w8s3, 128x64w8s3r128 or 128x64w8s3r128n64"
+        )
+    bm, bn, w, st, r, n = m.groups()
+    return at._cfg(int(bm), int(bn), int(w), int(st), int(r) if r else None, near=int(n) if n else None)
 
 
-def sweep_cell(length, causal, nears, rep, fwd_all, dkv_all, dq_all, kernels, log):
-    q, k, v, table = inputs(length)
+def sweep_cell(length, causal, nears, rep, fwd_all, dkv_all, dq_all, kernels, log, d=D):
+    q, k, v, table = inputs(length, d)
     grad = torch.randn_like(q)
     kw = dict(causal=causal, rel_table=table, rel_bidirectional=not causal, rel_max_distance=128)
     sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)  # noqa: E731
@@ -67,7 +71,7 @@ def sweep_cell(length, causal, nears, rep, fwd_all, dkv_all, dq_all, kernels, lo
 
     rows = []
     with torch.no_grad():
-        row = dict(L=length, causal=causal, kernel="sdpa_fwd", config="-", near=0, ms=timed(sdpa))
+        row = dict(L=length, causal=causal, d=d, kernel="sdpa_fwd", config="-", near=0, ms=timed(sdpa))
     rows.append(row)
     print(json.dumps(row), flush=True)
     log.write(json.dumps(row) + "\n")
@@ -87,7 +91,7 @@ def sweep_cell(length, causal, nears, rep, fwd_all, dkv_all, dq_all, kernels, lo
                     ms = timed(fwd) if kernel == "fwd" else timed(fb, grad_to_none=[q, k, v, table])
                 except Exception as e:  # a config that does not compile or fit: reported, the sweep goes on
                     ms = f"failed: {type(e).__name__}: {str(e)[:120]}"
-                row = dict(L=length, causal=causal, kernel=kernel, config=cfg_str(c), near=near, ms=ms)
+                row = dict(L=length, causal=causal, d=d, kernel=kernel, config=cfg_str(c), near=near, ms=ms)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 log.write(json.dumps(row) + "\n")
@@ -104,11 +108,16 @@ def main():
     ap.add_argument("--causal-lengths", default="1024")
     ap.add_argument("--kernels", default="fwd,dkv,dq")
     ap.add_argument("--extra-fwd", default="", help="forward configs to add, e.g. 128x64w8s4,64x64w4s2")
+    ap.add_argument("--only-extra", action="store_true", help="sweep the --extra-fwd configs alone")
+    ap.add_argument("--head-dim", type=int, default=D)
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     at.set_variant("table")
     fwd_all, dkv_all, dq_all = list(at._FWD_CONFIGS), list(at._DKV_CONFIGS), list(at._DQ_CONFIGS)
-    fwd_all += [parse_cfg(x) for x in args.extra_fwd.split(",") if x.strip()]
+    extra = [parse_cfg(x) for x in args.extra_fwd.split(",") if x.strip()]
+    if args.only_extra and not extra:
+        ap.error("--only-extra needs --extra-fwd")
+    fwd_all = extra if args.only_extra else fwd_all + extra
     kernels = args.kernels.split(",")
     nears = [int(x) for x in args.nears.split(",")]
     cells = [(int(x), False) for x in args.lengths.split(",") if x] + [
@@ -119,7 +128,9 @@ def main():
     rows = []
     with open(stem + ".jsonl", "a") as log:
         for length, causal in cells:
-            rows += sweep_cell(length, causal, nears, args.rep, fwd_all, dkv_all, dq_all, kernels, log)
+            rows += sweep_cell(
+                length, causal, nears, args.rep, fwd_all, dkv_all, dq_all, kernels, log, args.head_dim
+            )
             torch.cuda.empty_cache()
     best = {}
     for r in rows:
