@@ -1095,6 +1095,16 @@ def test_every_fwd_and_dq_config_gpu(case, cfg, monkeypatch):
     _check(case, torch.bfloat16, "cuda")
 
 
+def test_tuning_keys_hold_the_compiled_settings():
+    """Settings that change a kernel's code (and so its registers and best config) are in its autotuning key: a
+    variant tuned under another's key reuses configs picked for other code (the tail table's capped config was
+    never tried that way)."""
+    shared = {"BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "SEG_PASS", "NPART", "M_BUCKET", "N_BUCKET"}
+    assert shared | {"TMA", "KV_TMA", "POS_SCALE", "TAIL"} <= set(at._fwd_kernel.keys)
+    assert shared | {"FOLD", "TAIL"} <= set(at._dq_kernel.keys)
+    assert shared | {"REL_GRAD", "CIRC", "NEAR_DKV"} <= set(at._dkv_kernel.keys)
+
+
 @pytest.mark.parametrize("name", ["t5_near_far", "t5_near_far_causal_kpm", "t5_near_far_q_offset"])
 def test_config_near_width(name, monkeypatch):
     """A forward config may carry its own near-step width (NEAR_CFG, as the GPU's 64-key 128x64 config does):

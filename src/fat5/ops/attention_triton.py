@@ -878,15 +878,14 @@ def _fwd_tiles(
     return acc, l_i, m_i
 
 
+# what every attention kernel is tuned apart by (each adds its own settings, then the length buckets)
+_TUNE_KEY = ["BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "SEG_PASS", "NPART"]
+
+
 @triton.autotune(
     configs=_FWD_CONFIGS,
     key=[
-        "BLOCK_D",
-        "BIAS_KIND",
-        "CAUSAL",
-        "HAS_SEG",
-        "SEG_PASS",
-        "NPART",
+        *_TUNE_KEY,
         "TMA",
         "KV_TMA",
         "POS_SCALE",
@@ -1531,15 +1530,10 @@ def _dkv_tiles(
     configs=_DKV_CONFIGS,
     # the table gradient and its skew change the kernel's registers, so they are tuned apart
     key=[
-        "BLOCK_D",
-        "BIAS_KIND",
+        *_TUNE_KEY,
         "REL_GRAD",
         "CIRC",
         "NEAR_DKV",
-        "CAUSAL",
-        "HAS_SEG",
-        "SEG_PASS",
-        "NPART",
         "M_BUCKET",
         "N_BUCKET",
     ],
@@ -2098,12 +2092,7 @@ def _dq_tiles(
 @triton.autotune(
     configs=_DQ_CONFIGS,
     key=[
-        "BLOCK_D",
-        "BIAS_KIND",
-        "CAUSAL",
-        "HAS_SEG",
-        "SEG_PASS",
-        "NPART",
+        *_TUNE_KEY,
         "FOLD",
         "TAIL",
         "M_BUCKET",
