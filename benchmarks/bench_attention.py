@@ -335,120 +335,9 @@ def fmt(x, nd=1):
     return x if isinstance(x, str) else f"{x:.{nd}f}"
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    ap.add_argument("--lengths", default="512,1024,2048,4096,8192,16384")
-    ap.add_argument("--d128-lengths", default="1024,4096")
-    ap.add_argument("--flex-lengths", default="512,1024,2048,4096", help="flex compiles per shape: keep few")
-    ap.add_argument("--methods", default="sdpa,sdpa_bias,flex,ours,ours_split")
-    ap.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"only the rows {QUICK_CELLS} (D, L, causal) and the packed row; methods {QUICK_METHODS} "
-        "unless --methods is given; report named attention_<date>_quick",
-    )
-    ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--rep", type=int, default=40)
-    ap.add_argument(
-        "--rounds",
-        type=int,
-        default=1,
-        help="time every method of a cell this many times, interleaved (each round starts one method later), "
-        "and report each timing's median over the rounds (the rounds go into the JSON)",
-    )
-    ap.add_argument(
-        "--commit",
-        default=None,
-        help="the code's commit for the report (default: $FAT5_COMMIT, else git's HEAD)",
-    )
-    ap.add_argument(
-        "--packed-graph",
-        action="store_true",
-        help="time the packed rows from CUDA graphs as well (GPU time alone, no host launch work)",
-    )
-    ap.add_argument("--tag", default="", help="suffix of the report's file names")
-    ap.add_argument("--no-packed", action="store_true", help="skip the packed-documents rows")
-    args = ap.parse_args()
-    if args.quick and "--methods" not in sys.argv:
-        args.methods = QUICK_METHODS
-    methods = args.methods.split(",")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        ap.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    flex_lengths = {int(x) for x in args.flex_lengths.split(",") if x}
-    rows = []
-    cells = [(64, int(x), c) for c in (False, True) for x in args.lengths.split(",") if x]
-    cells += [(128, int(x), c) for c in (False, True) for x in args.d128_lengths.split(",") if x]
-    if args.quick:
-        cells = QUICK_CELLS
-    t_start = time.time()
-    for d, length, causal in cells:
-        b = max(TOKENS // length, 1)
-        q, k, v, table = make_inputs(b, length, d, causal)
-        flops = 4 * b * H * length * length * d / (2 if causal else 1)
-        row = {"d": d, "L": length, "B": b, "causal": causal}
-        timed = [m for m in methods if not (m.startswith("flex") and (length not in flex_lengths or d != 64))]
-        for name in methods:
-            if name not in timed:
-                row.update({f"{name}_fwd": "-", f"{name}_fwdbwd": "-", f"{name}_mem": "-"})
-        runs = {name: [] for name in timed}
-        for rnd in range(args.rounds):  # each round starts one method later: no method is always first
-            for name in timed[rnd % len(timed) :] + timed[: rnd % len(timed)]:
-                runs[name].append(bench(METHODS[name], q, k, v, table, causal, args.warmup, args.rep))
-        for name in timed:
-            r = _median_run(runs[name])
-            if args.rounds > 1:
-                row[f"{name}_fwd_ms_rounds"] = [x["fwd_ms"] for x in runs[name]]
-                row[f"{name}_fwdbwd_ms_rounds"] = [x["fwdbwd_ms"] for x in runs[name]]
-            row[f"{name}_fwd"] = tflops(r["fwd_ms"], flops)
-            row[f"{name}_fwdbwd"] = tflops(r["fwdbwd_ms"], 3.5 * flops)
-            row[f"{name}_mem"] = r["mem_gib"]
-            row[f"{name}_fwd_ms"], row[f"{name}_fwdbwd_ms"] = r["fwd_ms"], r["fwdbwd_ms"]
-        rows.append(row)
-        print(
-            json.dumps({k_: (round(v_, 3) if isinstance(v_, float) else v_) for k_, v_ in row.items()}),
-            flush=True,
-        )
-        del q, k, v, table
-        torch.cuda.empty_cache()
-
-    # packed documents: 8 docs totalling 4096 vs one document, for each of our variants; two layouts: random
-    # lengths (document boundaries cut through tiles) and 8 equal documents of 512 (whole tiles)
-    packed_all = {}
-    length, b = 4096, 8
-    g = torch.Generator().manual_seed(3)
-    layouts = {
-        "random": torch.sort(torch.randperm(length - 1, generator=g)[:7] + 1).values,
-        "equal": torch.arange(1, 8) * (length // 8),
-    }
-    for name in (m for m in methods if m in OURS and not args.no_packed):
-        q, k, v, table = make_inputs(b, length, 64, False)
-        one = bench(METHODS[name], q, k, v, table, False, args.warmup, args.rep, graph=args.packed_graph)
-        for layout, cuts in layouts.items():
-            doc_lengths = torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([length])])).tolist()
-            seg = torch.bucketize(torch.arange(length), cuts, right=True).to(torch.int32)
-            seg = seg[None].expand(b, length).contiguous().cuda()
-            pk = bench(
-                METHODS[name], q, k, v, table, False, args.warmup, args.rep, graph=args.packed_graph, seg=seg
-            )
-            packed = {
-                "one_doc": one,
-                "eight_docs": pk,
-                "doc_lengths": doc_lengths,
-                "tile_ratio": tile_ratio(doc_lengths),
-            }
-            if isinstance(one["fwd_ms"], float) and isinstance(pk["fwd_ms"], float):
-                packed["speedup_fwd"] = one["fwd_ms"] / pk["fwd_ms"]
-                packed["speedup_fwdbwd"] = one["fwdbwd_ms"] / pk["fwdbwd_ms"]
-            if args.packed_graph and isinstance(pk.get("fwd_graph_ms"), float):
-                packed["speedup_fwd_graph"] = one["fwd_graph_ms"] / pk["fwd_graph_ms"]
-                packed["speedup_fwdbwd_graph"] = one["fwdbwd_graph_ms"] / pk["fwdbwd_graph_ms"]
-            packed_all[f"{name}, {layout}"] = packed
-            print(json.dumps({"packed": name, "layout": layout, **packed}), flush=True)
-        del q, k, v, table
-        torch.cuda.empty_cache()
-
+def write_reports(args, methods, rows, packed_all, t_start, complete):
+    """The report as JSON, CSV and markdown under args.out: rewritten after every row, so that a run cut short
+    (a time limit) keeps what it measured, marked partial until the last write."""
     commit = args.commit or os.environ.get("FAT5_COMMIT")  # as bench_kernels.py: for a copied, stale checkout
     if commit is None:
         try:
@@ -464,6 +353,7 @@ def main():
         "setting": f"bf16, H={H}, B*L={TOKENS}, scale 1.0, T5 buckets {BUCKETS} / max distance {MAXDIST}",
         "seconds": round(time.time() - t_start, 1),
         "rounds": args.rounds,
+        "complete": complete,
     }
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"attention_{meta['date']}" + ("_quick" if args.quick else "") + args.tag)
@@ -478,7 +368,9 @@ def main():
         w.writerows(rows)
     ratio_methods = [m for m in methods if m in RATIO] if "sdpa" in methods else []
     lines = [
-        f"# Attention with T5 relative bias: {meta['date']}" + (" (quick)" if args.quick else ""),
+        f"# Attention with T5 relative bias: {meta['date']}"
+        + (" (quick)" if args.quick else "")
+        + ("" if complete else " (partial: written after each row, the run has not finished)"),
         "",
         f"{meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}.",
         f"Setting: {meta['setting']}. TFLOP/s fwd / fwd+bwd (median of do_bench"
@@ -536,7 +428,126 @@ def main():
             )
     with open(stem + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if complete:
+        print("\n".join(lines))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    ap.add_argument("--lengths", default="512,1024,2048,4096,8192,16384")
+    ap.add_argument("--d128-lengths", default="1024,4096")
+    ap.add_argument("--flex-lengths", default="512,1024,2048,4096", help="flex compiles per shape: keep few")
+    ap.add_argument("--methods", default="sdpa,sdpa_bias,flex,ours,ours_split")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"only the rows {QUICK_CELLS} (D, L, causal) and the packed row; methods {QUICK_METHODS} "
+        "unless --methods is given; report named attention_<date>_quick",
+    )
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--rep", type=int, default=40)
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="time every method of a cell this many times, interleaved (each round starts one method later), "
+        "and report each timing's median over the rounds (the rounds go into the JSON)",
+    )
+    ap.add_argument(
+        "--commit",
+        default=None,
+        help="the code's commit for the report (default: $FAT5_COMMIT, else git's HEAD)",
+    )
+    ap.add_argument(
+        "--packed-graph",
+        action="store_true",
+        help="time the packed rows from CUDA graphs as well (GPU time alone, no host launch work)",
+    )
+    ap.add_argument("--tag", default="", help="suffix of the report's file names")
+    ap.add_argument("--no-packed", action="store_true", help="skip the packed-documents rows")
+    args = ap.parse_args()
+    if args.quick and "--methods" not in sys.argv:
+        args.methods = QUICK_METHODS
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        ap.error(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    flex_lengths = {int(x) for x in args.flex_lengths.split(",") if x}
+    rows, packed_all = [], {}
+    cells = [(64, int(x), c) for c in (False, True) for x in args.lengths.split(",") if x]
+    cells += [(128, int(x), c) for c in (False, True) for x in args.d128_lengths.split(",") if x]
+    if args.quick:
+        cells = QUICK_CELLS
+    t_start = time.time()
+    for d, length, causal in cells:
+        b = max(TOKENS // length, 1)
+        q, k, v, table = make_inputs(b, length, d, causal)
+        flops = 4 * b * H * length * length * d / (2 if causal else 1)
+        row = {"d": d, "L": length, "B": b, "causal": causal}
+        timed = [m for m in methods if not (m.startswith("flex") and (length not in flex_lengths or d != 64))]
+        for name in methods:
+            if name not in timed:
+                row.update({f"{name}_fwd": "-", f"{name}_fwdbwd": "-", f"{name}_mem": "-"})
+        runs = {name: [] for name in timed}
+        for rnd in range(args.rounds):  # each round starts one method later: no method is always first
+            for name in timed[rnd % len(timed) :] + timed[: rnd % len(timed)]:
+                runs[name].append(bench(METHODS[name], q, k, v, table, causal, args.warmup, args.rep))
+        for name in timed:
+            r = _median_run(runs[name])
+            if args.rounds > 1:
+                row[f"{name}_fwd_ms_rounds"] = [x["fwd_ms"] for x in runs[name]]
+                row[f"{name}_fwdbwd_ms_rounds"] = [x["fwdbwd_ms"] for x in runs[name]]
+            row[f"{name}_fwd"] = tflops(r["fwd_ms"], flops)
+            row[f"{name}_fwdbwd"] = tflops(r["fwdbwd_ms"], 3.5 * flops)
+            row[f"{name}_mem"] = r["mem_gib"]
+            row[f"{name}_fwd_ms"], row[f"{name}_fwdbwd_ms"] = r["fwd_ms"], r["fwdbwd_ms"]
+        rows.append(row)
+        print(
+            json.dumps({k_: (round(v_, 3) if isinstance(v_, float) else v_) for k_, v_ in row.items()}),
+            flush=True,
+        )
+        write_reports(args, methods, rows, packed_all, t_start, complete=False)
+        del q, k, v, table
+        torch.cuda.empty_cache()
+
+    # packed documents: 8 docs totalling 4096 vs one document, for each of our variants; two layouts: random
+    # lengths (document boundaries cut through tiles) and 8 equal documents of 512 (whole tiles)
+    length, b = 4096, 8
+    g = torch.Generator().manual_seed(3)
+    layouts = {
+        "random": torch.sort(torch.randperm(length - 1, generator=g)[:7] + 1).values,
+        "equal": torch.arange(1, 8) * (length // 8),
+    }
+    for name in (m for m in methods if m in OURS and not args.no_packed):
+        q, k, v, table = make_inputs(b, length, 64, False)
+        one = bench(METHODS[name], q, k, v, table, False, args.warmup, args.rep, graph=args.packed_graph)
+        for layout, cuts in layouts.items():
+            doc_lengths = torch.diff(torch.cat([torch.tensor([0]), cuts, torch.tensor([length])])).tolist()
+            seg = torch.bucketize(torch.arange(length), cuts, right=True).to(torch.int32)
+            seg = seg[None].expand(b, length).contiguous().cuda()
+            pk = bench(
+                METHODS[name], q, k, v, table, False, args.warmup, args.rep, graph=args.packed_graph, seg=seg
+            )
+            packed = {
+                "one_doc": one,
+                "eight_docs": pk,
+                "doc_lengths": doc_lengths,
+                "tile_ratio": tile_ratio(doc_lengths),
+            }
+            if isinstance(one["fwd_ms"], float) and isinstance(pk["fwd_ms"], float):
+                packed["speedup_fwd"] = one["fwd_ms"] / pk["fwd_ms"]
+                packed["speedup_fwdbwd"] = one["fwdbwd_ms"] / pk["fwdbwd_ms"]
+            if args.packed_graph and isinstance(pk.get("fwd_graph_ms"), float):
+                packed["speedup_fwd_graph"] = one["fwd_graph_ms"] / pk["fwd_graph_ms"]
+                packed["speedup_fwdbwd_graph"] = one["fwdbwd_graph_ms"] / pk["fwdbwd_graph_ms"]
+            packed_all[f"{name}, {layout}"] = packed
+            print(json.dumps({"packed": name, "layout": layout, **packed}), flush=True)
+            write_reports(args, methods, rows, packed_all, t_start, complete=False)
+        del q, k, v, table
+        torch.cuda.empty_cache()
+
+    write_reports(args, methods, rows, packed_all, t_start, complete=True)
 
 
 if __name__ == "__main__":

@@ -158,6 +158,12 @@ def main():
                     torch.autograd.grad([y, hn], [xg, wg, rg], [dy, dres])
 
             parts["autograd_step"] = graph_us(step)
+            # the same two without programmatic dependent launches: if autograd's step costs what the direct pair
+            # costs without them, the gap between the two is the forward -> backward launch overlap it loses
+            rn.TUNE["pdl"] = False
+            parts["fwd_bwd_nopdl"] = graph_us(in_turn(fwd, bwd))
+            parts["autograd_step_nopdl"] = graph_us(step)
+            reset()
             from torch.profiler import ProfilerActivity, profile
 
             with profile(activities=[ProfilerActivity.CUDA]) as prof:

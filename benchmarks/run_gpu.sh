@@ -36,8 +36,9 @@ elif [ "${1:-}" = attention ]; then
   # rows): SDPA without bias, SDPA with the materialised bias, FlexAttention (its table at every distance, and cut at
   # +-max distance as the reports before 2026-12-06 ran it) and ours in one process; the rows are logged as they
   # go, so a cut run keeps what it measured
+  # (ROUNDS=3 times every cell three times, interleaved, and reports the medians: about three times as long)
   python3 benchmarks/bench_attention.py --methods sdpa,sdpa_bias,flex,flex_clamped,ours --flex-lengths 1024,4096 --out "$out" \
-    --tag=_full 2>&1 |
+    --rounds "${ROUNDS:-1}" --tag=_full 2>&1 |
     tee "$out/attention_full.log" | tail -30
 elif [ "${1:-}" = docpass ]; then
   # packed documents alone: the segment cases' GPU tests (the document pass with mixed blocks, every dk/dv

@@ -70,3 +70,26 @@ def test_rounds_median_per_timing():
     assert ba._median_run(runs) == {"fwd_ms": 1.5, "fwdbwd_ms": 2.0, "mem_gib": 0.2}
     oom = {"fwd_ms": "OOM", "fwdbwd_ms": "OOM", "mem_gib": "OOM"}
     assert ba._median_run([runs[0], oom])["fwd_ms"] == "OOM"
+
+
+def test_report_rewritten_per_row_and_marked_until_complete(tmp_path, monkeypatch):
+    import argparse
+    import json
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Test GPU")
+    args = argparse.Namespace(commit="abc1234", out=str(tmp_path), quick=True, tag="_t", rounds=3)
+    row = {"d": 64, "L": 1024, "B": 32, "causal": False}
+    row.update(
+        sdpa_fwd=400.0, sdpa_fwdbwd=360.0, sdpa_mem=0.28, ours_fwd=300.0, ours_fwdbwd=216.0, ours_mem=0.2
+    )
+    ba.write_reports(args, ["sdpa", "ours"], [row], {}, 0.0, complete=False)
+    (md,) = tmp_path.glob("attention_*_quick_t.md")
+    assert (
+        "(partial" in md.read_text()
+        and "| 64 | no | 1024 | 400 / 360 | 300 / 216 | 75% / 60% |" in md.read_text()
+    )
+    ba.write_reports(args, ["sdpa", "ours"], [row, {**row, "L": 4096}], {}, 0.0, complete=True)
+    text = md.read_text()
+    assert "(partial" not in text and "median over 3 interleaved rounds" in text and "commit abc1234" in text
+    got = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert [r["L"] for r in got["rows"]] == [1024, 4096] and got["meta"]["complete"] is True
