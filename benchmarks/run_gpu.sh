@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call (device time is scarce): bf16 kernel tests, then the benchmarks,
 # results under ${OUT:-benchmarks/results}. Usage from the repository root on a CUDA machine:
-#   bash benchmarks/run_gpu.sh [quick | step | kernels | rmsnorm | docpass | skews | fold | attention]
+#   bash benchmarks/run_gpu.sh [quick | step | kernels | rmsnorm | docpass | skews | fold | attention | probes]
 # On a copied checkout whose git metadata may be stale, set FAT5_COMMIT to the commit the reports should name.
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -40,6 +40,14 @@ elif [ "${1:-}" = attention ]; then
   python3 benchmarks/bench_attention.py --methods sdpa,sdpa_bias,flex,flex_clamped,ours --flex-lengths 1024,4096 --out "$out" \
     --rounds "${ROUNDS:-1}" --tag=_full 2>&1 |
     tee "$out/attention_full.log" | tail -30
+elif [ "${1:-}" = probes ]; then
+  # short probes (a few minutes): RMSNorm's fwd+bwd pair against its autograd step, with and without programmatic
+  # dependent launches (does autograd lose the forward -> backward overlap?), then forward configs around the
+  # L = 1024 picks (pipeline depths of the 64-key near-step config; the capped 64x64 one), pinned, SDPA alongside
+  python3 benchmarks/rmsnorm_sweep.py --kinds parts --widths 512,1024 --out "$out" --tag _pdlgap
+  python3 benchmarks/attention_near_sweep.py --kernels fwd --lengths 1024 --causal-lengths 1024 --nears 32 \
+    --only-extra --extra-fwd 128x64w8s3r128n64,128x64w8s4r128n64,128x64w8s2r128n64,64x64w4s3r128,64x64w4s4r128 \
+    --out "$out" --tag _stages
 elif [ "${1:-}" = docpass ]; then
   # packed documents alone: the segment cases' GPU tests (the document pass with mixed blocks, every dk/dv
   # config), then the packed rows with the document pass against the single masked launch (ours_nodoc)
