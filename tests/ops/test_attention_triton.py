@@ -1102,7 +1102,7 @@ def test_tuning_keys_hold_the_compiled_settings():
     shared = {"BLOCK_D", "BIAS_KIND", "CAUSAL", "HAS_SEG", "SEG_PASS", "NPART", "M_BUCKET", "N_BUCKET"}
     assert shared | {"TMA", "KV_TMA", "POS_SCALE", "TAIL"} <= set(at._fwd_kernel.keys)
     assert shared | {"FOLD", "TAIL"} <= set(at._dq_kernel.keys)
-    assert shared | {"REL_GRAD", "CIRC", "NEAR_DKV"} <= set(at._dkv_kernel.keys)
+    assert shared | {"REL_GRAD", "CIRC", "NEAR_DKV", "FOLD"} <= set(at._dkv_kernel.keys)
 
 
 @pytest.mark.parametrize("name", ["t5_near_far", "t5_near_far_causal_kpm", "t5_near_far_q_offset"])

@@ -540,7 +540,7 @@ def _rel_grad_defer(
         x = tl.gather(dsT, t & (BLOCK_N - 1), axis=0)  # (BLOCK_N, BLOCK_M), rows u
         more = (t // BLOCK_N) != f0  # the column wrapped once more than the row's first: z one lower
         sa, sb = _split_sums(x, more, BLOCK_M, BLOCK_N)
-    zq = _slot_bin(k0, qp0, BLOCK_N, ZB)
+    zq = _step_bin(k0, qp0, BLOCK_N, ZB)
     ba = (zq - f0)[:, :, None]  # bin of the row's first z
     bins = tl.arange(0, ZB)[None, :, None]
     if ROT:
@@ -580,7 +580,7 @@ def _rot_sums(dsT, a, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def _slot_bin(k0, qp0, BLOCK_N: tl.constexpr, ZB: tl.constexpr):
+def _step_bin(k0, qp0, BLOCK_N: tl.constexpr, ZB: tl.constexpr):
     """The bin (of ``_rel_grad_defer``'s acc_b) of a near step's highest z, k0 / BLOCK_N - floor(qp0 / BLOCK_N):
     the first z of the rows u with u + qp0 mod BLOCK_N < BLOCK_N."""
     return k0 // BLOCK_N - (qp0 + _QSHIFT) // BLOCK_N + _QSHIFT // BLOCK_N + ZB // 2
@@ -1534,6 +1534,7 @@ def _dkv_tiles(
         "REL_GRAD",
         "CIRC",
         "NEAR_DKV",
+        "FOLD",
         "M_BUCKET",
         "N_BUCKET",
     ],
