@@ -9,7 +9,6 @@ Picks the defaults of ``fat5.ops.rmsnorm._tile`` / ``_num_programs`` from measur
 from __future__ import annotations
 
 import argparse
-import collections
 import datetime
 import json
 import os
@@ -159,23 +158,6 @@ def main():
                     torch.autograd.grad([y, hn], [xg, wg, rg], [dy, dres])
 
             parts["autograd_step"] = graph_us(step)
-            # the same two with every output held for four more steps: a freed output's memory is not handed
-            # to the next kernel while its lines may still sit dirty in L2 (the direct pair frees the forward's
-            # output before the backward allocates its own, so dx can overwrite y's cached lines; in a model the
-            # forward's output lives on)
-            held = collections.deque(maxlen=4)
-
-            def pair_held(held=held, fwd=fwd, bwd=bwd):
-                held.append((fwd(), bwd()))
-
-            def step_held(held=held, xg=xg, wg=wg, dy=dy):
-                y = rn.rms_norm_triton(xg, wg, 1e-6)
-                held.append((y, torch.autograd.grad(y, [xg, wg], dy)))
-
-            parts["fwd_bwd_held"] = graph_us(pair_held)
-            if rg is None:
-                parts["autograd_step_held"] = graph_us(step_held)
-            held.clear()
             # the same two without programmatic dependent launches: if autograd's step costs what the direct pair
             # costs without them, the gap between the two is the forward -> backward launch overlap it loses
             rn.TUNE["pdl"] = False
