@@ -158,6 +158,15 @@ def main():
                     torch.autograd.grad([y, hn], [xg, wg, rg], [dy, dres])
 
             parts["autograd_step"] = graph_us(step)
+
+            # the direct pair with the forward's output alive while the backward runs, as autograd keeps it: when
+            # the pair frees it first, dx may be allocated onto y's lines while they still sit dirty in L2
+            def pair_kept(fwd=fwd, bwd=bwd):
+                out = fwd()
+                bwd()
+                return out
+
+            parts["fwd_bwd_kept"] = graph_us(pair_kept)
             # the same two without programmatic dependent launches: if autograd's step costs what the direct pair
             # costs without them, the gap between the two is the forward -> backward launch overlap it loses
             rn.TUNE["pdl"] = False

@@ -42,7 +42,8 @@ elif [ "${1:-}" = attention ]; then
     tee "$out/attention_full.log" | tail -30
 elif [ "${1:-}" = probes ]; then
   # short probes (a few minutes): RMSNorm's fwd+bwd pair against its autograd step, with and without programmatic
-  # dependent launches (does autograd lose the forward -> backward overlap?), then forward configs around the
+  # dependent launches, and the pair with the forward's output kept alive through the backward as autograd keeps it
+  # (is the pair's lead an L2 artifact of dx reusing y's freed memory?), then forward configs around the
   # L = 1024 picks (pipeline depths of the 64-key near-step config; the capped 64x64 one), pinned, SDPA alongside
   python3 benchmarks/rmsnorm_sweep.py --kinds parts --widths 512,1024 --out "$out" --tag _pdlgap
   python3 benchmarks/attention_near_sweep.py --kernels fwd --lengths 1024 --causal-lengths 1024 --nears 32 \
