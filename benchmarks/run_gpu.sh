@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call (device time is scarce): bf16 kernel tests, then the benchmarks,
 # results under ${OUT:-benchmarks/results}. Usage from the repository root on a CUDA machine:
-#   bash benchmarks/run_gpu.sh [quick | step | kernels | rmsnorm | docpass | skews | fold | attention | probes]
+#   bash benchmarks/run_gpu.sh [quick | step | kernels | rmsnorm | docpass | skews | fold | attention | probes | verify]
 # On a copied checkout whose git metadata may be stale, set FAT5_COMMIT to the commit the reports should name.
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -40,6 +40,14 @@ elif [ "${1:-}" = attention ]; then
   python3 benchmarks/bench_attention.py --methods sdpa,sdpa_bias,flex,flex_clamped,ours --flex-lengths 1024,4096 --out "$out" \
     --rounds "${ROUNDS:-1}" --tag=_full 2>&1 |
     tee "$out/attention_full.log" | tail -30
+elif [ "${1:-}" = verify ]; then
+  # what the open targets still need from an H200, in one call (about 6 minutes): the attention's head-dim-64 rows
+  # at every length against SDPA, RMSNorm's parts (the autograd step, the direct pair, the pair with the forward's
+  # output kept alive), then the RMSNorm targets' report against torch eager and torch.compile
+  python3 benchmarks/bench_attention.py --lengths 1024,2048,4096,8192,16384 --d128-lengths "" --flex-lengths "" \
+    --no-packed --methods sdpa,ours --out "$out" --tag=_verify 2>&1 | tail -14
+  python3 benchmarks/rmsnorm_sweep.py --kinds parts --widths 512,1024 --out "$out" --tag _verify
+  python3 benchmarks/bench_kernels.py --ops rms_norm --out "$out"
 elif [ "${1:-}" = probes ]; then
   # short probes (a few minutes): RMSNorm's fwd+bwd pair against its autograd step, with and without programmatic
   # dependent launches, and the pair with the forward's output kept alive through the backward as autograd keeps it
