@@ -100,6 +100,8 @@ RMS_OPTIONS = {
     "triton chunk 256": {"chunk": 256, "fwd_chunk": 256},
     "triton in-kernel dw": {"fused_reduce": True},
     "triton chunk 256 + in-kernel dw": {"chunk": 256, "fwd_chunk": 256, "fused_reduce": True},
+    "triton strided": {"strided": True},
+    "triton strided + in-kernel dw": {"strided": True, "fused_reduce": True},
 }
 
 

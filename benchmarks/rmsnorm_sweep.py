@@ -74,6 +74,12 @@ def main():
         help="dweight reduction tiles (BLOCK_RxBLOCK_N; fused: summed in the backward kernel) timed with the "
         "backward (--kinds reduce)",
     )
+    ap.add_argument(
+        "--layouts",
+        default="band",
+        help="backward row layouts to sweep (band: a contiguous band of rows per program; strided: every "
+        "nprog-th tile); with --kinds parts, each layout's backward, fwd+bwd and autograd step",
+    )
     ap.add_argument("--tag", default="", help="suffix of the report's file name")
     ap.add_argument("--tma", action="store_true", help="backward tiles loaded by tensor descriptors")
     args = ap.parse_args()
@@ -158,6 +164,16 @@ def main():
                     torch.autograd.grad([y, hn], [xg, wg, rg], [dy, dres])
 
             parts["autograd_step"] = graph_us(step)
+            for layout in args.layouts.split(
+                ","
+            ):  # the backward's row layouts (TUNE["strided"]) side by side
+                rn.TUNE["strided"] = layout == "strided"
+                parts[f"bwd_{layout}"] = graph_us(bwd)
+                parts[f"fwd_bwd_{layout}"] = graph_us(in_turn(fwd, bwd))
+                parts[f"autograd_step_{layout}"] = graph_us(step)
+                rn.TUNE["no_reduce"] = True
+                parts[f"bwd_no_reduce_{layout}"] = graph_us(bwd)
+                reset()
 
             # the direct pair with the forward's output alive while the backward runs, as autograd keeps it: when
             # the pair frees it first, dx may be allocated onto y's lines while they still sit dirty in L2
@@ -213,7 +229,8 @@ def main():
             if us < best.get("fwd", (1e9,))[0]:
                 best["fwd"] = (us, bm, nw, ch)
         sweep = [
-            (st, per_sm, bm, nw, ch)
+            (st, per_sm, bm, nw, ch, lay)
+            for lay in args.layouts.split(",")
             for ch in map(int, args.chunks.split(","))
             for st in map(int, args.stages.split(","))
             for per_sm in map(int, args.per_sm.split(","))
@@ -221,8 +238,9 @@ def main():
             for nw in map(int, args.warps.split(","))
             if bm * bn <= 16384 and nw * 32 <= bm * bn and nw * 32 * 8 <= bm * bn * 4
         ]
-        for st, per_sm, bm, nw, ch in sweep if "bwd" in args.kinds else ():
+        for st, per_sm, bm, nw, ch, lay in sweep if "bwd" in args.kinds else ():
             reset()
+            rn.TUNE["strided"] = lay == "strided"
             rn.TUNE["bwd"] = (bm, nw, per_sm)
             rn.TUNE["stages"] = st
             if ch:
@@ -231,13 +249,13 @@ def main():
                 lambda dy=dy, h=h, w=w, rstd=rstd, dr=dres, lo=low: rn._rms_norm_bwd(dy, dr, h, w, rstd, lo)
             )
             r = dict(
-                d=d, kind="bwd", stages=st, per_sm=per_sm, block_m=bm, warps=nw, chunk=ch, us=round(us, 2),
-                pct=round(100 * ideal_bwd / us),
+                d=d, kind="bwd", layout=lay, stages=st, per_sm=per_sm, block_m=bm, warps=nw, chunk=ch,
+                us=round(us, 2), pct=round(100 * ideal_bwd / us),
             )  # fmt: skip
             rows.append(r)
             print(json.dumps(r), flush=True)
             if us < best.get("bwd", (1e9,))[0]:
-                best["bwd"] = (us, bm, nw, per_sm, st, ch)
+                best["bwd"] = (us, bm, nw, per_sm, st, ch, lay)
         for per_sm in (1, 2, 4, 8) if "reduce" in args.kinds else ():
             progs = per_sm * torch.cuda.get_device_properties(0).multi_processor_count
             part = torch.randn(progs, d, device="cuda")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call (device time is scarce): bf16 kernel tests, then the benchmarks,
 # results under ${OUT:-benchmarks/results}. Usage from the repository root on a CUDA machine:
-#   bash benchmarks/run_gpu.sh [quick | step | kernels | rmsnorm | docpass | skews | fold | attention | probes | verify]
+#   bash benchmarks/run_gpu.sh [quick | step | kernels | rmsnorm | docpass | skews | fold | attention | probes | verify | strided]
 # On a copied checkout whose git metadata may be stale, set FAT5_COMMIT to the commit the reports should name.
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -47,6 +47,15 @@ elif [ "${1:-}" = verify ]; then
   python3 benchmarks/bench_attention.py --lengths 1024,2048,4096,8192,16384 --d128-lengths "" --flex-lengths "" \
     --no-packed --methods sdpa,ours --out "$out" --tag=_verify 2>&1 | tail -14
   python3 benchmarks/rmsnorm_sweep.py --kinds parts --widths 512,1024 --out "$out" --tag _verify
+  python3 benchmarks/bench_kernels.py --ops rms_norm --out "$out"
+elif [ "${1:-}" = strided ]; then
+  # the RMSNorm backward's programs on every nprog-th tile (TUNE["strided"]) against their bands of rows: its GPU
+  # tests, each kernel and the autograd step in both layouts, a tile sweep of the strided layout, then the
+  # targets' report (with a strided row per width)
+  FAT5_ATTN_AUTOTUNE=0 python3 -m pytest -q -m gpu tests/ops/test_rmsnorm_triton.py -k "strided or gpu" -rf \
+    --tb=short 2>&1 | tee "$out/gpu_tests_strided.log" | tail -3
+  python3 benchmarks/rmsnorm_sweep.py --kinds parts,bwd --layouts band,strided --widths 512,768,1024,4096 \
+    --stages 3,4 --per-sm 2,3,4 --block-m 4,8 --warps 4 --out "$out" --tag _strided
   python3 benchmarks/bench_kernels.py --ops rms_norm --out "$out"
 elif [ "${1:-}" = probes ]; then
   # short probes (a few minutes): RMSNorm's fwd+bwd pair against its autograd step, with and without programmatic

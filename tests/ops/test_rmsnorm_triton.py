@@ -267,8 +267,9 @@ def test_pdl_kernels_compile_for_hopper_only(tmp_path):
             assert int(n_gdc) == 0 and meta_pdl == "False", rows
 
 
+@pytest.mark.parametrize("strided", [False, True])
 @pytest.mark.parametrize("n, m", [(64, 37), (40, 9), (96, 130)])
-def test_backward_tensor_descriptor_tiles_match_pointer_tiles(n, m, monkeypatch):
+def test_backward_tensor_descriptor_tiles_match_pointer_tiles(n, m, strided, monkeypatch):
     # TUNE["tma"]: the pipelined backward reads its tiles through tensor descriptors (rows and columns past the
     # tensor read as zero); it must give bitwise the same dx and dweight as the pointer loads
     from fat5.ops import rmsnorm as rn
@@ -277,7 +278,7 @@ def test_backward_tensor_descriptor_tiles_match_pointer_tiles(n, m, monkeypatch)
     x, dy = (torch.randn(m, n, generator=gen).to(DEVICE) for _ in range(2))
     w = torch.randn(n, generator=gen).to(DEVICE)
     _, _, rstd = rn._rms_norm_fwd_impl(x, w, None, 1e-6, None)
-    monkeypatch.setattr(rn, "TUNE", {"stages": 2})
+    monkeypatch.setattr(rn, "TUNE", {"stages": 2, "strided": strided})
     dx, _, dw = rn._rms_norm_bwd_impl(dy, None, x, w, rstd, None)
     rn.TUNE["tma"] = True
     made = []
@@ -351,6 +352,44 @@ def test_backward_chunked_rows_gpu(chunk, shape, monkeypatch):
     monkeypatch.setattr(rn, "TUNE", {"chunk": chunk, "fwd_chunk": chunk})
     _check(shape, torch.bfloat16, False, device="cuda")
     _check(shape, torch.bfloat16, True, device="cuda", r_dtype=torch.float32, out_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize(
+    "shape, dtype, with_residual",
+    [((37, 300), torch.float16, False), ((130, 72), torch.float32, True), ((9, 40), torch.float32, False)],
+)
+def test_backward_strided_tiles(shape, dtype, with_residual, monkeypatch):
+    # TUNE["strided"]: each backward program takes every nprog-th tile (4 programs on the CPU) instead of a band
+    # of rows, the last round of tiles partly or wholly past the rows: the reference's values and gradients,
+    # run-to-run identical, and dx bitwise that of the band layout (a row's gradient does not depend on which
+    # program computes it; dweight sums its rows in another order)
+    from fat5.ops import rmsnorm as rn
+
+    monkeypatch.setattr(rn, "TUNE", {"strided": True})
+    bwd = _launches(monkeypatch, rn, "_BWD")
+    _check(shape, dtype, with_residual, device=DEVICE)
+    _assert_backward_repeats(shape, dtype, DEVICE, seed=shape[0])
+    assert bwd and all(k["STRIDED"] for k in bwd)
+    gen = torch.Generator().manual_seed(1)
+    x, dy = (torch.randn(shape, generator=gen).to(DEVICE, dtype) for _ in range(2))
+    w = torch.randn(shape[-1], generator=gen).to(DEVICE, dtype)
+    _, _, rstd = rn._rms_norm_fwd_impl(x, w, None, 1e-6, None)
+    dx_s, _, dw_s = rn._rms_norm_bwd_impl(dy, None, x, w, rstd, None)
+    rn.TUNE["strided"] = False
+    dx_b, _, dw_b = rn._rms_norm_bwd_impl(dy, None, x, w, rstd, None)
+    assert torch.equal(dx_s, dx_b)
+    torch.testing.assert_close(dw_s.double(), dw_b.double(), rtol=1e-2, atol=1e-2 * shape[0] ** 0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4103, 768), (32768, 512), (2050, 1024), (513, 4096)])
+def test_backward_strided_tiles_gpu(shape, monkeypatch):
+    from fat5.ops import rmsnorm as rn
+
+    monkeypatch.setattr(rn, "TUNE", {"strided": True})
+    _check(shape, torch.bfloat16, False, device="cuda")
+    _check(shape, torch.bfloat16, True, device="cuda", r_dtype=torch.float32, out_dtype=torch.bfloat16)
+    _assert_backward_repeats(shape, torch.bfloat16, "cuda", seed=0, calls=5)
 
 
 @pytest.mark.parametrize("group", [1, 3, 16])

@@ -141,7 +141,7 @@ def _rms_norm_bwd_kernel(
     ROWS_PER_PROGRAM: tl.constexpr, HAS_DRES: tl.constexpr, HAS_DXL: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, STAGES: tl.constexpr = 3, PDL: tl.constexpr = False,
     TMA: tl.constexpr = False, FUSED: tl.constexpr = False, GROUP: tl.constexpr = 16,
-    MAX_GROUPS: tl.constexpr = 1,
+    MAX_GROUPS: tl.constexpr = 1, STRIDED: tl.constexpr = False,
 ):  # fmt: skip
     if PDL:
         gdc_wait()
@@ -154,18 +154,24 @@ def _rms_norm_bwd_kernel(
         dw = tl.zeros([BLOCK_M, BLOCK_N // CHUNK, CHUNK], dtype=tl.float32)
     else:
         dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    start = pid * ROWS_PER_PROGRAM
+    nprog = tl.num_programs(0)
     # the compiler's software pipeline: STAGES tiles of loads in flight through shared memory (async copies)
     for i in tl.range(0, ROWS_PER_PROGRAM, BLOCK_M, num_stages=STAGES):
-        rows = start + i + tl.arange(0, BLOCK_M)
+        # a program's tiles: a band of ROWS_PER_PROGRAM rows, or (STRIDED) every nprog-th tile, so that at any
+        # moment the programs together read one compact stretch of each tensor, as a plain elementwise grid does
+        if STRIDED:
+            first = ((i // BLOCK_M) * nprog + pid) * BLOCK_M
+        else:
+            first = pid * ROWS_PER_PROGRAM + i
+        rows = first + tl.arange(0, BLOCK_M)
         row_ok = rows < M
         mask = _rowwise(row_ok, BLOCK_N, CHUNK) & col_ok
         offs = _rowwise(rows.to(tl.int64), BLOCK_N, CHUNK) * N + cols
         # with TMA (whole-row tiles only), H and DY are tensor descriptors: one bulk copy per tile, rows and
         # columns outside read 0
         if TMA:
-            h = H.load([start + i, 0]).to(tl.float32)
-            dy = DY.load([start + i, 0]).to(tl.float32)
+            h = H.load([first, 0]).to(tl.float32)
+            dy = DY.load([first, 0]).to(tl.float32)
         else:
             h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
@@ -187,7 +193,7 @@ def _rms_norm_bwd_kernel(
         pcols = cols
     tl.store(DW_PARTIAL + pid.to(tl.int64) * N + pcols, tl.sum(dw, axis=0), mask=pcols < N)
     if FUSED:
-        _dw_tail(DW_PARTIAL, GROUP_PARTIAL, DW, COUNT, pid, tl.num_programs(0), N, BLOCK_N, GROUP, MAX_GROUPS)
+        _dw_tail(DW_PARTIAL, GROUP_PARTIAL, DW, COUNT, pid, nprog, N, BLOCK_N, GROUP, MAX_GROUPS)
 
 
 @triton.jit
@@ -245,7 +251,8 @@ def _sum_rows_kernel(P, OUT, R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 #   depth (>= 1); "fwd_chunk" / "chunk": forward / backward row chunk in columns (see "Row chunks");
 #   "reduce": (BLOCK_R, BLOCK_N) of the dweight sum; "fused_reduce": True, dweight summed inside the backward
 #   kernel (no second launch; "group": programs per first-level sum); "tma": True, backward tiles read by tensor
-#   descriptor; "no_reduce": True, dweight left unwritten (to time the backward kernel alone); "pdl": False
+#   descriptor; "no_reduce": True, dweight left unwritten (to time the backward kernel alone); "pdl": False;
+#   "strided": True / False, the backward's programs take every nprog-th tile / a contiguous band of rows
 TUNE: dict = {}
 
 
@@ -394,7 +401,8 @@ def _rms_norm_bwd_impl(
             dlow if low_dtype is not None else dx, partial, dw, group_partial, count, m, n,
             ROWS_PER_PROGRAM=rows_per_program, HAS_DRES=dres is not None, HAS_DXL=low_dtype is not None,
             BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=chunk, STAGES=stages, num_warps=warps, TMA=tma,
-            FUSED=fused, GROUP=group, MAX_GROUPS=max_groups, **_pdl(h.device),
+            FUSED=fused, GROUP=group, MAX_GROUPS=max_groups, STRIDED=TUNE.get("strided", False),
+            **_pdl(h.device),
         )  # fmt: skip
     if fused or (m and TUNE.get("no_reduce")):  # no_reduce, sweeps only: the backward kernel alone
         return dx, dlow, dw
