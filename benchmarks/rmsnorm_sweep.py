@@ -164,9 +164,8 @@ def main():
                     torch.autograd.grad([y, hn], [xg, wg, rg], [dy, dres])
 
             parts["autograd_step"] = graph_us(step)
-            for layout in args.layouts.split(
-                ","
-            ):  # the backward's row layouts (TUNE["strided"]) side by side
+            # the backward's row layouts (TUNE["strided"]) side by side
+            for layout in args.layouts.split(","):
                 rn.TUNE["strided"] = layout == "strided"
                 parts[f"bwd_{layout}"] = graph_us(bwd)
                 parts[f"fwd_bwd_{layout}"] = graph_us(in_turn(fwd, bwd))

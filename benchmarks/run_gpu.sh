@@ -50,8 +50,8 @@ elif [ "${1:-}" = verify ]; then
   python3 benchmarks/bench_kernels.py --ops rms_norm --out "$out"
 elif [ "${1:-}" = strided ]; then
   # the RMSNorm backward's programs on every nprog-th tile (TUNE["strided"]) against their bands of rows: its GPU
-  # tests, each kernel and the autograd step in both layouts, a tile sweep of the strided layout, then the
-  # targets' report (with a strided row per width)
+  # tests, each kernel and the autograd step in both layouts, a tile sweep of both layouts, then the targets'
+  # report (with strided rows per width)
   FAT5_ATTN_AUTOTUNE=0 python3 -m pytest -q -m gpu tests/ops/test_rmsnorm_triton.py -k "strided or gpu" -rf \
     --tb=short 2>&1 | tee "$out/gpu_tests_strided.log" | tail -3
   python3 benchmarks/rmsnorm_sweep.py --kinds parts,bwd --layouts band,strided --widths 512,768,1024,4096 \
