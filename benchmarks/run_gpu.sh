@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call (device time is scarce): bf16 kernel tests, then the benchmarks,
 # results under ${OUT:-benchmarks/results}. Usage from the repository root on a CUDA machine:
-#   bash benchmarks/run_gpu.sh [quick | step | kernels | rmsnorm | docpass | skews | fold | attention | probes | verify | strided]
+#   bash benchmarks/run_gpu.sh [quick | step | kernels | rmsnorm | docpass | skews | fold | attention | probes | verify | strided | prefetch]
 # On a copied checkout whose git metadata may be stale, set FAT5_COMMIT to the commit the reports should name.
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -48,6 +48,12 @@ elif [ "${1:-}" = verify ]; then
     --no-packed --methods sdpa,ours --out "$out" --tag=_verify 2>&1 | tail -14
   python3 benchmarks/rmsnorm_sweep.py --kinds parts --widths 512,1024 --out "$out" --tag _verify
   python3 benchmarks/bench_kernels.py --ops rms_norm --out "$out"
+elif [ "${1:-}" = prefetch ]; then
+  # L2 prefetches issued before the RMSNorm kernels wait on the previous kernel (TUNE["prefetch"] / ["fwd_prefetch"]):
+  # their GPU tests, then the RMSNorm report with the prefetch rows beside the shipped kernels
+  FAT5_ATTN_AUTOTUNE=0 python3 -m pytest -q -m gpu tests/ops/test_rmsnorm_triton.py -k "prefetch" -rf \
+    --tb=short 2>&1 | tee "$out/gpu_tests_prefetch.log" | tail -3
+  python3 benchmarks/bench_kernels.py --ops rms_norm --out "$out" 2>&1 | tail -48
 elif [ "${1:-}" = strided ]; then
   # the RMSNorm backward's programs on every nprog-th tile (TUNE["strided"]) against their bands of rows: its GPU
   # tests, each kernel and the autograd step in both layouts, a tile sweep of both layouts, then the targets'

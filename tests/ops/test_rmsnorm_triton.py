@@ -392,6 +392,25 @@ def test_backward_strided_tiles_gpu(shape, monkeypatch):
     _assert_backward_repeats(shape, torch.bfloat16, "cuda", seed=0, calls=5)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("tune", [{"prefetch": 3, "fwd_prefetch": True}, {"prefetch": 2, "strided": True}])
+@pytest.mark.parametrize("shape", [(4103, 768), (32768, 512), (2050, 1024), (513, 4096), (7, 512)])
+def test_l2_prefetch_gpu(shape, tune, monkeypatch):
+    # TUNE["prefetch"] / ["fwd_prefetch"]: L2 prefetches before each kernel waits on the previous one (PDL); the
+    # values must not change, also where the forward just wrote the h the backward prefetches (with a residual)
+    from fat5.ops import rmsnorm as rn
+
+    if not rn.pdl(torch.device("cuda")):
+        pytest.skip("no programmatic dependent launch on this GPU: the prefetches are not compiled in")
+    monkeypatch.setattr(rn, "TUNE", dict(tune))
+    bwd, fwd = _launches(monkeypatch, rn, "_BWD"), _launches(monkeypatch, rn, "_FWD")
+    _check(shape, torch.bfloat16, False, device="cuda")
+    _check(shape, torch.bfloat16, True, device="cuda", r_dtype=torch.float32, out_dtype=torch.bfloat16)
+    _assert_backward_repeats(shape, torch.bfloat16, "cuda", seed=0, calls=5)
+    assert bwd and all(k["PREFETCH"] >= 1 and k["PDL"] for k in bwd)
+    assert fwd and all(k["PREFETCH"] == bool(tune.get("fwd_prefetch")) for k in fwd)
+
+
 @pytest.mark.parametrize("group", [1, 3, 16])
 @pytest.mark.parametrize("shape, dtype", [((45, 72), torch.float32), ((130, 300), torch.float16)])
 def test_backward_in_kernel_dweight_sum(group, shape, dtype, monkeypatch):

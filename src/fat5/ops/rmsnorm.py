@@ -110,12 +110,36 @@ def _load_w(W, cols, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.
 
 
 @triton.jit
+def _prefetch_l2(P, start, total, COUNT: tl.constexpr):
+    """Ask L2 for elements [start, start + COUNT) of P (clamped to the first ``total``), one request per 128-byte
+    line. Issued before ``gdc_wait``: the lines come from memory while the previous kernel finishes, and the
+    loads after the wait find them in L2. Safe on data that kernel writes: L2 is the GPU's point of coherence,
+    its writes update the lines there (nothing is prefetched into L1)."""
+    STEP: tl.constexpr = 1024 // P.dtype.element_ty.primitive_bitwidth  # elements per 128-byte line
+    LINES: tl.constexpr = (COUNT + STEP - 1) // STEP  # both powers of two
+    offs = tl.minimum(start + tl.arange(0, LINES).to(tl.int64) * STEP, total - 1)
+    tl.inline_asm_elementwise(
+        "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;",
+        "=r,l",
+        [P + offs],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
 def _rms_norm_fwd_kernel(
     X, R, Y, H, W, RSTD, M, N, eps,
     HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
 ):  # fmt: skip
     if PDL:  # launched as a programmatic dependent: wait for the previous kernel, let the next one get placed
+        if PREFETCH:  # the tile's inputs on their way to L2 while the previous kernel ends
+            start = tl.program_id(0).to(tl.int64) * BLOCK_M * N
+            _prefetch_l2(X, start, M.to(tl.int64) * N, BLOCK_M * BLOCK_N)
+            if HAS_RES:
+                _prefetch_l2(R, start, M.to(tl.int64) * N, BLOCK_M * BLOCK_N)
         gdc_wait()
         gdc_launch_dependents()
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -141,12 +165,21 @@ def _rms_norm_bwd_kernel(
     ROWS_PER_PROGRAM: tl.constexpr, HAS_DRES: tl.constexpr, HAS_DXL: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, STAGES: tl.constexpr = 3, PDL: tl.constexpr = False,
     TMA: tl.constexpr = False, FUSED: tl.constexpr = False, GROUP: tl.constexpr = 16,
-    MAX_GROUPS: tl.constexpr = 1, STRIDED: tl.constexpr = False,
+    MAX_GROUPS: tl.constexpr = 1, STRIDED: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
 ):  # fmt: skip
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
     if PDL:
+        if not TMA:  # the first PREFETCH tiles of h and dy on their way to L2 while the previous kernel ends
+            for t in tl.static_range(PREFETCH):
+                if STRIDED:
+                    start = ((t * nprog + pid) * BLOCK_M).to(tl.int64) * N
+                else:
+                    start = (pid * ROWS_PER_PROGRAM + t * BLOCK_M).to(tl.int64) * N
+                _prefetch_l2(H, start, M.to(tl.int64) * N, BLOCK_M * BLOCK_N)
+                _prefetch_l2(DY, start, M.to(tl.int64) * N, BLOCK_M * BLOCK_N)
         gdc_wait()
         gdc_launch_dependents()
-    pid = tl.program_id(0)
     cols = _cols(BLOCK_M, BLOCK_N, CHUNK)
     col_ok = cols < N
     w = _load_w(W, cols, N, BLOCK_M, BLOCK_N, CHUNK)
@@ -154,7 +187,6 @@ def _rms_norm_bwd_kernel(
         dw = tl.zeros([BLOCK_M, BLOCK_N // CHUNK, CHUNK], dtype=tl.float32)
     else:
         dw = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    nprog = tl.num_programs(0)
     # the compiler's software pipeline: STAGES tiles of loads in flight through shared memory (async copies)
     for i in tl.range(0, ROWS_PER_PROGRAM, BLOCK_M, num_stages=STAGES):
         # a program's tiles: a band of ROWS_PER_PROGRAM rows, or (STRIDED) every nprog-th tile, so that at any
@@ -252,7 +284,9 @@ def _sum_rows_kernel(P, OUT, R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 #   "reduce": (BLOCK_R, BLOCK_N) of the dweight sum; "fused_reduce": True, dweight summed inside the backward
 #   kernel (no second launch; "group": programs per first-level sum); "tma": True, backward tiles read by tensor
 #   descriptor; "no_reduce": True, dweight left unwritten (to time the backward kernel alone); "pdl": False;
-#   "strided": True / False, the backward's programs take every nprog-th tile / a contiguous band of rows
+#   "strided": True / False, the backward's programs take every nprog-th tile / a contiguous band of rows;
+#   "prefetch": k, the backward's programs ask L2 for their first k tiles before waiting on the previous kernel
+#   (with PDL); "fwd_prefetch": True, the forward's for its tile
 TUNE: dict = {}
 
 
@@ -331,7 +365,7 @@ def _rms_norm_fwd_impl(
         _FWD[(cdiv(m, block_m),)](
             x, residual if residual is not None else x, y, h if residual is not None else y, weight, rstd,
             m, n, eps, HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=chunk, num_warps=warps,
-            **_pdl(x.device),
+            PREFETCH=bool(TUNE.get("fwd_prefetch")), **_pdl(x.device),
         )  # fmt: skip
     return y, h, rstd
 
@@ -402,7 +436,7 @@ def _rms_norm_bwd_impl(
             ROWS_PER_PROGRAM=rows_per_program, HAS_DRES=dres is not None, HAS_DXL=low_dtype is not None,
             BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=chunk, STAGES=stages, num_warps=warps, TMA=tma,
             FUSED=fused, GROUP=group, MAX_GROUPS=max_groups, STRIDED=TUNE.get("strided", False),
-            **_pdl(h.device),
+            PREFETCH=min(TUNE.get("prefetch", 0), rows_per_program // block_m), **_pdl(h.device),
         )  # fmt: skip
     if fused or (m and TUNE.get("no_reduce")):  # no_reduce, sweeps only: the backward kernel alone
         return dx, dlow, dw
