@@ -216,13 +216,13 @@ kernels = {
     "fwd": (r._rms_norm_fwd_kernel,
             {"X": "*bf16", "R": "*bf16", "Y": "*bf16", "H": "*bf16", "W": "*bf16", "RSTD": "*fp32",
              "M": "i32", "N": "i32", "eps": "fp32"},
-            {"HAS_RES": False, "BLOCK_M": 4, "BLOCK_N": 512, "CHUNK": 512}),
+            {"HAS_RES": False, "BLOCK_M": 4, "BLOCK_N": 512, "CHUNK": 512, "PREFETCH": True}),
     "bwd": (r._rms_norm_bwd_kernel,
             {"DY": "*bf16", "DRES": "*bf16", "H": "*bf16", "W": "*bf16", "RSTD": "*fp32", "DX": "*bf16",
              "DXL": "*bf16", "DW_PARTIAL": "*fp32", "DW": "*bf16", "GROUP_PARTIAL": "*fp32", "COUNT": "*i32",
              "M": "i32", "N": "i32"},
             {"ROWS_PER_PROGRAM": 64, "HAS_DRES": False, "HAS_DXL": False, "BLOCK_M": 8, "BLOCK_N": 512,
-             "CHUNK": 512, "STAGES": 3}),
+             "CHUNK": 512, "STAGES": 3, "PREFETCH": 2}),
     "sum_rows": (r._sum_rows_kernel, {"P": "*fp32", "OUT": "*bf16", "R": "i32", "N": "i32"},
                  {"BLOCK_R": 256, "BLOCK_N": 16}),
 }
@@ -232,14 +232,16 @@ for name, (fn, sig, consts) in kernels.items():
         sig_ = {**sig, **{k: "constexpr" for k in consts_}}
         k = triton_compile(ASTSource(fn=fn, signature=sig_, constexprs=consts_), target=GPUTarget("cuda", arch, 32),
                            options={"launch_pdl": pdl})
-        print(name, arch, pdl, k.asm["ptx"].count("griddepcontrol"), k.metadata.launch_pdl)
+        ptx = k.asm["ptx"]
+        print(name, arch, pdl, ptx.count("griddepcontrol"), k.metadata.launch_pdl, ptx.count("prefetch.global.L2"))
 """
 
 
 def test_pdl_kernels_compile_for_hopper_only(tmp_path):
     """The programmatic-dependent-launch path: compiled offline (no GPU, outside the interpreter) for sm_90 it
     waits on the previous grid (griddepcontrol in the PTX, launch_pdl in the metadata); without PDL, and for an
-    sm_80 target, which has no such instruction, nothing of it is emitted. No CUDA device means no PDL."""
+    sm_80 target, which has no such instruction, nothing of it is emitted. No CUDA device means no PDL. The L2
+    prefetches asked for (TUNE["prefetch"], ["fwd_prefetch"]) come only with the wait they run ahead of."""
     import os
     import subprocess
     import sys
@@ -259,12 +261,15 @@ def test_pdl_kernels_compile_for_hopper_only(tmp_path):
     rows = [line.split() for line in res.stdout.splitlines()]
     assert len(rows) == 9
     assert {(r[1], r[2]) for r in rows} == {("90", "True"), ("90", "False"), ("80", "False")}
-    for name, _arch, with_pdl, n_gdc, meta_pdl in rows:
+    for name, _arch, with_pdl, n_gdc, meta_pdl, n_prefetch in rows:
         if with_pdl == "True":
             # fwd and bwd wait and release their dependents; the last kernel of the chain only waits
             assert int(n_gdc) == (1 if name == "sum_rows" else 2) and meta_pdl == "True", rows
+            # one request per thread and tile (a tile's 32 or 64 lines are fewer than the 128 threads): the
+            # forward's tile of x; the backward's first 2 tiles of h and of dy
+            assert int(n_prefetch) == {"fwd": 1, "bwd": 2 * 2, "sum_rows": 0}[name], rows
         else:
-            assert int(n_gdc) == 0 and meta_pdl == "False", rows
+            assert int(n_gdc) == 0 and meta_pdl == "False" and int(n_prefetch) == 0, rows
 
 
 @pytest.mark.parametrize("strided", [False, True])
