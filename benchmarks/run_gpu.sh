@@ -49,7 +49,8 @@ elif [ "${1:-}" = verify ]; then
   python3 benchmarks/rmsnorm_sweep.py --kinds parts --widths 512,1024 --out "$out" --tag _verify
   python3 benchmarks/bench_kernels.py --ops rms_norm --out "$out"
 elif [ "${1:-}" = prefetch ]; then
-  # L2 prefetches issued before the RMSNorm kernels wait on the previous kernel (TUNE["prefetch"] / ["fwd_prefetch"]):
+  # L2 prefetches issued before the RMSNorm backward waits on the previous kernel (TUNE["prefetch"]), and the dweight
+  # sum releasing the next kernel early (TUNE["reduce_release"]):
   # their GPU tests, then the RMSNorm report with the prefetch rows beside the shipped kernels
   FAT5_ATTN_AUTOTUNE=0 python3 -m pytest -q -m gpu tests/ops/test_rmsnorm_triton.py -k "prefetch" -rf \
     --tb=short 2>&1 | tee "$out/gpu_tests_prefetch.log" | tail -3

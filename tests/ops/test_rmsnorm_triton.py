@@ -216,7 +216,7 @@ kernels = {
     "fwd": (r._rms_norm_fwd_kernel,
             {"X": "*bf16", "R": "*bf16", "Y": "*bf16", "H": "*bf16", "W": "*bf16", "RSTD": "*fp32",
              "M": "i32", "N": "i32", "eps": "fp32"},
-            {"HAS_RES": False, "BLOCK_M": 4, "BLOCK_N": 512, "CHUNK": 512, "PREFETCH": True}),
+            {"HAS_RES": False, "BLOCK_M": 4, "BLOCK_N": 512, "CHUNK": 512}),
     "bwd": (r._rms_norm_bwd_kernel,
             {"DY": "*bf16", "DRES": "*bf16", "H": "*bf16", "W": "*bf16", "RSTD": "*fp32", "DX": "*bf16",
              "DXL": "*bf16", "DW_PARTIAL": "*fp32", "DW": "*bf16", "GROUP_PARTIAL": "*fp32", "COUNT": "*i32",
@@ -241,7 +241,7 @@ def test_pdl_kernels_compile_for_hopper_only(tmp_path):
     """The programmatic-dependent-launch path: compiled offline (no GPU, outside the interpreter) for sm_90 it
     waits on the previous grid (griddepcontrol in the PTX, launch_pdl in the metadata); without PDL, and for an
     sm_80 target, which has no such instruction, nothing of it is emitted. No CUDA device means no PDL. The L2
-    prefetches asked for (TUNE["prefetch"], ["fwd_prefetch"]) come only with the wait they run ahead of."""
+    prefetches asked for (TUNE["prefetch"]) come only with the wait they run ahead of."""
     import os
     import subprocess
     import sys
@@ -265,9 +265,9 @@ def test_pdl_kernels_compile_for_hopper_only(tmp_path):
         if with_pdl == "True":
             # fwd and bwd wait and release their dependents; the last kernel of the chain only waits
             assert int(n_gdc) == (1 if name == "sum_rows" else 2) and meta_pdl == "True", rows
-            # one request per thread and tile (a tile's 32 or 64 lines are fewer than the 128 threads): the
-            # forward's tile of x; the backward's first 2 tiles of h and of dy
-            assert int(n_prefetch) == {"fwd": 1, "bwd": 2 * 2, "sum_rows": 0}[name], rows
+            # the backward's first 2 tiles of h and of dy, one request per thread and tile (a tile's 64 lines are
+            # fewer than the 128 threads)
+            assert int(n_prefetch) == {"fwd": 0, "bwd": 2 * 2, "sum_rows": 0}[name], rows
         else:
             assert int(n_gdc) == 0 and meta_pdl == "False" and int(n_prefetch) == 0, rows
 
@@ -398,22 +398,24 @@ def test_backward_strided_tiles_gpu(shape, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tune", [{"prefetch": 3, "fwd_prefetch": True}, {"prefetch": 2, "strided": True}])
+@pytest.mark.parametrize(
+    "tune", [{"prefetch": 2}, {"prefetch": 3, "reduce_release": True}, {"prefetch": 2, "strided": True}]
+)
 @pytest.mark.parametrize("shape", [(4103, 768), (32768, 512), (2050, 1024), (513, 4096), (7, 512)])
 def test_l2_prefetch_gpu(shape, tune, monkeypatch):
-    # TUNE["prefetch"] / ["fwd_prefetch"]: L2 prefetches before each kernel waits on the previous one (PDL); the
-    # values must not change, also where the forward just wrote the h the backward prefetches (with a residual)
+    # TUNE["prefetch"]: L2 prefetches before the backward waits on the previous kernel (PDL); the values must not
+    # change, also where the forward just wrote the h the backward prefetches (with a residual)
     from fat5.ops import rmsnorm as rn
 
     if not rn.pdl(torch.device("cuda")):
         pytest.skip("no programmatic dependent launch on this GPU: the prefetches are not compiled in")
     monkeypatch.setattr(rn, "TUNE", dict(tune))
-    bwd, fwd = _launches(monkeypatch, rn, "_BWD"), _launches(monkeypatch, rn, "_FWD")
+    bwd, sums = _launches(monkeypatch, rn, "_BWD"), _launches(monkeypatch, rn, "_SUM_ROWS")
     _check(shape, torch.bfloat16, False, device="cuda")
     _check(shape, torch.bfloat16, True, device="cuda", r_dtype=torch.float32, out_dtype=torch.bfloat16)
     _assert_backward_repeats(shape, torch.bfloat16, "cuda", seed=0, calls=5)
     assert bwd and all(k["PREFETCH"] >= 1 and k["PDL"] for k in bwd)
-    assert fwd and all(k["PREFETCH"] == bool(tune.get("fwd_prefetch")) for k in fwd)
+    assert sums and all(k["RELEASE"] == bool(tune.get("reduce_release")) for k in sums)
 
 
 @pytest.mark.parametrize("group", [1, 3, 16])

@@ -132,14 +132,9 @@ def _prefetch_l2(P, start, total, COUNT: tl.constexpr):
 def _rms_norm_fwd_kernel(
     X, R, Y, H, W, RSTD, M, N, eps,
     HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-    PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):  # fmt: skip
     if PDL:  # launched as a programmatic dependent: wait for the previous kernel, let the next one get placed
-        if PREFETCH:  # the tile's inputs on their way to L2 while the previous kernel ends
-            start = tl.program_id(0).to(tl.int64) * BLOCK_M * N
-            _prefetch_l2(X, start, M.to(tl.int64) * N, BLOCK_M * BLOCK_N)
-            if HAS_RES:
-                _prefetch_l2(R, start, M.to(tl.int64) * N, BLOCK_M * BLOCK_N)
         gdc_wait()
         gdc_launch_dependents()
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -265,10 +260,15 @@ def _dw_tail(
 
 
 @triton.jit
-def _sum_rows_kernel(P, OUT, R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
+def _sum_rows_kernel(
+    P, OUT, R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False,
+    RELEASE: tl.constexpr = False,
+):  # fmt: skip
     """OUT[n] = sum over the R rows of P[:, n] in a fixed order, cast to OUT's dtype (one launch)."""
     if PDL:
         gdc_wait()
+        if RELEASE:
+            gdc_launch_dependents()
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
@@ -286,7 +286,7 @@ def _sum_rows_kernel(P, OUT, R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
 #   descriptor; "no_reduce": True, dweight left unwritten (to time the backward kernel alone); "pdl": False;
 #   "strided": True / False, the backward's programs take every nprog-th tile / a contiguous band of rows;
 #   "prefetch": k, the backward's programs ask L2 for their first k tiles before waiting on the previous kernel
-#   (with PDL); "fwd_prefetch": True, the forward's for its tile
+#   (with PDL); "reduce_release": True, the dweight sum lets the next kernel launch (PDL) as soon as it starts
 TUNE: dict = {}
 
 
@@ -365,7 +365,7 @@ def _rms_norm_fwd_impl(
         _FWD[(cdiv(m, block_m),)](
             x, residual if residual is not None else x, y, h if residual is not None else y, weight, rstd,
             m, n, eps, HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=chunk, num_warps=warps,
-            PREFETCH=bool(TUNE.get("fwd_prefetch")), **_pdl(x.device),
+            **_pdl(x.device),
         )  # fmt: skip
     return y, h, rstd
 
@@ -443,8 +443,9 @@ def _rms_norm_bwd_impl(
     if m:
         block_r, block_c = TUNE.get("reduce", _reduce_tile(programs))
         _SUM_ROWS[(cdiv(n, block_c),)](
-            partial, dw, programs, n, BLOCK_R=block_r, BLOCK_N=block_c, num_warps=4, **_pdl(h.device)
-        )
+            partial, dw, programs, n, BLOCK_R=block_r, BLOCK_N=block_c, num_warps=4,
+            RELEASE=bool(TUNE.get("reduce_release")), **_pdl(h.device),
+        )  # fmt: skip
     else:
         dw.zero_()
     return dx, dlow, dw
