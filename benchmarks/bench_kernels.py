@@ -102,11 +102,10 @@ RMS_OPTIONS = {
     "triton chunk 256 + in-kernel dw": {"chunk": 256, "fwd_chunk": 256, "fused_reduce": True},
     "triton strided": {"strided": True},
     "triton strided + in-kernel dw": {"strided": True, "fused_reduce": True},
+    "triton no L2 prefetch": {"prefetch": 0},
     "triton L2 prefetch 1": {"prefetch": 1},
-    "triton L2 prefetch 2": {"prefetch": 2},
+    "triton L2 prefetch 3": {"prefetch": 3},
     "triton reduce release": {"reduce_release": True},
-    "triton L2 prefetch 2 + reduce release": {"prefetch": 2, "reduce_release": True},
-    "triton L2 prefetch 2 + in-kernel dw": {"prefetch": 2, "fused_reduce": True},
 }
 
 

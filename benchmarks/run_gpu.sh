@@ -49,12 +49,12 @@ elif [ "${1:-}" = verify ]; then
   python3 benchmarks/rmsnorm_sweep.py --kinds parts --widths 512,1024 --out "$out" --tag _verify
   python3 benchmarks/bench_kernels.py --ops rms_norm --out "$out"
 elif [ "${1:-}" = prefetch ]; then
-  # L2 prefetches issued before the RMSNorm backward waits on the previous kernel (TUNE["prefetch"]), and the dweight
-  # sum releasing the next kernel early (TUNE["reduce_release"]):
-  # their GPU tests, then the RMSNorm report with the prefetch rows beside the shipped kernels
-  FAT5_ATTN_AUTOTUNE=0 python3 -m pytest -q -m gpu tests/ops/test_rmsnorm_triton.py -k "prefetch" -rf \
-    --tb=short 2>&1 | tee "$out/gpu_tests_prefetch.log" | tail -3
+  # the RMSNorm backward's L2 prefetch before its PDL wait (TUNE["prefetch"], default 2 tiles) against none, 1 and 3,
+  # and the dweight sum releasing the next kernel early (TUNE["reduce_release"]): the RMSNorm report with those rows,
+  # then the RMSNorm GPU tests (the default changed: all of them)
   python3 benchmarks/bench_kernels.py --ops rms_norm --out "$out" 2>&1 | tail -48
+  FAT5_ATTN_AUTOTUNE=0 python3 -m pytest -q -m gpu tests/ops/test_rmsnorm_triton.py -rf --tb=short 2>&1 |
+    tee "$out/gpu_tests_prefetch.log" | tail -3
 elif [ "${1:-}" = strided ]; then
   # the RMSNorm backward's programs on every nprog-th tile (TUNE["strided"]) against their bands of rows: its GPU
   # tests, each kernel and the autograd step in both layouts, a tile sweep of both layouts, then the targets'

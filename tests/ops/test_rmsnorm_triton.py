@@ -398,13 +398,11 @@ def test_backward_strided_tiles_gpu(shape, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    "tune", [{"prefetch": 2}, {"prefetch": 3, "reduce_release": True}, {"prefetch": 2, "strided": True}]
-)
+@pytest.mark.parametrize("tune", [{}, {"prefetch": 3, "reduce_release": True}, {"strided": True}])
 @pytest.mark.parametrize("shape", [(4103, 768), (32768, 512), (2050, 1024), (513, 4096), (7, 512)])
 def test_l2_prefetch_gpu(shape, tune, monkeypatch):
-    # TUNE["prefetch"]: L2 prefetches before the backward waits on the previous kernel (PDL); the values must not
-    # change, also where the forward just wrote the h the backward prefetches (with a residual)
+    # TUNE["prefetch"] (default 2 tiles): L2 prefetches before the backward waits on the previous kernel (PDL);
+    # the values must not change, also where the forward just wrote the h the backward prefetches (with a residual)
     from fat5.ops import rmsnorm as rn
 
     if not rn.pdl(torch.device("cuda")):
