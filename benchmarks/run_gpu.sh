@@ -41,13 +41,14 @@ elif [ "${1:-}" = attention ]; then
     --rounds "${ROUNDS:-1}" --tag=_full 2>&1 |
     tee "$out/attention_full.log" | tail -30
 elif [ "${1:-}" = verify ]; then
-  # what the open targets still need from an H200, in one call (about 6 minutes): the attention's head-dim-64 rows
-  # at every length against SDPA, RMSNorm's parts (the autograd step, the direct pair, the pair with the forward's
-  # output kept alive), then the RMSNorm targets' report against torch eager and torch.compile
+  # what the open targets still need from an H200, in one call (about 6 minutes): the RMSNorm targets' report
+  # against torch eager and torch.compile (with the prefetch, strided and reduce-release rows), RMSNorm's parts (the
+  # autograd step, the direct pair, the pair with the forward's output kept alive), then the attention's
+  # head-dim-64 rows at every length against SDPA
+  python3 benchmarks/bench_kernels.py --ops rms_norm --out "$out"
+  python3 benchmarks/rmsnorm_sweep.py --kinds parts --widths 512,1024 --out "$out" --tag _verify
   python3 benchmarks/bench_attention.py --lengths 1024,2048,4096,8192,16384 --d128-lengths "" --flex-lengths "" \
     --no-packed --methods sdpa,ours --out "$out" --tag=_verify 2>&1 | tail -14
-  python3 benchmarks/rmsnorm_sweep.py --kinds parts --widths 512,1024 --out "$out" --tag _verify
-  python3 benchmarks/bench_kernels.py --ops rms_norm --out "$out"
 elif [ "${1:-}" = prefetch ]; then
   # the RMSNorm backward's L2 prefetch before its PDL wait (TUNE["prefetch"], default 2 tiles) against none, 1 and 3,
   # and the dweight sum releasing the next kernel early (TUNE["reduce_release"]): the RMSNorm report with those rows,
