@@ -286,7 +286,9 @@ def _sum_rows_kernel(
 #   descriptor; "no_reduce": True, dweight left unwritten (to time the backward kernel alone); "pdl": False;
 #   "strided": True / False, the backward's programs take every nprog-th tile / a contiguous band of rows;
 #   "prefetch": k, the backward's programs ask L2 for their first k tiles before waiting on the previous kernel
-#   (with PDL; default 2: 0.3-1.0% off the fwd+bwd step at every width on an H100, 0 turns it off); "reduce_release": True, the dweight sum lets the next kernel launch (PDL) as soon as it starts
+#   (with PDL; default 2: 2.6% / 1.1% / 0.5% / 0 off the fwd+bwd step at d 512 / 768 / 1024 / 4096 on an H100,
+#   benchmarks/results/2026-12-06-rmsnorm-layout.md; 0 turns it off); "reduce_release": True, the dweight sum
+#   lets the next kernel be placed (PDL) as soon as it starts
 TUNE: dict = {}
 
 
