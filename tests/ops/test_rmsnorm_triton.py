@@ -149,6 +149,21 @@ def test_backward_fills_no_zero_gradients(with_residual):
     assert not fills, fills
 
 
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rows_of_no_elements(with_residual):
+    # d = 0: empty outputs of the reference's shapes and dtypes, and empty gradients (no kernel is launched)
+    x = torch.randn(3, 0, device=DEVICE, requires_grad=True)
+    w = torch.ones(0, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    r = torch.randn(3, 0, device=DEVICE, dtype=torch.float64, requires_grad=True) if with_residual else None
+    out = rms_norm_triton(x, w, 1e-6, r, torch.float16)
+    ref = rms_norm_ref(x, w, 1e-6, r, torch.float16)
+    outs, refs = (out, ref) if with_residual else ((out,), (ref,))
+    for o, e in zip(outs, refs, strict=True):
+        assert o.shape == e.shape == (3, 0) and o.dtype == e.dtype
+    grads = torch.autograd.grad(outs[0].sum(), [t for t in (x, w, r) if t is not None], allow_unused=True)
+    assert all(g is None or g.numel() == 0 for g in grads)
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="weight size"):
         rms_norm_triton(torch.randn(2, 8, device=DEVICE), torch.ones(7, device=DEVICE))

@@ -517,6 +517,9 @@ def rms_norm_triton(
         dtype = torch.promote_types(x.dtype, residual.dtype)
         if x.dtype != dtype and residual.dtype != dtype:
             x, residual = x.to(dtype), residual.to(dtype)
+    if n == 0:  # rows of no elements: nothing to normalise; the reference's empty results (and gradients)
+        return rms_norm_ref(x, weight, eps, residual, out_dtype)
+    if residual is not None:
         residual = residual.reshape(-1, n).contiguous()
     x2 = x.reshape(-1, n).contiguous()  # (M, N) view; copies only if rows are not contiguous
     y, h, _ = _rms_norm(x2, weight.contiguous(), residual, eps, out_dtype)
