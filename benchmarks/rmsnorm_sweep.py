@@ -52,7 +52,7 @@ def main():
     ap.add_argument(
         "--kinds",
         default="fwd,bwd",
-        help="which kernels to sweep (fwd, bwd, reduce; default: the shipped tiles; parts: each kernel of a fwd+bwd alone, and torch copy / add of the same bytes)",
+        help="which kernels to sweep (fwd, bwd, reduce; step: the autograd step per backward tile; default: the shipped tiles; parts: each kernel of a fwd+bwd alone, and torch copy / add of the same bytes)",
     )
     ap.add_argument("--stages", default="3", help="backward loop pipelining depths to sweep")
     ap.add_argument(
@@ -79,6 +79,9 @@ def main():
         default="band",
         help="backward row layouts to sweep (band: a contiguous band of rows per program; strided: every "
         "nprog-th tile); with --kinds parts, each layout's backward, fwd+bwd and autograd step",
+    )
+    ap.add_argument(
+        "--prefetch", default="2", help="backward tiles asked of L2 before the PDL wait (--kinds step)"
     )
     ap.add_argument("--tag", default="", help="suffix of the report's file name")
     ap.add_argument("--tma", action="store_true", help="backward tiles loaded by tensor descriptors")
@@ -237,6 +240,30 @@ def main():
             for nw in map(int, args.warps.split(","))
             if bm * bn <= 16384 and nw * 32 <= bm * bn and nw * 32 * 8 <= bm * bn * 4
         ]
+        # the backward's tiles timed where the targets time them: the whole autograd step (forward, backward,
+        # dweight sum), for each tile and each count of tiles asked of L2 before the PDL wait (--prefetch)
+        xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
+        step_sweep = [(cfg, pf) for cfg in sweep for pf in map(int, args.prefetch.split(","))]
+        for (st, per_sm, bm, nw, ch, lay), pf in (
+            step_sweep if "step" in args.kinds and not args.mixed else ()
+        ):
+            reset()
+            rn.TUNE.update(strided=lay == "strided", bwd=(bm, nw, per_sm), stages=st, prefetch=pf)
+            if ch:
+                rn.TUNE["chunk"] = ch
+            us = graph_us(
+                lambda xg=xg, wg=wg, dy=dy: torch.autograd.grad(
+                    rn.rms_norm_triton(xg, wg, 1e-6), [xg, wg], dy
+                )
+            )
+            r = dict(
+                d=d, kind="step", layout=lay, stages=st, per_sm=per_sm, block_m=bm, warps=nw, chunk=ch, prefetch=pf,
+                us=round(us, 2), pct=round(100 * (ideal_fwd + ideal_bwd) / us),
+            )  # fmt: skip
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+            if us < best.get("step", (1e9,))[0]:
+                best["step"] = (us, bm, nw, per_sm, st, ch, lay, pf)
         for st, per_sm, bm, nw, ch, lay in sweep if "bwd" in args.kinds else ():
             reset()
             rn.TUNE["strided"] = lay == "strided"

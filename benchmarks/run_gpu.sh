@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call (device time is scarce): bf16 kernel tests, then the benchmarks,
 # results under ${OUT:-benchmarks/results}. Usage from the repository root on a CUDA machine:
-#   bash benchmarks/run_gpu.sh [quick | step | kernels | rmsnorm | docpass | skews | fold | attention | probes | verify | strided | prefetch]
+#   bash benchmarks/run_gpu.sh [quick | step | kernels | rmsnorm | docpass | skews | fold | attention | probes | verify | strided | prefetch | stepsweep]
 # On a copied checkout whose git metadata may be stale, set FAT5_COMMIT to the commit the reports should name.
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -49,6 +49,12 @@ elif [ "${1:-}" = verify ]; then
   python3 benchmarks/rmsnorm_sweep.py --kinds parts --widths 512,1024 --out "$out" --tag _verify
   python3 benchmarks/bench_attention.py --lengths 1024,2048,4096,8192,16384 --d128-lengths "" --flex-lengths "" \
     --no-packed --methods sdpa,ours --out "$out" --tag=_verify 2>&1 | tail -14
+elif [ "${1:-}" = stepsweep ]; then
+  # the RMSNorm report (the shipped tiles against torch eager and torch.compile, with the option rows), then the
+  # backward's tiles timed inside the autograd step (forward, backward, dweight sum) at d 512 and 1024
+  python3 benchmarks/bench_kernels.py --ops rms_norm --out "$out" 2>&1 | tail -48
+  python3 benchmarks/rmsnorm_sweep.py --kinds step --widths 512,1024 --stages 2,3,4 --per-sm 2,4 \
+    --block-m 4,8,16 --warps 4,8 --prefetch 2 --out "$out" --tag _step 2>&1 | grep -v '"kind": "step"'
 elif [ "${1:-}" = prefetch ]; then
   # the RMSNorm backward's L2 prefetch before its PDL wait (TUNE["prefetch"], default 2 tiles) against none, 1 and 3,
   # and the dweight sum releasing the next kernel early (TUNE["reduce_release"]): the RMSNorm report with those rows,
