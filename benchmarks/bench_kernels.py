@@ -106,6 +106,8 @@ RMS_OPTIONS = {
     "triton L2 prefetch 1": {"prefetch": 1},
     "triton L2 prefetch 3": {"prefetch": 3},
     "triton reduce release": {"reduce_release": True},
+    "triton stream hints": {"stream": True},
+    "triton stream hints + reduce release": {"stream": True, "reduce_release": True},
 }
 
 

@@ -401,6 +401,33 @@ def test_backward_strided_tiles(shape, dtype, with_residual, monkeypatch):
     torch.testing.assert_close(dw_s.double(), dw_b.double(), rtol=1e-2, atol=1e-2 * shape[0] ** 0.5)
 
 
+@pytest.mark.parametrize("shape, dtype", [((37, 300), torch.float16), ((130, 72), torch.float32)])
+def test_stream_hints_change_no_value(shape, dtype, monkeypatch):
+    # TUNE["stream"]: cache hints on the streamed loads and stores of both kernels (evict-first, cache-streaming);
+    # they reach the launches, and every output is bitwise that of the launch without them
+    from fat5.ops import rmsnorm as rn
+
+    gen = torch.Generator().manual_seed(3)
+    x, r, dy = (torch.randn(shape, generator=gen).to(DEVICE, dtype) for _ in range(3))
+    w = torch.randn(shape[-1], generator=gen).to(DEVICE, dtype)
+    outs = {}
+    for stream in (False, True):
+        monkeypatch.setattr(rn, "TUNE", {"stream": stream})
+        fwd, bwd = _launches(monkeypatch, rn, "_FWD"), _launches(monkeypatch, rn, "_BWD")
+        y, h, rstd = rn._rms_norm_fwd_impl(x, w, r, 1e-6, None)
+        dx, _, dw = rn._rms_norm_bwd_impl(dy, None, h, w, rstd, None)
+        outs[stream] = (y, h, rstd, dx, dw)
+        hints = {"EVICT": "evict_first", "STORE_CACHE": ".cs"} if stream else {}
+        for k in fwd + bwd:
+            assert {n: k[n] for n in ("EVICT", "STORE_CACHE") if n in k} == hints, k
+        assert fwd and bwd
+    for a, b in zip(outs[False], outs[True], strict=True):
+        assert torch.equal(a, b)
+    ref_y, ref_h = rms_norm_ref(x.double(), w.double(), 1e-6, r.double())
+    torch.testing.assert_close(outs[True][1].double(), ref_h, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(outs[True][0].double(), ref_y, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(4103, 768), (32768, 512), (2050, 1024), (513, 4096)])
 def test_backward_strided_tiles_gpu(shape, monkeypatch):
@@ -413,7 +440,9 @@ def test_backward_strided_tiles_gpu(shape, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tune", [{}, {"prefetch": 3, "reduce_release": True}, {"strided": True}])
+@pytest.mark.parametrize(
+    "tune", [{}, {"prefetch": 3, "reduce_release": True}, {"strided": True}, {"stream": True}]
+)
 @pytest.mark.parametrize("shape", [(4103, 768), (32768, 512), (2050, 1024), (513, 4096), (7, 512)])
 def test_l2_prefetch_gpu(shape, tune, monkeypatch):
     # TUNE["prefetch"] (default 2 tiles): L2 prefetches before the backward waits on the previous kernel (PDL);

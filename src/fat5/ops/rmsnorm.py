@@ -132,7 +132,7 @@ def _prefetch_l2(P, start, total, COUNT: tl.constexpr):
 def _rms_norm_fwd_kernel(
     X, R, Y, H, W, RSTD, M, N, eps,
     HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, EVICT: tl.constexpr = "", STORE_CACHE: tl.constexpr = "",
 ):  # fmt: skip
     if PDL:  # launched as a programmatic dependent: wait for the previous kernel, let the next one get placed
         gdc_wait()
@@ -142,7 +142,7 @@ def _rms_norm_fwd_kernel(
     row_ok = rows < M
     mask = _rowwise(row_ok, BLOCK_N, CHUNK) & (cols < N)
     offs = _rowwise(rows.to(tl.int64), BLOCK_N, CHUNK) * N + cols
-    x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(X + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
     if HAS_RES:
         # round the sum to the storage dtype first: the returned residual and the normed value see the same h
         h = (x + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)).to(H.dtype.element_ty)
@@ -150,7 +150,7 @@ def _rms_norm_fwd_kernel(
         x = h.to(tl.float32)
     rstd = tl.rsqrt(_row_sum(x * x, BLOCK_N, CHUNK) / N + eps)
     y = x * _rowwise(rstd, BLOCK_N, CHUNK) * _load_w(W, cols, N, BLOCK_M, BLOCK_N, CHUNK)
-    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask, cache_modifier=STORE_CACHE)
     tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
@@ -161,6 +161,7 @@ def _rms_norm_bwd_kernel(
     BLOCK_N: tl.constexpr, CHUNK: tl.constexpr, STAGES: tl.constexpr = 3, PDL: tl.constexpr = False,
     TMA: tl.constexpr = False, FUSED: tl.constexpr = False, GROUP: tl.constexpr = 16,
     MAX_GROUPS: tl.constexpr = 1, STRIDED: tl.constexpr = False, PREFETCH: tl.constexpr = 0,
+    EVICT: tl.constexpr = "", STORE_CACHE: tl.constexpr = "",
 ):  # fmt: skip
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -200,8 +201,8 @@ def _rms_norm_bwd_kernel(
             h = H.load([first, 0]).to(tl.float32)
             dy = DY.load([first, 0]).to(tl.float32)
         else:
-            h = tl.load(H + offs, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+            h = tl.load(H + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
+            dy = tl.load(DY + offs, mask=mask, other=0.0, eviction_policy=EVICT).to(tl.float32)
         rstd = _rowwise(tl.load(RSTD + rows, mask=row_ok, other=0.0), BLOCK_N, CHUNK)
         xhat = h * rstd
         wdy = dy * w
@@ -209,7 +210,7 @@ def _rms_norm_bwd_kernel(
         dx = (wdy - xhat * _rowwise(c, BLOCK_N, CHUNK)) * rstd
         if HAS_DRES:
             dx += tl.load(DRES + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask, cache_modifier=STORE_CACHE)
         if HAS_DXL:  # the same gradient in the lower dtype of a mixed-dtype add (x or residual)
             tl.store(DXL + offs, dx.to(DXL.dtype.element_ty), mask=mask)
         dw += dy * xhat
@@ -288,7 +289,8 @@ def _sum_rows_kernel(
 #   "prefetch": k, the backward's programs ask L2 for their first k tiles before waiting on the previous kernel
 #   (with PDL; default 2: 2.6% / 1.1% / 0.5% / 0 off the fwd+bwd step at d 512 / 768 / 1024 / 4096 on an H100,
 #   benchmarks/results/2026-12-06-rmsnorm-layout.md; 0 turns it off); "reduce_release": True, the dweight sum
-#   lets the next kernel be placed (PDL) as soon as it starts
+#   lets the next kernel be placed (PDL) as soon as it starts; "stream": True, the streamed tensors' loads marked
+#   evict-first and their stores cache-streaming (both kernels)
 TUNE: dict = {}
 
 
@@ -299,6 +301,11 @@ def _pdl(device: torch.device) -> dict:
     """Launch options of a programmatic dependent launch where the GPU has it (``launch.pdl``): the kernel's
     start overlaps the previous kernel's last programs. Off as well with ``TUNE["pdl"] = False`` (sweeps)."""
     return {"PDL": True, "launch_pdl": True} if pdl(device) and TUNE.get("pdl", True) else {}
+
+
+def _stream() -> dict:
+    """Cache hints of the streamed tensors (read or written once): opt-in, ``TUNE["stream"]``."""
+    return {"EVICT": "evict_first", "STORE_CACHE": ".cs"} if TUNE.get("stream") else {}
 
 
 def _tile(n: int) -> tuple[int, int, int]:
@@ -367,7 +374,7 @@ def _rms_norm_fwd_impl(
         _FWD[(cdiv(m, block_m),)](
             x, residual if residual is not None else x, y, h if residual is not None else y, weight, rstd,
             m, n, eps, HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=chunk, num_warps=warps,
-            **_pdl(x.device),
+            **_pdl(x.device), **_stream(),
         )  # fmt: skip
     return y, h, rstd
 
@@ -438,7 +445,7 @@ def _rms_norm_bwd_impl(
             ROWS_PER_PROGRAM=rows_per_program, HAS_DRES=dres is not None, HAS_DXL=low_dtype is not None,
             BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=chunk, STAGES=stages, num_warps=warps, TMA=tma,
             FUSED=fused, GROUP=group, MAX_GROUPS=max_groups, STRIDED=TUNE.get("strided", False),
-            PREFETCH=min(TUNE.get("prefetch", 2), rows_per_program // block_m), **_pdl(h.device),
+            PREFETCH=min(TUNE.get("prefetch", 2), rows_per_program // block_m), **_pdl(h.device), **_stream(),
         )  # fmt: skip
     if fused or (m and TUNE.get("no_reduce")):  # no_reduce, sweeps only: the backward kernel alone
         return dx, dlow, dw
