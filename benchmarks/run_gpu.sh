@@ -54,7 +54,10 @@ elif [ "${1:-}" = stepsweep ]; then
   # backward's tiles timed inside the autograd step (forward, backward, dweight sum) at d 512 and 1024
   python3 benchmarks/bench_kernels.py --ops rms_norm --out "$out" 2>&1 | tail -48
   python3 benchmarks/rmsnorm_sweep.py --kinds step --widths 512,1024 --stages 2,3,4 --per-sm 2,4 \
-    --block-m 4,8,16 --warps 4,8 --prefetch 2 --out "$out" --tag _step 2>&1 | grep -v '"kind": "step"'
+    --block-m 4,8,16 --warps 4 --prefetch 2 --out "$out" --tag _step 2>&1 | grep -v '"kind": "step"'
+  # the same with the tiles read by tensor descriptors (TUNE["tma"]; no L2 prefetch on that path)
+  python3 benchmarks/rmsnorm_sweep.py --kinds step --tma --widths 512,1024 --stages 3,4 --per-sm 2 \
+    --block-m 4,8 --warps 4 --prefetch 2 --out "$out" --tag _step_tma 2>&1 | grep -v '"kind": "step"'
 elif [ "${1:-}" = prefetch ]; then
   # the RMSNorm backward's L2 prefetch before its PDL wait (TUNE["prefetch"], default 2 tiles) against none, 1 and 3,
   # and the dweight sum releasing the next kernel early (TUNE["reduce_release"]): the RMSNorm report with those rows,
