@@ -108,6 +108,7 @@ RMS_OPTIONS = {
     "triton reduce release": {"reduce_release": True},
     "triton stream hints": {"stream": True},
     "triton stream hints + reduce release": {"stream": True, "reduce_release": True},
+    "triton 3/SM (168 registers)": {"maxnreg": 168, "per_sm": 3, "even_bands": True},
 }
 
 

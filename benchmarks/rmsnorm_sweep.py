@@ -22,7 +22,7 @@ from fat5.ops import rmsnorm as rn
 TOKENS = 32768
 
 
-BASE: dict = {}  # TUNE entries every measurement keeps (--tma)
+BASE: dict = {}  # TUNE entries every measurement keeps (--tma, --base)
 
 
 def reset():
@@ -85,7 +85,13 @@ def main():
     )
     ap.add_argument("--tag", default="", help="suffix of the report's file name")
     ap.add_argument("--tma", action="store_true", help="backward tiles loaded by tensor descriptors")
+    ap.add_argument(
+        "--base",
+        default="{}",
+        help='TUNE entries every measurement keeps, as JSON (e.g. \'{"even_bands": true, "maxnreg": 168}\')',
+    )
     args = ap.parse_args()
+    BASE.update(json.loads(args.base))
     if args.tma:
         BASE["tma"] = True
     x0 = torch.randn(2**28, device="cuda", dtype=torch.bfloat16)

@@ -51,13 +51,18 @@ elif [ "${1:-}" = verify ]; then
     --no-packed --methods sdpa,ours --out "$out" --tag=_verify 2>&1 | tail -14
 elif [ "${1:-}" = stepsweep ]; then
   # the RMSNorm report (the shipped tiles against torch eager and torch.compile, with the option rows), then the
-  # backward's tiles timed inside the autograd step (forward, backward, dweight sum) at d 512 and 1024
-  python3 benchmarks/bench_kernels.py --ops rms_norm --out "$out" 2>&1 | tail -48
-  python3 benchmarks/rmsnorm_sweep.py --kinds step --widths 512,1024 --stages 2,3,4 --per-sm 2,4 \
-    --block-m 4,8,16 --warps 4 --prefetch 2 --out "$out" --tag _step 2>&1 | grep -v '"kind": "step"'
-  # the same with the tiles read by tensor descriptors (TUNE["tma"]; no L2 prefetch on that path)
-  python3 benchmarks/rmsnorm_sweep.py --kinds step --tma --widths 512,1024 --stages 3,4 --per-sm 2 \
-    --block-m 4,8 --warps 4 --prefetch 2 --out "$out" --tag _step_tma 2>&1 | grep -v '"kind": "step"'
+  # backward's tiles timed inside the autograd step (forward, backward, dweight sum) at d 512 and 1024: three
+  # programs per SM (the backward capped at 168 registers, bands of whole tiles rather than powers of two), two
+  # and four, and tiles read by tensor descriptors (TUNE["tma"]; no L2 prefetch on that path); every row in
+  # stepsweep.log as it is timed
+  python3 benchmarks/bench_kernels.py --ops rms_norm --out "$out" 2>&1 | tail -60
+  sweep() { python3 benchmarks/rmsnorm_sweep.py --kinds step --widths 512,1024 --warps 4 --prefetch 2 \
+    --out "$out" "$@" 2>&1 | tee -a "$out/stepsweep.log" | grep -v '"kind": "step"'; }
+  sweep --base '{"even_bands": true, "maxnreg": 168}' --stages 2,3,4 --per-sm 3 --block-m 4,8 --tag _step_3sm
+  FAT5_ATTN_AUTOTUNE=0 python3 -m pytest -q -m gpu tests/ops/test_rmsnorm_triton.py \
+    -k "three_programs or l2_prefetch" -rf --tb=short 2>&1 | tee "$out/gpu_tests_stepsweep.log" | tail -3
+  sweep --stages 2,3,4 --per-sm 2,4 --block-m 4,8,16 --tag _step
+  sweep --tma --stages 3,4 --per-sm 2 --block-m 4,8 --tag _step_tma
 elif [ "${1:-}" = prefetch ]; then
   # the RMSNorm backward's L2 prefetch before its PDL wait (TUNE["prefetch"], default 2 tiles) against none, 1 and 3,
   # and the dweight sum releasing the next kernel early (TUNE["reduce_release"]): the RMSNorm report with those rows,

@@ -428,6 +428,36 @@ def test_stream_hints_change_no_value(shape, dtype, monkeypatch):
     torch.testing.assert_close(outs[True][0].double(), ref_y, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("strided", [False, True])
+@pytest.mark.parametrize(
+    "shape, dtype, with_residual", [((130, 72), torch.float32, True), ((37, 300), torch.float16, False)]
+)
+def test_backward_even_bands(shape, dtype, with_residual, strided, monkeypatch):
+    # TUNE["even_bands"] (with "per_sm" and "maxnreg", the three-programs-per-SM setting): bands of the fewest
+    # whole tiles, not a power of two of rows (130 rows over 4 programs: 40 rows each, where the power-of-two rule
+    # gives 64 rows and 3 programs); the reference's values and gradients, run-to-run identical
+    from fat5.ops import rmsnorm as rn
+
+    monkeypatch.setattr(rn, "TUNE", {"even_bands": True, "per_sm": 3, "maxnreg": 168, "strided": strided})
+    bwd = _launches(monkeypatch, rn, "_BWD")
+    _check(shape, dtype, with_residual, device=DEVICE)
+    _assert_backward_repeats(shape, dtype, DEVICE, seed=shape[0])
+    assert bwd and all(k["maxnreg"] == 168 for k in bwd)
+    if DEVICE == "cpu":  # 4 programs under the interpreter
+        assert {k["ROWS_PER_PROGRAM"] for k in bwd} == {40 if shape[0] == 130 else 16}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4103, 768), (32768, 512), (32768, 1024), (513, 4096), (7, 512)])
+def test_three_programs_per_sm_gpu(shape, monkeypatch):
+    from fat5.ops import rmsnorm as rn
+
+    monkeypatch.setattr(rn, "TUNE", {"even_bands": True, "per_sm": 3, "maxnreg": 168})
+    _check(shape, torch.bfloat16, False, device="cuda")
+    _check(shape, torch.bfloat16, True, device="cuda", r_dtype=torch.float32, out_dtype=torch.bfloat16)
+    _assert_backward_repeats(shape, torch.bfloat16, "cuda", seed=0, calls=5)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(4103, 768), (32768, 512), (2050, 1024), (513, 4096)])
 def test_backward_strided_tiles_gpu(shape, monkeypatch):

@@ -290,7 +290,9 @@ def _sum_rows_kernel(
 #   (with PDL; default 2: 2.6% / 1.1% / 0.5% / 0 off the fwd+bwd step at d 512 / 768 / 1024 / 4096 on an H100,
 #   benchmarks/results/2026-12-06-rmsnorm-layout.md; 0 turns it off); "reduce_release": True, the dweight sum
 #   lets the next kernel be placed (PDL) as soon as it starts; "stream": True, the streamed tensors' loads marked
-#   evict-first and their stores cache-streaming (both kernels)
+#   evict-first and their stores cache-streaming (both kernels); "maxnreg": k, the backward compiled to at most k
+#   registers a thread (168: three 4-warp programs fit an SM, where the code asks 172-198); "per_sm": backward
+#   programs per SM; "even_bands": True, bands of the fewest whole tiles rather than a power of two of rows
 TUNE: dict = {}
 
 
@@ -418,9 +420,16 @@ def _rms_norm_bwd_impl(
     chunk = min(block_n, TUNE["chunk"]) if TUNE.get("chunk") else block_n
     if "bwd" in TUNE:
         block_m, warps, per_sm = TUNE["bwd"]
+    per_sm = TUNE.get("per_sm", per_sm)
     # Each program's band is a power of two >= BLOCK_M rows: whole tiles, and a compile-time loop count (few
     # recompiles across batch sizes; the interpreter with numpy >= 2.4 also fails on runtime loop bounds).
-    rows_per_program = max(block_m, next_pow2(cdiv(max(m, 1), _num_programs(h.device, per_sm))))
+    # TUNE["even_bands"]: the fewest whole tiles that spread the rows over all programs instead (a grid of
+    # programs per SM that are not a power of two, e.g. 3 with TUNE["maxnreg"] = 168, stays one wave)
+    target = _num_programs(h.device, per_sm)
+    if TUNE.get("even_bands"):
+        rows_per_program = block_m * cdiv(cdiv(max(m, 1), target), block_m)
+    else:
+        rows_per_program = max(block_m, next_pow2(cdiv(max(m, 1), target)))
     programs = cdiv(m, rows_per_program)
     partial = torch.empty(programs, n, dtype=torch.float32, device=h.device)
     dw = torch.empty_like(weight)
@@ -446,6 +455,7 @@ def _rms_norm_bwd_impl(
             BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=chunk, STAGES=stages, num_warps=warps, TMA=tma,
             FUSED=fused, GROUP=group, MAX_GROUPS=max_groups, STRIDED=TUNE.get("strided", False),
             PREFETCH=min(TUNE.get("prefetch", 2), rows_per_program // block_m), **_pdl(h.device), **_stream(),
+            **({"maxnreg": TUNE["maxnreg"]} if TUNE.get("maxnreg") else {}),
         )  # fmt: skip
     if fused or (m and TUNE.get("no_reduce")):  # no_reduce, sweeps only: the backward kernel alone
         return dx, dlow, dw
