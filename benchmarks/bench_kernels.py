@@ -105,9 +105,8 @@ RMS_OPTIONS = {
     "triton no L2 prefetch": {"prefetch": 0},
     "triton L2 prefetch 1": {"prefetch": 1},
     "triton L2 prefetch 3": {"prefetch": 3},
-    "triton reduce release": {"reduce_release": True},
+    "triton no reduce release": {"reduce_release": False},
     "triton stream hints": {"stream": True},
-    "triton stream hints + reduce release": {"stream": True, "reduce_release": True},
     "triton 3/SM (168 registers)": {"maxnreg": 168, "per_sm": 3, "even_bands": True},
 }
 

@@ -288,11 +288,14 @@ def _sum_rows_kernel(
 #   "strided": True / False, the backward's programs take every nprog-th tile / a contiguous band of rows;
 #   "prefetch": k, the backward's programs ask L2 for their first k tiles before waiting on the previous kernel
 #   (with PDL; default 2: 2.6% / 1.1% / 0.5% / 0 off the fwd+bwd step at d 512 / 768 / 1024 / 4096 on an H100,
-#   benchmarks/results/2026-12-06-rmsnorm-layout.md; 0 turns it off); "reduce_release": True, the dweight sum
-#   lets the next kernel be placed (PDL) as soon as it starts; "stream": True, the streamed tensors' loads marked
-#   evict-first and their stores cache-streaming (both kernels); "maxnreg": k, the backward compiled to at most k
-#   registers a thread (168: three 4-warp programs fit an SM, where the code asks 172-198); "per_sm": backward
-#   programs per SM; "even_bands": True, bands of the fewest whole tiles rather than a power of two of rows
+#   benchmarks/results/2026-12-06-rmsnorm-layout.md; 0 turns it off); "reduce_release" (default True): the
+#   dweight sum lets the next kernel be placed (PDL) as soon as it starts (that kernel still waits for the sum to
+#   finish before it reads; 0.6-1.0% off the step at d 768 / 1024 in two H100 runs, even elsewhere); "stream":
+#   True, the streamed tensors' loads marked evict-first and their stores cache-streaming (both kernels);
+#   "maxnreg": k, the backward compiled to at most k registers a thread (168: three 4-warp programs fit an SM,
+#   where the code asks 172-198); "per_sm": backward programs per SM; "even_bands": True, bands of the fewest
+#   whole tiles rather than a power of two of rows. The last four measured on an H100 (2026-12-07): none beat the
+#   default tiles (benchmarks/results/2026-12-07-rmsnorm-step.md)
 TUNE: dict = {}
 
 
@@ -463,7 +466,7 @@ def _rms_norm_bwd_impl(
         block_r, block_c = TUNE.get("reduce", _reduce_tile(programs))
         _SUM_ROWS[(cdiv(n, block_c),)](
             partial, dw, programs, n, BLOCK_R=block_r, BLOCK_N=block_c, num_warps=4,
-            RELEASE=bool(TUNE.get("reduce_release")), **_pdl(h.device),
+            RELEASE=TUNE.get("reduce_release", True), **_pdl(h.device),
         )  # fmt: skip
     else:
         dw.zero_()
