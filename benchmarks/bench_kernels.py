@@ -424,7 +424,22 @@ def main() -> None:
         default="rms_norm,linear_cross_entropy,gated_act,model",
         help="comma-separated sections to run",
     )
+    p.add_argument(
+        "--rms-options",
+        default="all",
+        help="RMSNorm option rows to time besides the default: all, none, or names separated by ';' "
+        f"(of: {'; '.join(RMS_OPTIONS)})",
+    )
     args = p.parse_args()
+    if args.rms_options != "all":
+        keep = [] if args.rms_options == "none" else args.rms_options.split(";")
+        unknown = set(keep) - set(RMS_OPTIONS)
+        if unknown:
+            raise SystemExit(
+                f"--rms-options: unknown row(s) {sorted(unknown)}; choose from {list(RMS_OPTIONS)}"
+            )
+        for name in set(RMS_OPTIONS) - set(keep):
+            del RMS_OPTIONS[name]
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels needs a CUDA GPU")
     t0 = time.time()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call (device time is scarce): bf16 kernel tests, then the benchmarks,
 # results under ${OUT:-benchmarks/results}. Usage from the repository root on a CUDA machine:
-#   bash benchmarks/run_gpu.sh [quick | step | kernels | rmsnorm | docpass | skews | fold | attention | probes | verify | strided | prefetch | stepsweep]
+#   bash benchmarks/run_gpu.sh [quick | step | kernels | rmsnorm | docpass | skews | fold | attention | probes | verify | strided | prefetch | stepsweep | rmstargets]
 # On a copied checkout whose git metadata may be stale, set FAT5_COMMIT to the commit the reports should name.
 set -uo pipefail
 export PYTHONPATH=src PYTHONUNBUFFERED=1
@@ -49,6 +49,10 @@ elif [ "${1:-}" = verify ]; then
   python3 benchmarks/rmsnorm_sweep.py --kinds parts --widths 512,1024 --out "$out" --tag _verify
   python3 benchmarks/bench_attention.py --lengths 1024,2048,4096,8192,16384 --d128-lengths "" --flex-lengths "" \
     --no-packed --methods sdpa,ours --out "$out" --tag=_verify 2>&1 | tail -14
+elif [ "${1:-}" = rmstargets ]; then
+  # the RMSNorm targets alone (the shipped kernels, eager, torch.compile, the copy + add bound; about 2 minutes)
+  python3 benchmarks/bench_kernels.py --ops rms_norm --rms-options "triton no PDL;triton no reduce release" \
+    --out "$out" 2>&1 | tail -40
 elif [ "${1:-}" = stepsweep ]; then
   # the RMSNorm report (the shipped tiles against torch eager and torch.compile, with the option rows), then the
   # backward's tiles timed inside the autograd step (forward, backward, dweight sum) at d 512 and 1024: three
