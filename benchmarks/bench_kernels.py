@@ -101,6 +101,7 @@ RMS_OPTIONS = {
     "triton in-kernel dw": {"fused_reduce": True},
     "triton chunk 256 + in-kernel dw": {"chunk": 256, "fwd_chunk": 256, "fused_reduce": True},
     "triton strided": {"strided": True},
+    "triton band": {"strided": False},
     "triton strided + in-kernel dw": {"strided": True, "fused_reduce": True},
     "triton no L2 prefetch": {"prefetch": 0},
     "triton L2 prefetch 1": {"prefetch": 1},

@@ -51,7 +51,7 @@ elif [ "${1:-}" = verify ]; then
     --no-packed --methods sdpa,ours --out "$out" --tag=_verify 2>&1 | tail -14
 elif [ "${1:-}" = rmstargets ]; then
   # the RMSNorm targets alone (the shipped kernels, eager, torch.compile, the copy + add bound; about 2 minutes)
-  python3 benchmarks/bench_kernels.py --ops rms_norm --rms-options "triton no PDL;triton no reduce release" \
+  python3 benchmarks/bench_kernels.py --ops rms_norm --rms-options "triton no PDL;triton no reduce release;triton band" \
     --out "$out" 2>&1 | tail -40
 elif [ "${1:-}" = stepsweep ]; then
   # the RMSNorm report (the shipped tiles against torch eager and torch.compile, with the option rows), then the

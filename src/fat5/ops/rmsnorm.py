@@ -285,7 +285,9 @@ def _sum_rows_kernel(
 #   "reduce": (BLOCK_R, BLOCK_N) of the dweight sum; "fused_reduce": True, dweight summed inside the backward
 #   kernel (no second launch; "group": programs per first-level sum); "tma": True, backward tiles read by tensor
 #   descriptor; "no_reduce": True, dweight left unwritten (to time the backward kernel alone); "pdl": False;
-#   "strided": True / False, the backward's programs take every nprog-th tile / a contiguous band of rows;
+#   "strided": True / False, the backward's programs take every nprog-th tile / a contiguous band of rows
+#   (default: strided for rows wider than 512, 0.1-1.1% off the step at d 768 / 1024 / 4096 in three H100 runs,
+#   2.8-3% slower at 512; benchmarks/results/2026-12-07-rmsnorm-step.md);
 #   "prefetch": k, the backward's programs ask L2 for their first k tiles before waiting on the previous kernel
 #   (with PDL; default 2: 2.6% / 1.1% / 0.5% / 0 off the fwd+bwd step at d 512 / 768 / 1024 / 4096 on an H100,
 #   benchmarks/results/2026-12-06-rmsnorm-layout.md; 0 turns it off); "reduce_release" (default True): the
@@ -456,7 +458,7 @@ def _rms_norm_bwd_impl(
             dlow if low_dtype is not None else dx, partial, dw, group_partial, count, m, n,
             ROWS_PER_PROGRAM=rows_per_program, HAS_DRES=dres is not None, HAS_DXL=low_dtype is not None,
             BLOCK_M=block_m, BLOCK_N=block_n, CHUNK=chunk, STAGES=stages, num_warps=warps, TMA=tma,
-            FUSED=fused, GROUP=group, MAX_GROUPS=max_groups, STRIDED=TUNE.get("strided", False),
+            FUSED=fused, GROUP=group, MAX_GROUPS=max_groups, STRIDED=TUNE.get("strided", block_n >= 1024),
             PREFETCH=min(TUNE.get("prefetch", 2), rows_per_program // block_m), **_pdl(h.device), **_stream(),
             **({"maxnreg": TUNE["maxnreg"]} if TUNE.get("maxnreg") else {}),
         )  # fmt: skip
