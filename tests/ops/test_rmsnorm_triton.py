@@ -401,6 +401,19 @@ def test_backward_strided_tiles(shape, dtype, with_residual, monkeypatch):
     torch.testing.assert_close(dw_s.double(), dw_b.double(), rtol=1e-2, atol=1e-2 * shape[0] ** 0.5)
 
 
+@pytest.mark.parametrize("n, strided", [(300, False), (512, False), (600, True), (3000, True)])
+def test_backward_default_layout_and_release(n, strided, monkeypatch):
+    # the defaults with no TUNE: strided backward tiles for rows wider than 512 (a band of rows per program up to
+    # 512), and the dweight sum releasing the next kernel; the reference's values either way
+    from fat5.ops import rmsnorm as rn
+
+    monkeypatch.setattr(rn, "TUNE", {})
+    bwd, sums = _launches(monkeypatch, rn, "_BWD"), _launches(monkeypatch, rn, "_SUM_ROWS")
+    _check((45, n), torch.float32, False, device=DEVICE)
+    assert bwd and all(k["STRIDED"] is strided for k in bwd)
+    assert sums and all(k["RELEASE"] is True for k in sums)
+
+
 @pytest.mark.parametrize("shape, dtype", [((37, 300), torch.float16), ((130, 72), torch.float32)])
 def test_stream_hints_change_no_value(shape, dtype, monkeypatch):
     # TUNE["stream"]: cache hints on the streamed loads and stores of both kernels (evict-first, cache-streaming);
